@@ -1,0 +1,75 @@
+//! The command line: `serve` (default), `migrate`, `demo-exporter`.
+
+use crate::demo_exporter::DemoConfig;
+use chrono::{DateTime, Utc};
+use clap::{Parser, Subcommand};
+use std::time::Duration;
+
+/// os-credits: turns Prometheus usage metrics into per-project credit balances.
+#[derive(Debug, Parser)]
+#[command(name = "os-credits", version, about)]
+pub struct Cli {
+    /// Address to bind (overrides CREDITS_HOST; demo-exporter: default 127.0.0.1).
+    #[arg(long, global = true)]
+    pub host: Option<String>,
+    /// Port to bind (overrides CREDITS_PORT; demo-exporter: default 9100).
+    #[arg(long, global = true)]
+    pub port: Option<u16>,
+    /// What to do (default: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service: HTTP API, scraper (and later billing and notifications).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Serve synthetic de.NBI-style usage metrics for development and benchmarks.
+    DemoExporter(DemoArgs),
+}
+
+/// Options of the demo exporter.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Number of projects (two series each).
+    #[arg(long, default_value_t = 20)]
+    pub projects: usize,
+    /// Seed for names, sizes and start times.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Fraction (0 to 1) of projects whose usage value drops now and then.
+    #[arg(long, default_value_t = 0.0)]
+    pub drop_fraction: f64,
+    /// Seconds between two drops of a dropping project.
+    #[arg(long, default_value_t = 3600)]
+    pub drop_period_secs: u64,
+    /// Reference start of usage (RFC 3339); default 2026-01-01T00:00:00Z.
+    #[arg(long)]
+    pub start: Option<DateTime<Utc>>,
+}
+
+impl DemoArgs {
+    /// The exporter configuration these options describe.
+    pub fn config(&self) -> Result<DemoConfig, String> {
+        if !(0.0..=1.0).contains(&self.drop_fraction) {
+            return Err(format!(
+                "--drop-fraction must be between 0 and 1, got {}",
+                self.drop_fraction
+            ));
+        }
+        if self.drop_period_secs == 0 {
+            return Err("--drop-period-secs must be greater than 0".into());
+        }
+        let defaults = DemoConfig::default();
+        Ok(DemoConfig {
+            projects: self.projects,
+            seed: self.seed,
+            start: self.start.unwrap_or(defaults.start),
+            drop_fraction: self.drop_fraction,
+            drop_period: Duration::from_secs(self.drop_period_secs),
+        })
+    }
+}

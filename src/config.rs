@@ -1,0 +1,469 @@
+//! Typed settings, loaded once from the environment and validated at start-up.
+//!
+//! Names follow de.NBI's `os_credits` where it had them; a bad value stops the
+//! program with a message that names the variable and what was expected.
+
+use crate::domain::{MetricName, Price};
+use rust_decimal::Decimal;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A setting that could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("setting {name}: {reason}")]
+pub struct SettingError {
+    /// The environment variable.
+    pub name: &'static str,
+    /// What was wrong and what was expected.
+    pub reason: String,
+}
+
+fn bad(name: &'static str, reason: impl Into<String>) -> SettingError {
+    SettingError {
+        name,
+        reason: reason.into(),
+    }
+}
+
+/// A string that never shows in `Debug` output or logs.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself; call only where it is sent.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// Whether nothing was configured.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+/// How to reach PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct DatabaseSettings {
+    /// `POSTGRES_HOST`: host name or address (or a unix socket directory).
+    pub host: String,
+    /// `POSTGRES_PORT`.
+    pub port: u16,
+    /// `POSTGRES_USER`.
+    pub user: String,
+    /// `POSTGRES_PASSWORD`.
+    pub password: Secret,
+    /// `POSTGRES_DB`: the database holding samples, ledger and outbox.
+    pub database: String,
+    /// `POSTGRES_POOL_SIZE`: connections the service keeps at most.
+    pub pool_size: usize,
+}
+
+/// Credentials a scrape sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetAuth {
+    /// No credentials.
+    None,
+    /// `Authorization: Bearer …`.
+    Bearer(Secret),
+    /// HTTP basic authentication.
+    Basic {
+        /// User name.
+        username: String,
+        /// Password.
+        password: Secret,
+    },
+}
+
+/// One exporter to scrape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScrapeTarget {
+    /// Stable name for status and leases (defaults to the URL without credentials).
+    pub name: String,
+    /// What is fetched, with federation `match[]` selectors already in the query.
+    pub url: url::Url,
+    /// Labels added to every sample of this target (e.g. `location`).
+    pub labels: BTreeMap<String, String>,
+    /// Credentials.
+    pub auth: TargetAuth,
+}
+
+/// All settings of the service.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// PostgreSQL connection.
+    pub database: DatabaseSettings,
+    /// `CREDITS_HOST`: address the HTTP server binds.
+    pub host: String,
+    /// `CREDITS_PORT`: port the HTTP server binds (0 picks a free one).
+    pub port: u16,
+    /// `API_KEY`: value of `X-API-KEY` that protected endpoints require; empty refuses them.
+    pub api_key: Secret,
+    /// `ENDPOINTS_ONLY`: serve the API without scraping or billing (as the old service).
+    pub endpoints_only: bool,
+    /// `METRICS_TO_BILL`: metric → credits per unit.
+    pub metrics_to_bill: BTreeMap<MetricName, Price>,
+    /// `OS_CREDITS_PROJECT_WHITELIST`: when set, only these projects are stored and billed.
+    pub project_whitelist: Option<BTreeSet<String>>,
+    /// `OS_CREDITS_PRECISION`: the quantum credits are rounded to (e.g. 0.01).
+    pub precision: Decimal,
+    /// `OS_CREDITS_WORKERS`: how many scrapes (and later billing runs) run at once.
+    pub workers: usize,
+    /// `SCRAPE_TARGETS`: the exporters to scrape.
+    pub scrape_targets: Vec<ScrapeTarget>,
+    /// `SCRAPE_INTERVAL`: time between two scrapes of a target.
+    pub scrape_interval: Duration,
+    /// `SCRAPE_TIMEOUT`: a scrape taking longer fails.
+    pub scrape_timeout: Duration,
+    /// `SCRAPE_MAX_BYTES`: a body larger than this (after decompression) fails.
+    pub scrape_max_bytes: usize,
+    /// `PROJECT_LABEL`: the label whose value names the project.
+    pub project_label: String,
+    /// `SAMPLES_RETENTION_DAYS`: TimescaleDB drops older sample chunks (0 keeps all).
+    pub samples_retention_days: u32,
+    /// `LOG_FORMAT`: `text` or `json`.
+    pub log_format: LogFormat,
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Default `METRICS_TO_BILL`, the old service's prices.
+pub const DEFAULT_METRICS_TO_BILL: &str = r#"{"project_vcpu_usage": 1.0, "project_mb_usage": 0.3}"#;
+
+impl Settings {
+    /// Reads the settings from the process environment.
+    pub fn from_env() -> Result<Self, SettingError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Reads the settings from the given variables (tests pass their own).
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SettingError> {
+        let env = Env(vars.into_iter().collect());
+        let settings = Settings {
+            database: DatabaseSettings {
+                host: env.string("POSTGRES_HOST", "localhost"),
+                port: env.parse("POSTGRES_PORT", 5432, "a port number (1-65535)")?,
+                user: env.string("POSTGRES_USER", "postgres"),
+                password: Secret::new(env.string("POSTGRES_PASSWORD", "password")),
+                database: env.string("POSTGRES_DB", "credits_db"),
+                pool_size: env.positive("POSTGRES_POOL_SIZE", 16)?,
+            },
+            host: env.string("CREDITS_HOST", "0.0.0.0"),
+            port: env.parse("CREDITS_PORT", 8000, "a port number (0-65535)")?,
+            api_key: Secret::new(env.string("API_KEY", "")),
+            endpoints_only: env.boolean("ENDPOINTS_ONLY", false)?,
+            metrics_to_bill: parse_metrics_to_bill(
+                &env.string("METRICS_TO_BILL", DEFAULT_METRICS_TO_BILL),
+            )?,
+            project_whitelist: parse_whitelist(&env.string("OS_CREDITS_PROJECT_WHITELIST", "")),
+            precision: parse_precision(&env.string("OS_CREDITS_PRECISION", "0.01"))?,
+            workers: env.positive("OS_CREDITS_WORKERS", 10)?,
+            scrape_targets: crate::scrape::targets::parse_targets(
+                &env.string("SCRAPE_TARGETS", ""),
+            )
+            .map_err(|reason| bad("SCRAPE_TARGETS", reason))?,
+            scrape_interval: env.seconds("SCRAPE_INTERVAL", 30)?,
+            scrape_timeout: env.seconds("SCRAPE_TIMEOUT", 10)?,
+            scrape_max_bytes: env.positive("SCRAPE_MAX_BYTES", 64 * 1024 * 1024)?,
+            project_label: parse_label_name(&env.string("PROJECT_LABEL", "project_name"))?,
+            samples_retention_days: env.parse(
+                "SAMPLES_RETENTION_DAYS",
+                0,
+                "a whole number of days (0 keeps samples forever)",
+            )?,
+            log_format: match env
+                .string("LOG_FORMAT", "text")
+                .to_ascii_lowercase()
+                .as_str()
+            {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    return Err(bad(
+                        "LOG_FORMAT",
+                        format!("expected `text` or `json`, got {other:?}"),
+                    ))
+                }
+            },
+        };
+        Ok(settings)
+    }
+
+    /// Price lookup by metric name, as the scraper's filter needs it.
+    pub fn billed_metric_names(&self) -> HashMap<String, Price> {
+        self.metrics_to_bill
+            .iter()
+            .map(|(name, price)| (name.as_str().to_owned(), *price))
+            .collect()
+    }
+}
+
+/// Environment lookups with the error messages the settings share.
+struct Env(HashMap<String, String>);
+
+impl Env {
+    /// The trimmed value, or `None` when unset or empty.
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(|v| v.trim()).filter(|v| !v.is_empty())
+    }
+
+    fn string(&self, name: &str, default: &str) -> String {
+        self.get(name).unwrap_or(default).to_owned()
+    }
+
+    fn parse<T: FromStr>(
+        &self,
+        name: &'static str,
+        default: T,
+        expected: &str,
+    ) -> Result<T, SettingError> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(raw) => raw
+                .parse()
+                .map_err(|_| bad(name, format!("expected {expected}, got {raw:?}"))),
+        }
+    }
+
+    fn positive(&self, name: &'static str, default: usize) -> Result<usize, SettingError> {
+        let value = self.parse(name, default, "a whole number greater than 0")?;
+        if value == 0 {
+            return Err(bad(name, "expected a whole number greater than 0, got 0"));
+        }
+        Ok(value)
+    }
+
+    fn seconds(&self, name: &'static str, default: u64) -> Result<Duration, SettingError> {
+        match self.get(name) {
+            None => Ok(Duration::from_secs(default)),
+            Some(raw) => match raw.parse::<f64>() {
+                Ok(secs) if secs.is_finite() && secs > 0.0 && secs < 1e9 => {
+                    Ok(Duration::from_secs_f64(secs))
+                }
+                _ => Err(bad(
+                    name,
+                    format!("expected a number of seconds greater than 0, got {raw:?}"),
+                )),
+            },
+        }
+    }
+
+    fn boolean(&self, name: &'static str, default: bool) -> Result<bool, SettingError> {
+        match self.get(name).map(str::to_ascii_lowercase).as_deref() {
+            None => Ok(default),
+            Some("1" | "true" | "yes" | "on") => Ok(true),
+            Some("0" | "false" | "no" | "off") => Ok(false),
+            Some(other) => Err(bad(name, format!("expected true or false, got {other:?}"))),
+        }
+    }
+}
+
+fn parse_metrics_to_bill(raw: &str) -> Result<BTreeMap<MetricName, Price>, SettingError> {
+    const NAME: &str = "METRICS_TO_BILL";
+    let value: serde_json::Value = serde_json::from_str(raw)
+        .map_err(|e| bad(NAME, format!("expected a JSON object of metric name to price, e.g. {DEFAULT_METRICS_TO_BILL}: {e}")))?;
+    let object = value.as_object().ok_or_else(|| {
+        bad(
+            NAME,
+            format!(
+                "expected a JSON object of metric name to price, e.g. {DEFAULT_METRICS_TO_BILL}"
+            ),
+        )
+    })?;
+    let mut metrics = BTreeMap::new();
+    for (name, price) in object {
+        let metric = MetricName::parse(name).map_err(|e| bad(NAME, e))?;
+        let price_text = match price {
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::String(s) => s.clone(),
+            other => {
+                return Err(bad(
+                    NAME,
+                    format!("price of {name:?} must be a number, got {other}"),
+                ))
+            }
+        };
+        let price =
+            Price::parse(&price_text).map_err(|e| bad(NAME, format!("price of {name:?}: {e}")))?;
+        metrics.insert(metric, price);
+    }
+    if metrics.is_empty() {
+        return Err(bad(NAME, "expected at least one metric to bill"));
+    }
+    Ok(metrics)
+}
+
+fn parse_whitelist(raw: &str) -> Option<BTreeSet<String>> {
+    let projects: BTreeSet<String> = raw
+        .split(';')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+        .collect();
+    (!projects.is_empty()).then_some(projects)
+}
+
+/// `OS_CREDITS_PRECISION` is a quantum (`0.01`) or, as in the old service, a number
+/// of decimal places (`2`).
+fn parse_precision(raw: &str) -> Result<Decimal, SettingError> {
+    const NAME: &str = "OS_CREDITS_PRECISION";
+    let expected =
+        "expected a power of ten such as 0.01, or a number of decimal places from 0 to 10";
+    if let Ok(places) = raw.parse::<u32>() {
+        if places > 10 {
+            return Err(bad(NAME, format!("{expected}, got {raw:?}")));
+        }
+        return Ok(Decimal::new(1, places));
+    }
+    let quantum =
+        Decimal::from_str(raw).map_err(|_| bad(NAME, format!("{expected}, got {raw:?}")))?;
+    let normalized = quantum.normalize();
+    if normalized.mantissa() != 1 || normalized.scale() > 10 {
+        return Err(bad(NAME, format!("{expected}, got {raw:?}")));
+    }
+    Ok(normalized)
+}
+
+fn parse_label_name(raw: &str) -> Result<String, SettingError> {
+    let mut chars = raw.chars();
+    let valid = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(bad(
+            "PROJECT_LABEL",
+            format!("expected a Prometheus label name such as project_name, got {raw:?}"),
+        ));
+    }
+    Ok(raw.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(vars: &[(&str, &str)]) -> Result<Settings, SettingError> {
+        Settings::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn defaults_match_the_old_service() {
+        let s = settings(&[]).expect("defaults are valid");
+        assert_eq!(s.database.database, "credits_db");
+        assert_eq!(s.database.host, "localhost");
+        assert_eq!(s.database.port, 5432);
+        assert_eq!(s.database.user, "postgres");
+        assert_eq!(s.database.password.expose(), "password");
+        assert_eq!(s.precision, Decimal::new(1, 2));
+        assert_eq!(s.workers, 10);
+        assert_eq!(s.scrape_interval, Duration::from_secs(30));
+        assert_eq!(s.scrape_timeout, Duration::from_secs(10));
+        assert_eq!(s.project_label, "project_name");
+        assert_eq!(s.metrics_to_bill.len(), 2);
+        assert!(s.project_whitelist.is_none());
+        assert!(s.scrape_targets.is_empty());
+        assert!(!s.endpoints_only);
+    }
+
+    #[test]
+    fn precision_accepts_a_quantum_or_decimal_places() {
+        for (raw, expected) in [
+            ("0.01", Decimal::new(1, 2)),
+            ("2", Decimal::new(1, 2)),
+            ("0", Decimal::ONE),
+            ("0.001", Decimal::new(1, 3)),
+            ("1", Decimal::new(1, 1)),
+        ] {
+            let s =
+                settings(&[("OS_CREDITS_PRECISION", raw)]).unwrap_or_else(|e| panic!("{raw}: {e}"));
+            assert_eq!(s.precision, expected, "OS_CREDITS_PRECISION={raw}");
+        }
+    }
+
+    #[test]
+    fn whitelist_is_semicolon_separated() {
+        let s = settings(&[("OS_CREDITS_PROJECT_WHITELIST", "a; b;;c ")]).expect("valid");
+        let expected: BTreeSet<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(s.project_whitelist, Some(expected));
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let cases = [
+            ("POSTGRES_PORT", "abc"),
+            ("POSTGRES_PORT", "70000"),
+            ("POSTGRES_POOL_SIZE", "0"),
+            ("CREDITS_PORT", "-1"),
+            ("ENDPOINTS_ONLY", "maybe"),
+            ("METRICS_TO_BILL", "not json"),
+            ("METRICS_TO_BILL", "[1,2]"),
+            ("METRICS_TO_BILL", "{}"),
+            ("METRICS_TO_BILL", r#"{"bad-name": 1}"#),
+            ("METRICS_TO_BILL", r#"{"m": -1}"#),
+            ("METRICS_TO_BILL", r#"{"m": true}"#),
+            ("OS_CREDITS_PRECISION", "0.02"),
+            ("OS_CREDITS_PRECISION", "x"),
+            ("OS_CREDITS_WORKERS", "0"),
+            ("SCRAPE_INTERVAL", "0"),
+            ("SCRAPE_INTERVAL", "soon"),
+            ("SCRAPE_TIMEOUT", "-3"),
+            ("SCRAPE_MAX_BYTES", "lots"),
+            ("SCRAPE_TARGETS", "not a url"),
+            ("SCRAPE_TARGETS", r#"[{"url": "ftp://x"}]"#),
+            ("PROJECT_LABEL", "project-name"),
+            ("SAMPLES_RETENTION_DAYS", "-1"),
+            ("LOG_FORMAT", "xml"),
+        ];
+        for (name, value) in cases {
+            match settings(&[(name, value)]) {
+                Ok(_) => panic!("{name}={value:?} was accepted"),
+                Err(e) => {
+                    assert_eq!(e.name, name, "{name}={value:?} blamed {}", e.name);
+                    assert!(
+                        e.to_string().contains(name),
+                        "message names the setting: {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn secrets_do_not_show_in_debug_output() {
+        let s = settings(&[
+            ("POSTGRES_PASSWORD", "pg-secret-value"),
+            ("API_KEY", "api-secret-value"),
+            ("SCRAPE_TARGETS", r#"[{"url": "http://127.0.0.1:1/metrics", "bearer_token": "tok-secret-value"}, {"url": "http://127.0.0.1:2/metrics", "basic_auth": {"username": "u", "password": "basic-secret-value"}}]"#),
+        ])
+        .expect("valid");
+        let debug = format!("{s:?}");
+        for secret in [
+            "pg-secret-value",
+            "api-secret-value",
+            "tok-secret-value",
+            "basic-secret-value",
+        ] {
+            assert!(!debug.contains(secret), "{secret} leaked into {debug}");
+        }
+    }
+}

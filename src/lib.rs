@@ -1,0 +1,12 @@
+//! os-credits: turns Prometheus usage metrics into per-project credit balances.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod demo_exporter;
+pub mod domain;
+pub mod scrape;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,265 @@
+//! Scraping: fetch each exporter, parse its exposition, keep the billed samples, store.
+
+pub mod ingest;
+pub mod parse;
+pub mod targets;
+
+use crate::config::{ScrapeTarget, Settings, TargetAuth};
+use crate::store::series::SeriesCache;
+use crate::store::targets::{self as target_store, Attempt};
+use crate::store::StorageMode;
+use chrono::Utc;
+use deadpool_postgres::Pool;
+use futures::StreamExt;
+use ingest::{IngestContext, IngestOutcome};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// Why one scrape failed. The text is what `/health` shows as the target's last error.
+#[derive(Debug, thiserror::Error)]
+pub enum ScrapeError {
+    /// Connection refused, DNS, TLS, timeout or a broken body stream.
+    #[error("fetch failed: {0}")]
+    Fetch(String),
+    /// The exporter answered with a non-success status.
+    #[error("HTTP status {0}")]
+    Status(reqwest::StatusCode),
+    /// The body exceeded `SCRAPE_MAX_BYTES`.
+    #[error("body larger than SCRAPE_MAX_BYTES ({0} bytes)")]
+    TooLarge(usize),
+    /// The body is not UTF-8 text.
+    #[error("body is not UTF-8 text")]
+    NotUtf8,
+    /// The body is not a valid exposition; nothing of it was stored.
+    #[error("unparseable exposition, nothing stored: {0}")]
+    Parse(#[from] parse::ParseError),
+    /// The samples could not be stored.
+    #[error("storing samples failed: {0:#}")]
+    Store(#[source] anyhow::Error),
+}
+
+/// Scrapes the configured targets every `SCRAPE_INTERVAL`.
+pub struct Scraper {
+    http: reqwest::Client,
+    pool: Pool,
+    cache: SeriesCache,
+    targets: Vec<(ScrapeTarget, Arc<IngestContext>)>,
+    owner: String,
+    interval: Duration,
+    timeout: Duration,
+    max_bytes: usize,
+    concurrency: usize,
+    retention_days: u32,
+    mode: StorageMode,
+}
+
+impl Scraper {
+    /// Prepares a scraper for the targets in `settings`.
+    pub fn new(
+        settings: &Settings,
+        pool: Pool,
+        cache: SeriesCache,
+        mode: StorageMode,
+    ) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("os-credits/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(settings.scrape_timeout)
+            .build()?;
+        let targets = settings
+            .scrape_targets
+            .iter()
+            .map(|t| {
+                (
+                    t.clone(),
+                    Arc::new(IngestContext::new(settings, t.labels.clone())),
+                )
+            })
+            .collect();
+        let owner = format!(
+            "{}-{}-{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "os-credits".into()),
+            std::process::id(),
+            Utc::now().timestamp_micros()
+        );
+        Ok(Self {
+            http,
+            pool,
+            cache,
+            targets,
+            owner,
+            interval: settings.scrape_interval,
+            timeout: settings.scrape_timeout,
+            max_bytes: settings.scrape_max_bytes,
+            concurrency: settings.workers,
+            retention_days: settings.samples_retention_days,
+            mode,
+        })
+    }
+
+    /// Scrapes every interval until `cancel` fires, then releases its leases.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        if let Err(e) = self.register().await {
+            tracing::error!(error = %format!("{e:#}"), "could not register scrape targets");
+        }
+        let mut ticker = tokio::time::interval(self.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_retention = Instant::now();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = ticker.tick() => {}
+            }
+            self.scrape_all().await;
+            if self.retention_days > 0 && last_retention.elapsed() > Duration::from_secs(3600) {
+                last_retention = Instant::now();
+                self.enforce_retention().await;
+            }
+        }
+        if let Ok(client) = self.pool.get().await {
+            if let Err(e) = target_store::release(&client, &self.owner).await {
+                tracing::warn!(error = %format!("{e:#}"), "could not release scrape leases");
+            }
+        }
+        tracing::info!("scraper stopped");
+    }
+
+    async fn register(&self) -> anyhow::Result<()> {
+        let client = self.pool.get().await?;
+        for (target, _) in &self.targets {
+            target_store::register(&client, &target.name, target.url.as_str()).await?;
+        }
+        Ok(())
+    }
+
+    async fn enforce_retention(&self) {
+        let result = async {
+            let client = self.pool.get().await?;
+            crate::store::apply_retention(&client, self.mode, self.retention_days).await
+        }
+        .await;
+        match result {
+            Ok(deleted) => tracing::info!(deleted, "applied sample retention"),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not apply sample retention"),
+        }
+    }
+
+    /// One cycle: every target this replica can claim, `OS_CREDITS_WORKERS` at a time.
+    /// Returns each scraped target's name and attempt; a failing target does not
+    /// disturb the others.
+    pub async fn scrape_all(&self) -> Vec<(String, Attempt)> {
+        // Indices rather than references: a closure over borrowed items is not general
+        // enough for the spawned scrape loop.
+        futures::stream::iter(0..self.targets.len())
+            .map(|index| async move {
+                let (target, ctx) = &self.targets[index];
+                match self.claim(target).await {
+                    Ok(true) => {}
+                    Ok(false) => return None,
+                    Err(e) => {
+                        tracing::warn!(target = %target.name, error = %format!("{e:#}"), "could not claim target");
+                        return None;
+                    }
+                }
+                let attempt = self.scrape_target(target, ctx).await;
+                if let Ok(client) = self.pool.get().await {
+                    if let Err(e) = target_store::record(&client, &target.name, &attempt).await {
+                        tracing::warn!(target = %target.name, error = %format!("{e:#}"), "could not record scrape");
+                    }
+                }
+                Some((target.name.clone(), attempt))
+            })
+            .buffer_unordered(self.concurrency)
+            .filter_map(|done| async move { done })
+            .collect()
+            .await
+    }
+
+    async fn claim(&self, target: &ScrapeTarget) -> anyhow::Result<bool> {
+        let client = self.pool.get().await?;
+        let lease = self.interval * 2 + self.timeout;
+        target_store::claim(&client, &target.name, &self.owner, lease).await
+    }
+
+    #[tracing::instrument(skip_all, fields(target = %target.name))]
+    async fn scrape_target(&self, target: &ScrapeTarget, ctx: &Arc<IngestContext>) -> Attempt {
+        let started_at = Utc::now();
+        let clock = Instant::now();
+        let result = async {
+            let body = fetch(&self.http, target, self.timeout, self.max_bytes).await?;
+            let outcome: IngestOutcome =
+                ingest::ingest(&self.pool, &self.cache, ctx.clone(), body, started_at).await?;
+            Ok::<_, ScrapeError>(outcome)
+        }
+        .await;
+        let duration = clock.elapsed();
+        let result = match result {
+            Ok(outcome) => {
+                tracing::debug!(stored = outcome.stored, duplicates = outcome.duplicates, skipped = ?outcome.skipped, "scraped");
+                Ok(outcome.stored)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "scrape failed");
+                Err(e.to_string())
+            }
+        };
+        Attempt {
+            started_at,
+            duration,
+            result,
+        }
+    }
+}
+
+/// Fetches a target's exposition text within `timeout` and `max_bytes`.
+pub async fn fetch(
+    http: &reqwest::Client,
+    target: &ScrapeTarget,
+    timeout: Duration,
+    max_bytes: usize,
+) -> Result<String, ScrapeError> {
+    let mut request = http.get(target.url.clone()).timeout(timeout).header(
+        reqwest::header::ACCEPT,
+        "text/plain;version=0.0.4;q=0.9,*/*;q=0.1",
+    );
+    request = match &target.auth {
+        TargetAuth::None => request,
+        TargetAuth::Bearer(token) => request.bearer_auth(token.expose()),
+        TargetAuth::Basic { username, password } => {
+            request.basic_auth(username, Some(password.expose()))
+        }
+    };
+    let fetch_error = |e: reqwest::Error| {
+        // reqwest's own message names the URL; walking the sources gives the cause.
+        let mut message = if e.is_timeout() {
+            "timed out".to_owned()
+        } else {
+            e.to_string()
+        };
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        ScrapeError::Fetch(message)
+    };
+    let mut response = request.send().await.map_err(fetch_error)?;
+    if !response.status().is_success() {
+        return Err(ScrapeError::Status(response.status()));
+    }
+    if response
+        .content_length()
+        .is_some_and(|len| len > max_bytes as u64)
+    {
+        return Err(ScrapeError::TooLarge(max_bytes));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(fetch_error)? {
+        if body.len() + chunk.len() > max_bytes {
+            return Err(ScrapeError::TooLarge(max_bytes));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    String::from_utf8(body).map_err(|_| ScrapeError::NotUtf8)
+}

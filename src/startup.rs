@@ -1,0 +1,224 @@
+//! Wiring: pool, migrations, HTTP server and background workers, and their shutdown.
+
+use crate::api::{self, AppState};
+use crate::config::Settings;
+use crate::demo_exporter::{self, DemoConfig};
+use crate::scrape::Scraper;
+use crate::store::{self, series::SeriesCache, StorageMode};
+use crate::telemetry::LogHandle;
+use actix_web::dev::{Server, ServerHandle};
+use anyhow::Context;
+use deadpool_postgres::Pool;
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long start-up waits for the database to answer.
+const DATABASE_WAIT: Duration = Duration::from_secs(30);
+
+/// A built service: listening, migrated, with workers ready to run.
+pub struct Application {
+    port: u16,
+    server: Server,
+    pool: Pool,
+    mode: StorageMode,
+    scraper: Option<Arc<Scraper>>,
+    cancel: CancellationToken,
+}
+
+impl Application {
+    /// Connects, migrates, binds `CREDITS_HOST:CREDITS_PORT` (port 0 picks a free one)
+    /// and prepares the workers `run_until_stopped` starts.
+    pub async fn build(settings: Settings, logs: Option<LogHandle>) -> anyhow::Result<Self> {
+        let pool = store::pool(&settings.database)?;
+        store::wait_until_reachable(&pool, DATABASE_WAIT).await.with_context(|| {
+            format!(
+                "cannot reach PostgreSQL at {}:{} (database {:?}, user {:?}); check POSTGRES_HOST, POSTGRES_PORT, POSTGRES_DB, POSTGRES_USER, POSTGRES_PASSWORD",
+                settings.database.host, settings.database.port, settings.database.database, settings.database.user
+            )
+        })?;
+        let mode = migrate_pool(&pool).await?;
+        {
+            let client = pool.get().await?;
+            store::apply_retention(&client, mode, settings.samples_retention_days).await?;
+        }
+        tracing::info!(storage_mode = ?mode, "database ready");
+        if mode == StorageMode::Postgresql {
+            tracing::info!(
+                "TimescaleDB is not installed: samples are stored in plain PostgreSQL tables"
+            );
+        }
+
+        let cache = SeriesCache::default();
+        let scraper = match (settings.endpoints_only, settings.scrape_targets.is_empty()) {
+            (true, _) => {
+                tracing::info!("ENDPOINTS_ONLY is set: serving the API without scraping");
+                None
+            }
+            (false, true) => {
+                tracing::warn!("SCRAPE_TARGETS is empty: nothing will be scraped");
+                None
+            }
+            (false, false) => Some(Arc::new(Scraper::new(
+                &settings,
+                pool.clone(),
+                cache,
+                mode,
+            )?)),
+        };
+
+        let listener =
+            TcpListener::bind((settings.host.as_str(), settings.port)).with_context(|| {
+                format!(
+                    "binding {}:{} (CREDITS_HOST, CREDITS_PORT)",
+                    settings.host, settings.port
+                )
+            })?;
+        let port = listener.local_addr()?.port();
+        let state = AppState::new(pool.clone(), mode, Arc::new(settings), logs);
+        let server = api::server(state, listener)?;
+        tracing::info!(port, "listening");
+        Ok(Self {
+            port,
+            server,
+            pool,
+            mode,
+            scraper,
+            cancel: CancellationToken::new(),
+        })
+    }
+
+    /// The bound port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The connection pool (tests inspect the database through it).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Which storage mode the schema runs in.
+    pub fn storage_mode(&self) -> StorageMode {
+        self.mode
+    }
+
+    /// The scraper, when scraping is enabled.
+    pub fn scraper(&self) -> Option<Arc<Scraper>> {
+        self.scraper.clone()
+    }
+
+    /// A handle that stops the application like SIGTERM does.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle {
+            server: self.server.handle(),
+            cancel: self.cancel.clone(),
+        }
+    }
+
+    /// Runs the HTTP server and, unless `without_workers` was used, the background
+    /// workers, until SIGTERM/SIGINT or a [`StopHandle`]: the server stops accepting and
+    /// finishes in-flight requests, then the workers finish their current step.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        self.run(true).await
+    }
+
+    /// Like [`run_until_stopped`](Self::run_until_stopped) but with no background
+    /// workers: tests drive scrapes themselves.
+    pub async fn run_without_workers(self) -> anyhow::Result<()> {
+        self.run(false).await
+    }
+
+    async fn run(self, with_workers: bool) -> anyhow::Result<()> {
+        let stop = self.stop_handle();
+        let mut workers: Vec<JoinHandle<()>> = Vec::new();
+        if let (true, Some(scraper)) = (with_workers, self.scraper.clone()) {
+            workers.push(tokio::spawn(scraper.run(self.cancel.clone())));
+        }
+        let signals = tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested");
+            stop.stop().await;
+        });
+        let served = self.server.await;
+        self.cancel.cancel();
+        signals.abort();
+        for worker in workers {
+            if let Err(e) = worker.await {
+                tracing::error!(error = %e, "worker ended abnormally");
+            }
+        }
+        tracing::info!("stopped");
+        served.context("HTTP server failed")
+    }
+}
+
+/// Stops a running [`Application`].
+#[derive(Clone)]
+pub struct StopHandle {
+    server: ServerHandle,
+    cancel: CancellationToken,
+}
+
+impl StopHandle {
+    /// Graceful stop: in-flight requests finish, then the workers stop.
+    pub async fn stop(&self) {
+        self.server.stop(true).await;
+        self.cancel.cancel();
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Applies migrations and reports the storage mode.
+async fn migrate_pool(pool: &Pool) -> anyhow::Result<StorageMode> {
+    let mut client = pool.get().await.context("connecting for migrations")?;
+    store::migrations::run(&mut client).await?;
+    store::storage_mode(&client).await
+}
+
+/// `os-credits migrate`: apply migrations and exit.
+pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let pool = store::pool(&settings.database)?;
+    store::wait_until_reachable(&pool, DATABASE_WAIT).await?;
+    let mode = migrate_pool(&pool).await?;
+    tracing::info!(storage_mode = ?mode, "migrations applied");
+    Ok(())
+}
+
+/// `os-credits demo-exporter`: serve synthetic usage until SIGTERM/SIGINT.
+pub async fn run_demo_exporter(config: DemoConfig, host: &str, port: u16) -> anyhow::Result<()> {
+    let listener =
+        TcpListener::bind((host, port)).with_context(|| format!("binding {host}:{port}"))?;
+    let address = listener.local_addr()?;
+    tracing::info!(%address, projects = config.projects, seed = config.seed, "demo exporter serving /metrics");
+    let server = demo_exporter::server(config, listener)?;
+    let handle = server.handle();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        handle.stop(true).await;
+    });
+    server.await.context("demo exporter failed")
+}

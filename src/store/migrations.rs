@@ -1,0 +1,82 @@
+//! Ordered SQL migrations from `sql/`, applied once each, under an advisory lock so
+//! that replicas starting together do not race.
+
+use anyhow::Context;
+
+/// A migration: its version (the file's number), name and SQL.
+pub struct Migration {
+    /// Ordering number; applied in ascending order.
+    pub version: i32,
+    /// File name, for the log and the migrations table.
+    pub name: &'static str,
+    /// The SQL, run in one transaction.
+    pub sql: &'static str,
+}
+
+/// Every migration, in order.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_series_and_samples.sql",
+        sql: include_str!("../../sql/0001_series_and_samples.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_timescaledb.sql",
+        sql: include_str!("../../sql/0002_timescaledb.sql"),
+    },
+];
+
+/// Arbitrary but fixed key of the advisory lock that serialises migrations.
+const MIGRATION_LOCK_KEY: i64 = 0x6f73_6372_6564_6974;
+
+/// Applies every migration not applied yet; returns how many were applied now.
+#[tracing::instrument(skip_all, err)]
+pub async fn run(client: &mut tokio_postgres::Client) -> anyhow::Result<usize> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS os_credits_migrations (
+                version    integer PRIMARY KEY,
+                name       text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )",
+        )
+        .await
+        .context("creating the migrations table")?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .context("taking the migration lock")?;
+    let result = apply_pending(client).await;
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .context("releasing the migration lock")?;
+    result
+}
+
+async fn apply_pending(client: &mut tokio_postgres::Client) -> anyhow::Result<usize> {
+    let applied: Vec<i32> = client
+        .query("SELECT version FROM os_credits_migrations", &[])
+        .await
+        .context("reading applied migrations")?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let mut count = 0;
+    for migration in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
+        let tx = client.transaction().await?;
+        tx.batch_execute(migration.sql)
+            .await
+            .with_context(|| format!("applying migration {}", migration.name))?;
+        tx.execute(
+            "INSERT INTO os_credits_migrations (version, name) VALUES ($1, $2)",
+            &[&migration.version, &migration.name],
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(migration = migration.name, "applied migration");
+        count += 1;
+    }
+    Ok(count)
+}

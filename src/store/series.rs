@@ -1,0 +1,182 @@
+//! Series identity: metric + full label set → id, cached in memory.
+
+use anyhow::Context;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+/// A series seen in a scrape that the cache does not know yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewSeries {
+    /// Canonical key (see [`write_series_key`]).
+    pub key: String,
+    /// Metric name.
+    pub metric: String,
+    /// Every label, target labels included.
+    pub labels: BTreeMap<String, String>,
+    /// Value of the project label.
+    pub project: String,
+}
+
+/// Writes the canonical `metric{a="x",b="y"}` form: labels in the given (sorted) order,
+/// values escaped as in the exposition format, so equal label sets give equal keys.
+pub fn write_series_key<'a>(
+    out: &mut String,
+    metric: &str,
+    sorted_labels: impl IntoIterator<Item = (&'a str, &'a str)>,
+) {
+    out.clear();
+    out.push_str(metric);
+    out.push('{');
+    for (i, (name, value)) in sorted_labels.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(name);
+        out.push_str("=\"");
+        for c in value.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    out.push('}');
+}
+
+/// What the ingest path knows about series: ids by key and the newest stored sample
+/// time per id (microseconds), so new samples can skip the duplicate check.
+#[derive(Debug, Default)]
+pub struct SeriesState {
+    ids: HashMap<String, i64>,
+    newest: HashMap<i64, i64>,
+}
+
+impl SeriesState {
+    /// The id of a known series.
+    pub fn id(&self, key: &str) -> Option<i64> {
+        self.ids.get(key).copied()
+    }
+
+    /// Whether a sample at `time_us` is known to be newer than all stored for the series.
+    pub fn is_newer(&self, series_id: i64, time_us: i64) -> bool {
+        self.newest.get(&series_id).is_some_and(|&t| time_us > t)
+    }
+
+    /// Records the newest stored sample of a series.
+    pub fn stored(&mut self, series_id: i64, time_us: i64) {
+        let newest = self.newest.entry(series_id).or_insert(time_us);
+        *newest = (*newest).max(time_us);
+    }
+
+    /// Number of known series.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether no series is known.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// Shared series state of one process.
+#[derive(Debug, Clone, Default)]
+pub struct SeriesCache(Arc<RwLock<SeriesState>>);
+
+impl SeriesCache {
+    /// Runs `f` with read access.
+    pub fn read<T>(&self, f: impl FnOnce(&SeriesState) -> T) -> T {
+        // A poisoned lock only means another thread panicked mid-update of a cache;
+        // the map itself is still usable.
+        let guard = self.0.read().unwrap_or_else(|p| p.into_inner());
+        f(&guard)
+    }
+
+    /// Runs `f` with write access.
+    pub fn write<T>(&self, f: impl FnOnce(&mut SeriesState) -> T) -> T {
+        let mut guard = self.0.write().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
+    }
+
+    /// Looks up (creating where missing) the ids of `new` series in the database and
+    /// caches them. Series created by another replica at the same time are found too.
+    #[tracing::instrument(skip_all, fields(new = new.len()), err)]
+    pub async fn resolve(
+        &self,
+        client: &tokio_postgres::Client,
+        new: &[NewSeries],
+    ) -> anyhow::Result<HashMap<String, i64>> {
+        let mut resolved = HashMap::with_capacity(new.len());
+        for chunk in new.chunks(10_000) {
+            let metrics: Vec<&str> = chunk.iter().map(|s| s.metric.as_str()).collect();
+            let labels: Vec<serde_json::Value> = chunk
+                .iter()
+                .map(|s| serde_json::to_value(&s.labels))
+                .collect::<Result<_, _>>()
+                .context("encoding labels")?;
+            let keys: Vec<&str> = chunk.iter().map(|s| s.key.as_str()).collect();
+            let projects: Vec<&str> = chunk.iter().map(|s| s.project.as_str()).collect();
+            client
+                .execute(
+                    "INSERT INTO series (metric, labels, series_key, project)
+                     SELECT * FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::text[])
+                     ON CONFLICT (series_key) DO NOTHING",
+                    &[&metrics, &labels, &keys, &projects],
+                )
+                .await
+                .context("inserting new series")?;
+            let rows = client
+                .query(
+                    "SELECT series_key, id FROM series WHERE series_key = ANY($1::text[])",
+                    &[&keys],
+                )
+                .await
+                .context("reading series ids")?;
+            for row in rows {
+                resolved.insert(row.get::<_, String>(0), row.get::<_, i64>(1));
+            }
+        }
+        self.write(|state| {
+            for (key, id) in &resolved {
+                state.ids.insert(key.clone(), *id);
+            }
+        });
+        Ok(resolved)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_keys_escape_values_so_distinct_label_sets_stay_distinct() {
+        let mut a = String::new();
+        write_series_key(&mut a, "m", [("a", "x\",b=\"y")]);
+        let mut b = String::new();
+        write_series_key(&mut b, "m", [("a", "x"), ("b", "y")]);
+        assert_ne!(a, b);
+        assert_eq!(a, r#"m{a="x\",b=\"y"}"#);
+        assert_eq!(b, r#"m{a="x",b="y"}"#);
+        write_series_key(&mut b, "m", []);
+        assert_eq!(b, "m{}");
+        write_series_key(&mut b, "m", [("a", "line\nbreak\\")]);
+        assert_eq!(b, r#"m{a="line\nbreak\\"}"#);
+    }
+
+    #[test]
+    fn newest_time_only_grows() {
+        let mut state = SeriesState::default();
+        assert!(
+            !state.is_newer(1, 10),
+            "unknown series are not known to be newer"
+        );
+        state.stored(1, 10);
+        state.stored(1, 5);
+        assert!(state.is_newer(1, 11));
+        assert!(!state.is_newer(1, 10));
+    }
+}
