@@ -61,12 +61,14 @@ impl Application {
                 tracing::warn!("SCRAPE_TARGETS is empty: nothing will be scraped");
                 None
             }
-            (false, false) => Some(Arc::new(Scraper::new(
-                &settings,
-                pool.clone(),
-                cache,
-                mode,
-            )?)),
+            (false, false) => {
+                let scraper = Scraper::new(&settings, pool.clone(), cache, mode)?;
+                scraper
+                    .register()
+                    .await
+                    .context("registering scrape targets")?;
+                Some(Arc::new(scraper))
+            }
         };
 
         let listener =
@@ -149,6 +151,9 @@ impl Application {
             if let Err(e) = worker.await {
                 tracing::error!(error = %e, "worker ended abnormally");
             }
+        }
+        if let Some(scraper) = &self.scraper {
+            scraper.release().await;
         }
         tracing::info!("stopped");
         served.context("HTTP server failed")

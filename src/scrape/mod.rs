@@ -99,9 +99,6 @@ impl Scraper {
 
     /// Scrapes every interval until `cancel` fires, then releases its leases.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
-        if let Err(e) = self.register().await {
-            tracing::error!(error = %format!("{e:#}"), "could not register scrape targets");
-        }
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_retention = Instant::now();
@@ -116,15 +113,23 @@ impl Scraper {
                 self.enforce_retention().await;
             }
         }
-        if let Ok(client) = self.pool.get().await {
-            if let Err(e) = target_store::release(&client, &self.owner).await {
-                tracing::warn!(error = %format!("{e:#}"), "could not release scrape leases");
-            }
-        }
         tracing::info!("scraper stopped");
     }
 
-    async fn register(&self) -> anyhow::Result<()> {
+    /// Gives up this replica's leases (at shutdown) so another takes over at once.
+    pub async fn release(&self) {
+        let result = async {
+            let client = self.pool.get().await?;
+            target_store::release(&client, &self.owner).await
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %format!("{e:#}"), "could not release scrape leases");
+        }
+    }
+
+    /// Creates the status rows of the configured targets (at start-up, before scraping).
+    pub async fn register(&self) -> anyhow::Result<()> {
         let client = self.pool.get().await?;
         for (target, _) in &self.targets {
             target_store::register(&client, &target.name, target.url.as_str()).await?;

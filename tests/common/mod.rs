@@ -1,0 +1,303 @@
+//! Test harness: a fresh PostgreSQL database per test, the service on a free port,
+//! and small real HTTP exporters on loopback.
+#![allow(dead_code)]
+
+pub mod exporter;
+
+use os_credits::config::Settings;
+use os_credits::scrape::Scraper;
+use os_credits::startup::{Application, StopHandle};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Where the test PostgreSQL server is (`make test` exports these).
+pub struct PgServer {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+}
+
+impl PgServer {
+    pub fn from_env() -> Self {
+        let var =
+            |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
+        Self {
+            host: var("TEST_POSTGRES_HOST", "127.0.0.1"),
+            port: var("TEST_POSTGRES_PORT", "5432")
+                .parse()
+                .expect("TEST_POSTGRES_PORT is a port"),
+            user: var("TEST_POSTGRES_USER", "postgres"),
+            password: std::env::var("TEST_POSTGRES_PASSWORD")
+                .ok()
+                .filter(|p| !p.is_empty()),
+        }
+    }
+
+    fn config(&self, database: &str) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&self.host)
+            .port(self.port)
+            .user(&self.user)
+            .dbname(database);
+        if let Some(password) = &self.password {
+            config.password(password);
+        }
+        config.connect_timeout(Duration::from_secs(5));
+        config
+    }
+
+    async fn admin(&self) -> tokio_postgres::Client {
+        let (client, connection) = self
+            .config("postgres")
+            .connect(tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                "no PostgreSQL for tests at {}:{} as {} ({e}). Run `make test`, which starts one, \
+                 or set TEST_POSTGRES_HOST/TEST_POSTGRES_PORT/TEST_POSTGRES_USER",
+                self.host, self.port, self.user
+            )
+            });
+        tokio::spawn(connection);
+        client
+    }
+}
+
+/// A database that exists for one test and is dropped after it.
+pub struct TestDb {
+    pub name: String,
+    pub server: PgServer,
+}
+
+impl TestDb {
+    pub async fn create() -> Self {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        let name = format!(
+            "osc_test_{}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst),
+            nanos
+        );
+        let server = PgServer::from_env();
+        server
+            .admin()
+            .await
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        Self { name, server }
+    }
+
+    /// Settings pointing at this database, the service on a free loopback port.
+    pub fn vars(&self) -> Vec<(String, String)> {
+        let mut vars = vec![
+            ("POSTGRES_HOST".into(), self.server.host.clone()),
+            ("POSTGRES_PORT".into(), self.server.port.to_string()),
+            ("POSTGRES_USER".into(), self.server.user.clone()),
+            ("POSTGRES_DB".into(), self.name.clone()),
+            ("CREDITS_HOST".into(), "127.0.0.1".into()),
+            ("CREDITS_PORT".into(), "0".into()),
+            ("POSTGRES_POOL_SIZE".into(), "4".into()),
+        ];
+        vars.push((
+            "POSTGRES_PASSWORD".into(),
+            self.server.password.clone().unwrap_or_default(),
+        ));
+        vars
+    }
+
+    /// A plain connection to this database.
+    pub async fn connect(&self) -> tokio_postgres::Client {
+        let (client, connection) = self
+            .server
+            .config(&self.name)
+            .connect(tokio_postgres::NoTls)
+            .await
+            .expect("connect to test database");
+        tokio::spawn(connection);
+        client
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let config = self.server.config("postgres");
+        // Drop runs outside async; a short-lived runtime on its own thread does the I/O.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async move {
+                let (client, connection) = config.connect(tokio_postgres::NoTls).await.ok()?;
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// The service running against a fresh database, driven by the test.
+pub struct TestApp {
+    pub address: String,
+    pub db: TestDb,
+    pub app_pool: deadpool_postgres::Pool,
+    pub scraper: Option<Arc<Scraper>>,
+    pub http: reqwest::Client,
+    pub stop: StopHandle,
+    pub task: tokio::task::JoinHandle<()>,
+    pub mode: os_credits::store::StorageMode,
+}
+
+/// Starts the service with `vars` on top of the test database settings. Background
+/// workers do not run: tests call `scrape()` themselves, so results are exact.
+pub async fn spawn_app(vars: &[(&str, &str)]) -> TestApp {
+    spawn_app_on(TestDb::create().await, vars, false).await
+}
+
+/// Like `spawn_app` on a given database; `with_workers` runs the scrape loop too.
+pub async fn spawn_app_on(db: TestDb, vars: &[(&str, &str)], with_workers: bool) -> TestApp {
+    // Logs show with `TEST_LOG=debug cargo test -- --nocapture`.
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
+    let mut all = db.vars();
+    all.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let settings = Settings::from_vars(all).expect("test settings are valid");
+    let app = Application::build(settings, None)
+        .await
+        .expect("application builds");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let app_pool = app.pool().clone();
+    let scraper = app.scraper();
+    let stop = app.stop_handle();
+    let mode = app.storage_mode();
+    let task = tokio::spawn(async move {
+        let result = if with_workers {
+            app.run_until_stopped().await
+        } else {
+            app.run_without_workers().await
+        };
+        result.expect("application runs");
+    });
+    TestApp {
+        address,
+        db,
+        app_pool,
+        scraper,
+        http: reqwest::Client::new(),
+        stop,
+        task,
+        mode,
+    }
+}
+
+impl TestApp {
+    /// Stops the service like SIGTERM and waits until it has finished; keeps the database.
+    pub async fn shutdown(self) -> TestDb {
+        self.stop.stop().await;
+        self.task.await.expect("application task");
+        self.db
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{}", self.address, path))
+            .send()
+            .await
+            .expect("request reaches the service")
+    }
+
+    pub async fn health(&self) -> serde_json::Value {
+        self.get("/health")
+            .await
+            .json()
+            .await
+            .expect("health is JSON")
+    }
+
+    /// One scrape cycle of every target.
+    pub async fn scrape(&self) -> Vec<(String, os_credits::store::targets::Attempt)> {
+        self.scraper
+            .as_ref()
+            .expect("scraping is configured")
+            .scrape_all()
+            .await
+    }
+
+    pub async fn sample_count(&self) -> i64 {
+        self.db
+            .connect()
+            .await
+            .query_one("SELECT count(*) FROM usage_samples", &[])
+            .await
+            .expect("count")
+            .get(0)
+    }
+
+    /// (metric, project, labels, time, value) of every stored sample, ordered.
+    pub async fn samples(
+        &self,
+    ) -> Vec<(
+        String,
+        String,
+        serde_json::Value,
+        chrono::DateTime<chrono::Utc>,
+        f64,
+    )> {
+        self.db
+            .connect()
+            .await
+            .query(
+                "SELECT s.metric, s.project, s.labels, u.time, u.value
+                 FROM usage_samples u JOIN series s ON s.id = u.series_id
+                 ORDER BY s.metric, s.project, s.series_key, u.time",
+                &[],
+            )
+            .await
+            .expect("query samples")
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+            .collect()
+    }
+
+    /// The `/health` entry of one target.
+    pub async fn target_status(&self, name: &str) -> serde_json::Value {
+        let health = self.health().await;
+        health["targets"]
+            .as_array()
+            .and_then(|targets| targets.iter().find(|t| t["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("target {name} not in {health}"))
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing after `deadline`.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(started.elapsed() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
