@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# `make test`: the Rust tests against a real PostgreSQL, then the up-dev smoke check.
+# The tests create and drop a fresh database per test on the server named by
+# TEST_POSTGRES_HOST/PORT/USER/PASSWORD.
+set -euo pipefail
+# shellcheck source=scripts/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+export_test_postgres
+cd "$ROOT"
+log "cargo test (unit, integration and doc tests; benches run with make bench)"
+cargo test
+bash "$ROOT/scripts/check-up-dev.sh"
