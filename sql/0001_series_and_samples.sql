@@ -5,8 +5,9 @@ CREATE TABLE series (
     metric      text        NOT NULL,
     -- every label of the series, target labels included
     labels      jsonb       NOT NULL,
-    -- canonical `metric{a="x",b="y"}` text (labels sorted, values escaped): the identity
-    series_key  text        NOT NULL,
+    -- canonical `metric{a="x",b="y"}` text (labels sorted, values escaped): the identity,
+    -- compared byte by byte
+    series_key  text COLLATE "C" NOT NULL,
     -- value of the project label (PROJECT_LABEL) when the series was first seen
     project     text        NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now(),

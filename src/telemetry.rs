@@ -1,6 +1,7 @@
 //! Logging: `tracing` with a filter that can be changed while the service runs.
 
 use crate::config::LogFormat;
+use std::io::IsTerminal;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
@@ -27,7 +28,14 @@ pub fn init(format: LogFormat) -> anyhow::Result<LogHandle> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let (text, json) = match format {
-        LogFormat::Text => (Some(fmt::layer().with_writer(std::io::stderr)), None),
+        LogFormat::Text => (
+            Some(
+                fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            ),
+            None,
+        ),
         LogFormat::Json => (None, Some(fmt::layer().json().with_writer(std::io::stderr))),
     };
     tracing_subscriber::registry()

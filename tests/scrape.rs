@@ -334,3 +334,82 @@ async fn the_background_loop_scrapes_the_demo_exporter_end_to_end() {
     );
     assert_eq!(app.sample_count().await, 50);
 }
+
+#[tokio::test]
+async fn a_sample_repeated_in_one_body_is_stored_once() {
+    let body = "project_vcpu_usage{project_name=\"Alpha\"} 1\nproject_vcpu_usage{project_name=\"Beta\"} 2\nproject_vcpu_usage{project_name=\"Alpha\"} 1\n";
+    let exporter = FixtureExporter::start(Answer::ok(body)).await;
+    let app = spawn_app(&[("SCRAPE_TARGETS", &exporter.url)]).await;
+
+    let first = app.scrape().await;
+    let second = app.scrape().await;
+
+    assert_eq!(
+        first[0].1.result,
+        Ok(2),
+        "the repeated line is a duplicate, not a second sample"
+    );
+    assert_eq!(second[0].1.result, Ok(2));
+    assert_eq!(app.sample_count().await, 4);
+}
+
+#[tokio::test]
+async fn a_malformed_line_after_the_first_megabyte_stores_nothing_not_even_series() {
+    let mut body = String::new();
+    let lines = 20_000;
+    for i in 0..lines {
+        body.push_str(&format!("project_vcpu_usage{{project_name=\"project-{i:05}\",domain_name=\"a fairly long domain name to fill the chunk\"}} {i}\n"));
+    }
+    assert!(body.len() > 2 << 20, "the body spans several parse chunks");
+    body.push_str("project_vcpu_usage{project_name=\"late\"} 1 2 3\n");
+    let exporter = FixtureExporter::start(Answer::ok(body)).await;
+    let app = spawn_app(&[
+        ("SCRAPE_TARGETS", &exporter.url),
+        ("SCRAPE_MAX_BYTES", "10000000"),
+    ])
+    .await;
+
+    let attempts = app.scrape().await;
+
+    let error = attempts[0]
+        .1
+        .result
+        .clone()
+        .expect_err("the body is rejected");
+    assert!(
+        error.contains(&format!("line {}", lines + 1)),
+        "the error names the bad line: {error}"
+    );
+    assert_eq!(app.sample_count().await, 0, "nothing of the body is stored");
+    let series: i64 = app
+        .db
+        .connect()
+        .await
+        .query_one("SELECT count(*) FROM series", &[])
+        .await
+        .expect("q")
+        .get(0);
+    assert_eq!(
+        series, 0,
+        "series created for the body were rolled back too"
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_service_merges_its_first_scrape_of_known_series() {
+    let body = "project_vcpu_usage{project_name=\"Alpha\"} 1 1767225600000\n";
+    let exporter = FixtureExporter::start(Answer::ok(body)).await;
+    let first = spawn_app(&[("SCRAPE_TARGETS", &exporter.url)]).await;
+    first.scrape().await;
+    let db = first.shutdown().await;
+
+    let second = spawn_app_on(db, &[("SCRAPE_TARGETS", &exporter.url)], false).await;
+    let attempts = second.scrape().await;
+
+    assert_eq!(
+        attempts[0].1.result,
+        Ok(0),
+        "the already stored sample is recognised after a restart"
+    );
+    assert_eq!(second.sample_count().await, 1);
+}

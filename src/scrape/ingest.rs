@@ -4,13 +4,14 @@
 use super::parse::{self, Sample};
 use super::ScrapeError;
 use crate::config::Settings;
-use crate::store::samples::{self, SampleRow, StoreOutcome};
-use crate::store::series::{write_series_key, NewSeries, SeriesCache, SeriesState};
+use crate::store::samples::{self, SampleBatch, SampleRow};
+use crate::store::series::{self, write_series_key, NewSeries, Resolved, SeriesCache, SeriesState};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use tokio::sync::mpsc;
 
 /// What decides which samples of a target are kept.
 #[derive(Debug, Clone)]
@@ -158,7 +159,12 @@ pub fn prepare(
     Ok(prepared)
 }
 
-/// Parses and stores one body atomically: on a parse error nothing is stored.
+/// Bytes of exposition text parsed at a time: each chunk streams into `COPY` while
+/// the next one is parsed, so parsing hides behind the database's work.
+const CHUNK_BYTES: usize = 1 << 20;
+
+/// Parses and stores one body atomically: all its kept samples, or (on a parse
+/// error anywhere, or any failure) none.
 pub async fn ingest(
     pool: &Pool,
     cache: &SeriesCache,
@@ -166,52 +172,187 @@ pub async fn ingest(
     body: String,
     scrape_time: DateTime<Utc>,
 ) -> Result<IngestOutcome, ScrapeError> {
+    let (sender, receiver) = mpsc::channel(2);
     let parse_cache = cache.clone();
-    let prepared = tokio::task::spawn_blocking(move || {
-        parse_cache.read(|state| prepare(&body, &ctx, state, scrape_time))
-    })
-    .await
-    .map_err(|e| ScrapeError::Store(anyhow::Error::new(e).context("parse task failed")))??;
-    let skipped = prepared.skipped;
-    let outcome = store_prepared(pool, cache, prepared)
+    let parser = tokio::task::spawn_blocking(move || {
+        parse_chunks(&body, &ctx, &parse_cache, scrape_time, &sender)
+    });
+    let stored = store_stream(pool, cache, receiver).await;
+    parser
+        .await
+        .map_err(|e| ScrapeError::Store(anyhow::Error::new(e).context("parse task failed")))?;
+    stored
+}
+
+/// Parses `body` chunk by chunk (chunks end at line ends), sending each result; stops
+/// at the first error or when the receiver is gone.
+fn parse_chunks(
+    body: &str,
+    ctx: &IngestContext,
+    cache: &SeriesCache,
+    scrape_time: DateTime<Utc>,
+    sender: &mpsc::Sender<Result<Prepared, parse::ParseError>>,
+) {
+    let mut lines_before = 0;
+    let mut rest = body;
+    while !rest.is_empty() {
+        let cut = match rest.len() > CHUNK_BYTES {
+            true => rest[CHUNK_BYTES..]
+                .find('\n')
+                .map_or(rest.len(), |i| CHUNK_BYTES + i + 1),
+            false => rest.len(),
+        };
+        let (chunk, tail) = rest.split_at(cut);
+        rest = tail;
+        let result = cache
+            .read(|state| prepare(chunk, ctx, state, scrape_time))
+            .map_err(|mut e| {
+                e.line += lines_before;
+                e
+            });
+        lines_before += chunk.bytes().filter(|&b| b == b'\n').count();
+        let failed = result.is_err();
+        if sender.blocking_send(result).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Everything a body yielded, kept for the cache update and a possible retry.
+#[derive(Default)]
+struct Collected {
+    rows: Vec<SampleRow>,
+    new_series: Vec<NewSeries>,
+    new_index: HashMap<String, usize>,
+    new_rows: Vec<(usize, DateTime<Utc>, f64)>,
+    skipped: Skipped,
+}
+
+impl Collected {
+    fn add(&mut self, prepared: Prepared) {
+        self.rows.extend_from_slice(&prepared.rows);
+        let mut local_to_global = Vec::with_capacity(prepared.new_series.len());
+        for series in prepared.new_series {
+            let next = self.new_series.len();
+            let index = *self.new_index.entry(series.key.clone()).or_insert(next);
+            if index == next {
+                self.new_series.push(series);
+            }
+            local_to_global.push(index);
+        }
+        self.new_rows.extend(
+            prepared
+                .new_rows
+                .into_iter()
+                .map(|(i, time, value)| (local_to_global[i], time, value)),
+        );
+        let (s, p) = (&mut self.skipped, prepared.skipped);
+        s.no_project += p.no_project;
+        s.not_whitelisted += p.not_whitelisted;
+        s.not_finite += p.not_finite;
+        s.too_long += p.too_long;
+    }
+
+    fn total(&self) -> u64 {
+        (self.rows.len() + self.new_rows.len()) as u64
+    }
+
+    /// Rows of the new series, now that their ids are known.
+    fn new_series_rows(&self, resolved: &Resolved) -> anyhow::Result<Vec<SampleRow>> {
+        self.new_rows
+            .iter()
+            .map(|&(index, time, value)| {
+                let key = &self.new_series[index].key;
+                let series_id = *resolved
+                    .ids
+                    .get(key)
+                    .ok_or_else(|| anyhow::anyhow!("series {key} was neither created nor found"))?;
+                Ok(SampleRow {
+                    series_id,
+                    time,
+                    value,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Receives parsed chunks and streams them into one transaction. When the optimistic
+/// direct `COPY` meets a duplicate (another writer got there first), everything is
+/// stored again through the merging path.
+async fn store_stream(
+    pool: &Pool,
+    cache: &SeriesCache,
+    mut receiver: mpsc::Receiver<Result<Prepared, parse::ParseError>>,
+) -> Result<IngestOutcome, ScrapeError> {
+    let mut client = pool.get().await.map_err(|e| ScrapeError::Store(e.into()))?;
+    let mut collected = Collected::default();
+    let mut batch = SampleBatch::begin(&mut client)
         .await
         .map_err(ScrapeError::Store)?;
+    let mut failure = None;
+    while let Some(chunk) = receiver.recv().await {
+        let prepared = chunk?;
+        if failure.is_none() {
+            let newer = cache.all_newer(&prepared.rows);
+            failure = batch.push(&prepared.rows, newer).await.err();
+        }
+        collected.add(prepared);
+    }
+    let attempt = match failure {
+        Some(e) => {
+            drop(batch); // rolls back
+            Err(e)
+        }
+        None => finish(batch, &collected, false).await,
+    };
+    let (stored, resolved) = match attempt {
+        Ok(done) => done,
+        Err(e) if samples::is_unique_violation(&e) => {
+            tracing::debug!("direct COPY met a stored sample; merging instead");
+            let batch = SampleBatch::begin(&mut client)
+                .await
+                .map_err(ScrapeError::Store)?;
+            finish(batch, &collected, true)
+                .await
+                .map_err(ScrapeError::Store)?
+        }
+        Err(e) => return Err(ScrapeError::Store(e)),
+    };
+    cache.remember(&resolved);
+    samples::remember_stored(cache, &collected.rows);
+    samples::remember_stored(
+        cache,
+        &collected
+            .new_series_rows(&resolved)
+            .map_err(ScrapeError::Store)?,
+    );
     Ok(IngestOutcome {
-        stored: outcome.stored,
-        duplicates: outcome.duplicates,
-        skipped,
+        stored,
+        duplicates: collected.total() - stored,
+        skipped: collected.skipped,
     })
 }
 
-/// Creates the new series, then stores all samples in one transaction.
-pub async fn store_prepared(
-    pool: &Pool,
-    cache: &SeriesCache,
-    prepared: Prepared,
-) -> anyhow::Result<StoreOutcome> {
-    let mut client = pool.get().await?;
-    let Prepared {
-        mut rows,
-        new_series,
-        new_rows,
-        ..
-    } = prepared;
-    if !new_series.is_empty() {
-        let ids = cache.resolve(&client, &new_series).await?;
-        rows.reserve(new_rows.len());
-        for (index, time, value) in new_rows {
-            let key = &new_series[index].key;
-            let series_id = *ids
-                .get(key)
-                .ok_or_else(|| anyhow::anyhow!("series {key} was not created"))?;
-            rows.push(SampleRow {
-                series_id,
-                time,
-                value,
-            });
-        }
+/// Creates the new series in the batch's transaction, writes their rows (and, when
+/// `merge_all`, every row through the merging path) and commits.
+async fn finish(
+    mut batch: SampleBatch<'_>,
+    collected: &Collected,
+    merge_all: bool,
+) -> anyhow::Result<(u64, Resolved)> {
+    if merge_all {
+        batch.push(&collected.rows, false).await?;
     }
-    samples::store(&mut client, cache, rows).await
+    let resolved = match collected.new_series.is_empty() {
+        true => Resolved::default(),
+        false => series::create_or_find(batch.transaction().await?, &collected.new_series).await?,
+    };
+    let new_rows = collected.new_series_rows(&resolved)?;
+    let created: HashSet<i64> = resolved.created.iter().copied().collect();
+    let all_created = !merge_all && new_rows.iter().all(|r| created.contains(&r.series_id));
+    batch.push(&new_rows, all_created).await?;
+    Ok((batch.commit().await?, resolved))
 }
 
 fn label<'s>(labels: &'s [(&str, Cow<'_, str>)], name: &str) -> Option<&'s str> {

@@ -1,11 +1,17 @@
-//! Writing samples with binary `COPY`, never storing one twice.
+//! Writing samples with binary `COPY`, atomically and never storing one twice.
+//!
+//! Rows known to be newer than everything stored for their series stream straight
+//! into `usage_samples`; from the first row that is not (a federation re-scrape, a
+//! series not seen since start-up) the rest goes through a staging table merged with
+//! `ON CONFLICT DO NOTHING`. Both happen in one transaction.
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use futures::pin_mut;
+use std::pin::Pin;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
+use tokio_postgres::Transaction;
 
 use super::series::SeriesCache;
 
@@ -31,105 +37,142 @@ pub struct StoreOutcome {
 
 const COLUMN_TYPES: &[Type] = &[Type::INT8, Type::TIMESTAMPTZ, Type::FLOAT8];
 
-/// Stores `rows` atomically: all of them or none. Rows newer than everything stored
-/// for their series go straight in with binary `COPY`; otherwise (or when another
-/// writer got there first) they are copied to a staging table and merged with
-/// `ON CONFLICT DO NOTHING`, so a re-scrape never duplicates a sample.
-#[tracing::instrument(skip_all, fields(rows = rows.len()), err)]
-pub async fn store(
-    client: &mut tokio_postgres::Client,
-    cache: &SeriesCache,
-    mut rows: Vec<SampleRow>,
-) -> anyhow::Result<StoreOutcome> {
-    let given = rows.len() as u64;
-    rows.sort_unstable_by_key(|r| (r.series_id, r.time));
-    rows.dedup_by_key(|r| (r.series_id, r.time));
-    if rows.is_empty() {
-        return Ok(StoreOutcome {
-            stored: 0,
-            duplicates: given,
-        });
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Destination {
+    Direct,
+    Staging,
+}
+
+/// An open transaction that samples are streamed into.
+pub struct SampleBatch<'a> {
+    tx: Transaction<'a>,
+    copy: Option<Pin<Box<BinaryCopyInWriter>>>,
+    destination: Destination,
+    stored_direct: u64,
+}
+
+impl<'a> SampleBatch<'a> {
+    /// Opens the transaction.
+    pub async fn begin(client: &'a mut tokio_postgres::Client) -> anyhow::Result<Self> {
+        Ok(Self {
+            tx: client
+                .transaction()
+                .await
+                .context("starting the sample transaction")?,
+            copy: None,
+            destination: Destination::Direct,
+            stored_direct: 0,
+        })
     }
-    let all_new = cache.read(|state| {
-        rows.iter()
-            .all(|r| state.is_newer(r.series_id, r.time.timestamp_micros()))
-    });
-    let stored = match all_new {
-        true => match copy_direct(client, &rows).await {
-            Err(e) if is_unique_violation(&e) => merge(client, &rows).await?,
-            other => other?,
-        },
-        false => merge(client, &rows).await?,
-    };
+
+    /// Writes rows; `all_newer` says whether each is newer than all stored for its
+    /// series (see [`SeriesCache::all_newer`]). Once false, later rows are merged.
+    pub async fn push(&mut self, rows: &[SampleRow], all_newer: bool) -> anyhow::Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        if !all_newer && self.destination == Destination::Direct {
+            self.close_copy().await?;
+            self.tx
+                .batch_execute(
+                    "CREATE TEMP TABLE IF NOT EXISTS usage_samples_staging (
+                        series_id bigint NOT NULL, time timestamptz NOT NULL, value double precision NOT NULL
+                     ) ON COMMIT DELETE ROWS",
+                )
+                .await
+                .context("creating the staging table")?;
+            self.destination = Destination::Staging;
+        }
+        if self.copy.is_none() {
+            let table = match self.destination {
+                Destination::Direct => "usage_samples",
+                Destination::Staging => "usage_samples_staging",
+            };
+            let sink = self
+                .tx
+                .copy_in(&format!(
+                    "COPY {table} (series_id, time, value) FROM STDIN (FORMAT binary)"
+                ))
+                .await?;
+            self.copy = Some(Box::pin(BinaryCopyInWriter::new(sink, COLUMN_TYPES)));
+        }
+        if let Some(writer) = self.copy.as_mut() {
+            for row in rows {
+                writer
+                    .as_mut()
+                    .write(&[&row.series_id, &row.time, &row.value])
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a running `COPY` so other statements can run in the transaction.
+    pub async fn transaction(&mut self) -> anyhow::Result<&Transaction<'a>> {
+        self.close_copy().await?;
+        Ok(&self.tx)
+    }
+
+    async fn close_copy(&mut self) -> anyhow::Result<()> {
+        if let Some(mut writer) = self.copy.take() {
+            let written = writer.as_mut().finish().await?;
+            if self.destination == Destination::Direct {
+                self.stored_direct += written;
+            }
+        }
+        Ok(())
+    }
+
+    /// Merges staged rows and commits; returns the rows stored.
+    pub async fn commit(mut self) -> anyhow::Result<u64> {
+        self.close_copy().await?;
+        let merged = match self.destination {
+            Destination::Direct => 0,
+            Destination::Staging => self
+                .tx
+                .execute(
+                    "INSERT INTO usage_samples (series_id, time, value)
+                     SELECT series_id, time, value FROM usage_samples_staging
+                     ON CONFLICT (series_id, time) DO NOTHING",
+                    &[],
+                )
+                .await
+                .context("merging staged samples")?,
+        };
+        self.tx.commit().await.context("committing samples")?;
+        Ok(self.stored_direct + merged)
+    }
+}
+
+/// Whether `error` is PostgreSQL refusing a duplicate key.
+pub fn is_unique_violation(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .filter_map(|e| e.downcast_ref::<tokio_postgres::Error>())
+        .any(|e| e.code() == Some(&SqlState::UNIQUE_VIOLATION))
+}
+
+/// Remembers the newest stored time per series once rows are committed.
+pub fn remember_stored(cache: &SeriesCache, rows: &[SampleRow]) {
     cache.write(|state| {
-        for row in &rows {
+        for row in rows {
             state.stored(row.series_id, row.time.timestamp_micros());
         }
     });
-    Ok(StoreOutcome {
-        stored,
-        duplicates: given - stored,
-    })
 }
 
-fn is_unique_violation(error: &anyhow::Error) -> bool {
-    error
-        .downcast_ref::<tokio_postgres::Error>()
-        .and_then(|e| e.code())
-        .is_some_and(|code| *code == SqlState::UNIQUE_VIOLATION)
-}
-
-async fn copy_direct(
-    client: &mut tokio_postgres::Client,
-    rows: &[SampleRow],
-) -> anyhow::Result<u64> {
-    let tx = client.transaction().await?;
-    let sink = tx
-        .copy_in("COPY usage_samples (series_id, time, value) FROM STDIN (FORMAT binary)")
-        .await?;
-    let written = write_rows(sink, rows).await?;
-    tx.commit().await?;
-    Ok(written)
-}
-
-async fn merge(client: &mut tokio_postgres::Client, rows: &[SampleRow]) -> anyhow::Result<u64> {
-    let tx = client.transaction().await?;
-    tx.batch_execute(
-        "CREATE TEMP TABLE IF NOT EXISTS usage_samples_staging (
-            series_id bigint NOT NULL, time timestamptz NOT NULL, value double precision NOT NULL
-         ) ON COMMIT DELETE ROWS",
-    )
-    .await
-    .context("creating the staging table")?;
-    let sink = tx
-        .copy_in("COPY usage_samples_staging (series_id, time, value) FROM STDIN (FORMAT binary)")
-        .await?;
-    write_rows(sink, rows).await?;
-    let stored = tx
-        .execute(
-            "INSERT INTO usage_samples (series_id, time, value)
-             SELECT series_id, time, value FROM usage_samples_staging
-             ON CONFLICT (series_id, time) DO NOTHING",
-            &[],
-        )
-        .await
-        .context("merging staged samples")?;
-    tx.commit().await?;
-    Ok(stored)
-}
-
-/// Streams rows into a `COPY … FROM STDIN (FORMAT binary)` sink.
+/// Streams rows into a `COPY … FROM STDIN (FORMAT binary)` sink (benchmarks use it
+/// as the raw baseline).
 pub async fn write_rows(
     sink: tokio_postgres::CopyInSink<bytes::Bytes>,
     rows: &[SampleRow],
 ) -> anyhow::Result<u64> {
-    let writer = BinaryCopyInWriter::new(sink, COLUMN_TYPES);
-    pin_mut!(writer);
+    let mut writer = Box::pin(BinaryCopyInWriter::new(sink, COLUMN_TYPES));
     for row in rows {
         writer
             .as_mut()
             .write(&[&row.series_id, &row.time, &row.value])
             .await?;
     }
-    Ok(writer.finish().await?)
+    Ok(writer.as_mut().finish().await?)
 }

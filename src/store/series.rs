@@ -101,51 +101,91 @@ impl SeriesCache {
         f(&mut guard)
     }
 
-    /// Looks up (creating where missing) the ids of `new` series in the database and
-    /// caches them. Series created by another replica at the same time are found too.
-    #[tracing::instrument(skip_all, fields(new = new.len()), err)]
-    pub async fn resolve(
-        &self,
-        client: &tokio_postgres::Client,
-        new: &[NewSeries],
-    ) -> anyhow::Result<HashMap<String, i64>> {
-        let mut resolved = HashMap::with_capacity(new.len());
-        for chunk in new.chunks(10_000) {
-            let metrics: Vec<&str> = chunk.iter().map(|s| s.metric.as_str()).collect();
-            let labels: Vec<serde_json::Value> = chunk
-                .iter()
-                .map(|s| serde_json::to_value(&s.labels))
-                .collect::<Result<_, _>>()
-                .context("encoding labels")?;
-            let keys: Vec<&str> = chunk.iter().map(|s| s.key.as_str()).collect();
-            let projects: Vec<&str> = chunk.iter().map(|s| s.project.as_str()).collect();
-            client
-                .execute(
-                    "INSERT INTO series (metric, labels, series_key, project)
-                     SELECT * FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::text[])
-                     ON CONFLICT (series_key) DO NOTHING",
-                    &[&metrics, &labels, &keys, &projects],
-                )
-                .await
-                .context("inserting new series")?;
+    /// Whether every row is known to be newer than all stored for its series.
+    pub fn all_newer(&self, rows: &[super::samples::SampleRow]) -> bool {
+        self.read(|state| {
+            rows.iter()
+                .all(|r| state.is_newer(r.series_id, r.time.timestamp_micros()))
+        })
+    }
+
+    /// Caches ids found by [`create_or_find`] once their transaction has committed.
+    pub fn remember(&self, resolved: &Resolved) {
+        self.write(|state| {
+            for (key, id) in &resolved.ids {
+                state.ids.insert(key.clone(), *id);
+            }
+            // A series created just now had no samples before: anything is newer.
+            for id in &resolved.created {
+                state.newest.entry(*id).or_insert(i64::MIN);
+            }
+        });
+    }
+}
+
+/// Ids of series by key, and which of them were created (not found).
+#[derive(Debug, Default)]
+pub struct Resolved {
+    /// Id of every series asked for.
+    pub ids: HashMap<String, i64>,
+    /// Ids of the series this call created.
+    pub created: Vec<i64>,
+}
+
+/// Creates the `new` series that do not exist yet and finds the ids of all of them.
+/// Series created by another writer at the same time are found too (the unique key
+/// makes the insert wait for it).
+#[tracing::instrument(skip_all, fields(new = new.len()), err)]
+pub async fn create_or_find(
+    client: &impl tokio_postgres::GenericClient,
+    new: &[NewSeries],
+) -> anyhow::Result<Resolved> {
+    let mut resolved = Resolved::default();
+    for chunk in new.chunks(10_000) {
+        let metrics: Vec<&str> = chunk.iter().map(|s| s.metric.as_str()).collect();
+        let labels: Vec<serde_json::Value> = chunk
+            .iter()
+            .map(|s| serde_json::to_value(&s.labels))
+            .collect::<Result<_, _>>()
+            .context("encoding labels")?;
+        let keys: Vec<&str> = chunk.iter().map(|s| s.key.as_str()).collect();
+        let projects: Vec<&str> = chunk.iter().map(|s| s.project.as_str()).collect();
+        let created = client
+            .query(
+                "INSERT INTO series (metric, labels, series_key, project)
+                 SELECT * FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::text[])
+                 ON CONFLICT (series_key) DO NOTHING
+                 RETURNING series_key, id",
+                &[&metrics, &labels, &keys, &projects],
+            )
+            .await
+            .context("inserting new series")?;
+        for row in created {
+            let id = row.get::<_, i64>(1);
+            resolved.ids.insert(row.get::<_, String>(0), id);
+            resolved.created.push(id);
+        }
+        let existing: Vec<&str> = keys
+            .iter()
+            .copied()
+            .filter(|k| !resolved.ids.contains_key(*k))
+            .collect();
+        if !existing.is_empty() {
             let rows = client
                 .query(
                     "SELECT series_key, id FROM series WHERE series_key = ANY($1::text[])",
-                    &[&keys],
+                    &[&existing],
                 )
                 .await
                 .context("reading series ids")?;
             for row in rows {
-                resolved.insert(row.get::<_, String>(0), row.get::<_, i64>(1));
+                resolved
+                    .ids
+                    .insert(row.get::<_, String>(0), row.get::<_, i64>(1));
             }
         }
-        self.write(|state| {
-            for (key, id) in &resolved {
-                state.ids.insert(key.clone(), *id);
-            }
-        });
-        Ok(resolved)
     }
+    Ok(resolved)
 }
 
 #[cfg(test)]
