@@ -3,11 +3,14 @@
 //! Names follow de.NBI's `os_credits` where it had them; a bad value stops the
 //! program with a message that names the variable and what was expected.
 
+use crate::billing::rules::Rules;
 use crate::domain::{MetricName, Price};
 use rust_decimal::Decimal;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A setting that could not be used.
@@ -133,6 +136,18 @@ pub struct Settings {
     pub samples_retention_days: u32,
     /// `LOG_FORMAT`: `text` or `json`.
     pub log_format: LogFormat,
+    /// Billing rules: `METRICS_TO_BILL` plus the optional `BILLING_RULES_FILE`.
+    pub rules: Arc<Rules>,
+    /// `BILLING_RULES_FILE`: TOML or JSON file with per-metric rules (kind, label prices, price changes).
+    pub billing_rules_file: Option<PathBuf>,
+    /// `BILLING_INTERVAL`: time between two billing runs.
+    pub billing_interval: Duration,
+    /// `FORECAST_WINDOW_HOURS`: how far back the burn rate for the run-out forecast looks.
+    pub forecast_window: Duration,
+    /// `API_CONTACT_BASE_URL`: the portal's API; when set, granted credits are fetched from it.
+    pub api_contact_base_url: Option<url::Url>,
+    /// `API_CONTACT_KEY`: `X-Api-Key` sent to the portal.
+    pub api_contact_key: Secret,
 }
 
 /// How log lines look.
@@ -190,6 +205,29 @@ impl Settings {
                 0,
                 "a whole number of days (0 keeps samples forever)",
             )?,
+            billing_interval: env.seconds("BILLING_INTERVAL", 300)?,
+            forecast_window: Duration::from_secs(
+                env.parse::<u64>("FORECAST_WINDOW_HOURS", 24, "a whole number of hours")?
+                    .max(1)
+                    * 3600,
+            ),
+            api_contact_base_url: match env.get("API_CONTACT_BASE_URL") {
+                None => None,
+                Some(raw) => Some(
+                    url::Url::parse(raw.trim_end_matches('/'))
+                        .ok()
+                        .filter(|u| matches!(u.scheme(), "http" | "https"))
+                        .ok_or_else(|| {
+                            bad(
+                                "API_CONTACT_BASE_URL",
+                                format!("expected an http(s) URL, got {raw:?}"),
+                            )
+                        })?,
+                ),
+            },
+            api_contact_key: Secret::new(env.string("API_CONTACT_KEY", "")),
+            billing_rules_file: env.get("BILLING_RULES_FILE").map(PathBuf::from),
+            rules: Arc::new(Rules::default()),
             log_format: match env
                 .string("LOG_FORMAT", "text")
                 .to_ascii_lowercase()
@@ -205,15 +243,12 @@ impl Settings {
                 }
             },
         };
+        let mut settings = settings;
+        settings.rules = Arc::new(load_rules(
+            &settings.metrics_to_bill,
+            settings.billing_rules_file.as_deref(),
+        )?);
         Ok(settings)
-    }
-
-    /// Price lookup by metric name, as the scraper's filter needs it.
-    pub fn billed_metric_names(&self) -> HashMap<String, Price> {
-        self.metrics_to_bill
-            .iter()
-            .map(|(name, price)| (name.as_str().to_owned(), *price))
-            .collect()
     }
 }
 
@@ -310,6 +345,30 @@ fn parse_metrics_to_bill(raw: &str) -> Result<BTreeMap<MetricName, Price>, Setti
         return Err(bad(NAME, "expected at least one metric to bill"));
     }
     Ok(metrics)
+}
+
+fn load_rules(
+    metrics: &BTreeMap<MetricName, Price>,
+    file: Option<&Path>,
+) -> Result<Rules, SettingError> {
+    const NAME: &str = "BILLING_RULES_FILE";
+    let Some(path) = file else {
+        return Rules::from_settings(metrics, None, "toml").map_err(|e| bad("METRICS_TO_BILL", e));
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| bad(NAME, format!("cannot read {}: {e}", path.display())))?;
+    let format = match path.extension().and_then(|e| e.to_str()) {
+        Some("json") => "json",
+        Some("toml") => "toml",
+        _ => {
+            return Err(bad(
+                NAME,
+                format!("{} must end in .toml or .json", path.display()),
+            ))
+        }
+    };
+    Rules::from_settings(metrics, Some(&text), format)
+        .map_err(|e| bad(NAME, format!("{}: {e}", path.display())))
 }
 
 fn parse_whitelist(raw: &str) -> Option<BTreeSet<String>> {

@@ -25,6 +25,16 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_timescaledb.sql",
         sql: include_str!("../../sql/0002_timescaledb.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_billing.sql",
+        sql: include_str!("../../sql/0003_billing.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "0004_timescaledb_ledger.sql",
+        sql: include_str!("../../sql/0004_timescaledb_ledger.sql"),
+    },
 ];
 
 /// Arbitrary but fixed key of the advisory lock that serialises migrations.

@@ -160,6 +160,15 @@ pub async fn create_or_find(
             )
             .await
             .context("inserting new series")?;
+        if !created.is_empty() {
+            client
+                .execute(
+                    "INSERT INTO projects (name) SELECT DISTINCT unnest($1::text[]) ON CONFLICT DO NOTHING",
+                    &[&projects],
+                )
+                .await
+                .context("registering projects")?;
+        }
         for row in created {
             let id = row.get::<_, i64>(1);
             resolved.ids.insert(row.get::<_, String>(0), id);

@@ -1,0 +1,10 @@
+//! Billing: turning stored samples into exact credit charges per project.
+//!
+//! The pure core, without I/O: [`rules`] says how each metric is priced, [`charge`]
+//! turns one series' new samples into charges, decreases and gaps, and [`money`]
+//! converts floats exactly and rounds totals.
+
+pub mod charge;
+pub mod engine;
+pub mod money;
+pub mod rules;
