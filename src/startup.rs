@@ -25,6 +25,7 @@ pub struct Application {
     pool: Pool,
     mode: StorageMode,
     scraper: Option<Arc<Scraper>>,
+    settings: Arc<Settings>,
     cancel: CancellationToken,
 }
 
@@ -79,7 +80,8 @@ impl Application {
                 )
             })?;
         let port = listener.local_addr()?.port();
-        let state = AppState::new(pool.clone(), mode, Arc::new(settings), logs);
+        let settings = Arc::new(settings);
+        let state = AppState::new(pool.clone(), mode, settings.clone(), logs);
         let server = api::server(state, listener)?;
         tracing::info!(port, "listening");
         Ok(Self {
@@ -88,6 +90,7 @@ impl Application {
             pool,
             mode,
             scraper,
+            settings,
             cancel: CancellationToken::new(),
         })
     }
@@ -138,6 +141,13 @@ impl Application {
         let mut workers: Vec<JoinHandle<()>> = Vec::new();
         if let (true, Some(scraper)) = (with_workers, self.scraper.clone()) {
             workers.push(tokio::spawn(scraper.run(self.cancel.clone())));
+        }
+        if with_workers && !self.settings.endpoints_only {
+            workers.push(tokio::spawn(crate::billing::worker::run(
+                self.pool.clone(),
+                self.settings.clone(),
+                self.cancel.clone(),
+            )));
         }
         let signals = tokio::spawn(async move {
             wait_for_signal().await;

@@ -8,3 +8,4 @@ pub mod charge;
 pub mod engine;
 pub mod money;
 pub mod rules;
+pub mod worker;

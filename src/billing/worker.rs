@@ -1,0 +1,25 @@
+//! The billing loop: a run at start-up, then every `BILLING_INTERVAL`.
+
+use super::engine;
+use crate::config::Settings;
+use chrono::Utc;
+use deadpool_postgres::Pool;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Bills until `cancel` fires; a run in progress is finished first (each project is
+/// its own transaction, so stopping between runs loses nothing).
+pub async fn run(pool: Pool, settings: Arc<Settings>, cancel: CancellationToken) {
+    let mut ticker = tokio::time::interval(settings.billing_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        if let Err(e) = engine::run(&pool, &settings, Utc::now()).await {
+            tracing::error!(error = %format!("{e:#}"), "billing run failed; retrying next interval");
+        }
+    }
+    tracing::info!("billing stopped");
+}
