@@ -7,7 +7,7 @@
 //! Sizes can be lowered for a quick look: BENCH_SERIES, BENCH_SCRAPES, BENCH_BIG_SERIES.
 
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
-use os_credits::config::{DatabaseSettings, ScrapeTarget, Secret, Settings, TargetAuth};
+use os_credits::config::{ScrapeTarget, Settings, TargetAuth};
 use os_credits::demo_exporter::{self, DemoConfig};
 use os_credits::scrape::{self, ingest};
 use os_credits::store::samples::{write_rows, SampleRow};
@@ -15,6 +15,10 @@ use os_credits::store::series::SeriesCache;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+#[path = "support/mod.rs"]
+mod support;
+use support::BenchDb;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -28,8 +32,8 @@ async fn main() -> anyhow::Result<()> {
     let series = env_usize("BENCH_SERIES", 100_000);
     let scrapes = env_usize("BENCH_SCRAPES", 10);
     let big_series = env_usize("BENCH_BIG_SERIES", 200_000);
-    let database = BenchDb::create().await?;
-    let pool = os_credits::store::pool(&database.settings)?;
+    let database = BenchDb::create("ingest").await?;
+    let pool = database.pool()?;
     let mut client = pool.get().await?;
     os_credits::store::migrations::run(&mut client).await?;
     drop(client);
@@ -56,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings::from_vars(Vec::<(String, String)>::new())?;
     let ctx = Arc::new(ingest::IngestContext::new(&settings, BTreeMap::new()));
     let cache = SeriesCache::default();
-    checkpoint(&pool).await?;
+    support::checkpoint(&pool).await?;
     let clock = Instant::now();
     let mut stored = 0;
     let mut first_scrape = Duration::ZERO;
@@ -94,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     drop(client);
-    checkpoint(&pool).await?;
+    support::checkpoint(&pool).await?;
     let clock = Instant::now();
     for batch in &batches {
         let mut client = pool.get().await?;
@@ -176,81 +180,8 @@ async fn main() -> anyhow::Result<()> {
             bytes as f64 / 1e6
         );
     }
-    println!("peak memory (VmHWM):      {}", peak_memory());
+    println!("peak memory (VmHWM):      {}", support::peak_memory());
     drop(pool);
     database.drop_database().await?;
     Ok(())
-}
-
-async fn checkpoint(pool: &deadpool_postgres::Pool) -> anyhow::Result<()> {
-    // Best effort: a checkpoint needs superuser-like rights, which the bench user may lack.
-    let _ = pool.get().await?.batch_execute("CHECKPOINT").await;
-    Ok(())
-}
-
-fn peak_memory() -> String {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM"))
-                .map(|l| l.trim_start_matches("VmHWM:").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
-struct BenchDb {
-    settings: DatabaseSettings,
-}
-
-impl BenchDb {
-    async fn create() -> anyhow::Result<Self> {
-        let var =
-            |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
-        let settings = DatabaseSettings {
-            host: var("TEST_POSTGRES_HOST", "127.0.0.1"),
-            port: var("TEST_POSTGRES_PORT", "5432").parse()?,
-            user: var("TEST_POSTGRES_USER", "postgres"),
-            password: Secret::new(var("TEST_POSTGRES_PASSWORD", "")),
-            database: format!("osc_bench_{}", std::process::id()),
-            pool_size: 4,
-        };
-        let admin = Self::admin(&settings).await?;
-        admin
-            .batch_execute(&format!("CREATE DATABASE {}", settings.database))
-            .await?;
-        Ok(Self { settings })
-    }
-
-    async fn admin(settings: &DatabaseSettings) -> anyhow::Result<tokio_postgres::Client> {
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host(&settings.host)
-            .port(settings.port)
-            .user(&settings.user)
-            .dbname("postgres");
-        if !settings.password.is_empty() {
-            config.password(settings.password.expose());
-        }
-        let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(|e| {
-            anyhow::anyhow!(
-                "no PostgreSQL at {}:{} ({e}); run `make bench`, which starts one",
-                settings.host,
-                settings.port
-            )
-        })?;
-        tokio::spawn(connection);
-        Ok(client)
-    }
-
-    async fn drop_database(self) -> anyhow::Result<()> {
-        Self::admin(&self.settings)
-            .await?
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.settings.database
-            ))
-            .await?;
-        Ok(())
-    }
 }

@@ -13,12 +13,12 @@ use crate::config::Settings;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
+use deadpool_postgres::Transaction;
 use futures::StreamExt;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Instant;
-use tokio_postgres::Transaction;
 
 /// What one billing run did.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -57,6 +57,10 @@ pub struct ProjectBilled {
     pub used: Decimal,
 }
 
+/// Projects billed per transaction: one set of statements serves them all, while
+/// each project's writes are still all or nothing.
+const BATCH: usize = 256;
+
 /// Bills every project once, up to the newest stored sample not after `now`.
 #[tracing::instrument(skip_all, err)]
 pub async fn run(
@@ -84,24 +88,40 @@ pub async fn run(
         started_at: Some(now),
         ..BillingSummary::default()
     };
-    let mut results = futures::stream::iter(projects)
-        .map(|project| async move {
-            let result = bill_project(pool, &settings.rules, &project, now).await;
-            (project, result)
+    // Batch indices, not slices: a closure over borrowed items is not general enough
+    // for the spawned billing loop.
+    let projects = &projects;
+    let mut batches = futures::stream::iter(0..projects.len().div_ceil(BATCH))
+        .map(|batch| async move {
+            let names = &projects[batch * BATCH..((batch + 1) * BATCH).min(projects.len())];
+            (
+                names,
+                bill_projects(pool, &settings.rules, names, now).await,
+            )
         })
         .buffer_unordered(settings.workers);
-    while let Some((project, result)) = results.next().await {
-        match result {
-            Ok(Some(billed)) => {
-                summary.projects_billed += 1;
-                summary.samples_billed += billed.samples;
-                summary.ledger_rows += billed.ledger_rows;
-                summary.credits_billed += billed.credits;
-            }
-            Ok(None) => summary.projects_skipped += 1,
+    while let Some((names, result)) = batches.next().await {
+        let outcomes = match result {
+            Ok(outcomes) => outcomes,
             Err(e) => {
-                summary.projects_failed += 1;
-                tracing::error!(%project, error = %format!("{e:#}"), "billing the project failed; it is retried next run");
+                tracing::error!(projects = names.len(), error = %format!("{e:#}"), "billing a batch of projects failed; retried next run");
+                summary.projects_failed += names.len() as u64;
+                continue;
+            }
+        };
+        for (project, outcome) in outcomes {
+            match outcome {
+                Outcome::Billed(billed) => {
+                    summary.projects_billed += 1;
+                    summary.samples_billed += billed.samples;
+                    summary.ledger_rows += billed.ledger_rows;
+                    summary.credits_billed += billed.credits;
+                }
+                Outcome::Skipped => summary.projects_skipped += 1,
+                Outcome::Failed(e) => {
+                    summary.projects_failed += 1;
+                    tracing::error!(%project, error = %format!("{e:#}"), "billing the project failed; it is retried next run");
+                }
             }
         }
     }
@@ -117,112 +137,182 @@ pub async fn run(
     Ok(summary)
 }
 
-/// Bills one project in one transaction; `None` when another replica holds it.
-#[tracing::instrument(skip(pool, rules, now), err)]
+/// How billing one project ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Committed.
+    Billed(ProjectBilled),
+    /// Another replica holds the project; it bills it.
+    Skipped,
+    /// Its usage could not be charged (logged); nothing of it was written.
+    Failed(anyhow::Error),
+}
+
+/// Bills one project; `None` when another replica holds it.
 pub async fn bill_project(
     pool: &Pool,
     rules: &Rules,
     project: &str,
     now: DateTime<Utc>,
 ) -> anyhow::Result<Option<ProjectBilled>> {
+    let mut outcomes = bill_projects(pool, rules, &[project.to_owned()], now).await?;
+    match outcomes.pop().map(|(_, outcome)| outcome) {
+        Some(Outcome::Billed(billed)) => Ok(Some(billed)),
+        Some(Outcome::Failed(e)) => Err(e),
+        Some(Outcome::Skipped) | None => Ok(None),
+    }
+}
+
+/// Bills the given projects in one transaction: locks those no other replica holds,
+/// charges each one's new samples in memory, then writes everything in a few
+/// statements and commits.
+#[tracing::instrument(skip_all, fields(projects = names.len()), err)]
+pub async fn bill_projects(
+    pool: &Pool,
+    rules: &Rules,
+    names: &[String],
+    now: DateTime<Utc>,
+) -> anyhow::Result<Vec<(String, Outcome)>> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
-    let Some(row) = tx
-        .query_opt(
-            "SELECT granted_credits, used_credits FROM projects WHERE name = $1 FOR UPDATE SKIP LOCKED",
-            &[&project],
+    let locked = tx
+        .query(
+            &tx.prepare_cached(
+                "SELECT name, granted_credits, used_credits FROM projects
+                 WHERE name = ANY($1::text[]) ORDER BY name FOR UPDATE SKIP LOCKED",
+            )
+            .await?,
+            &[&names],
         )
         .await
-        .context("locking the project")?
-    else {
-        return Ok(None);
-    };
-    let granted: Decimal = row.get(0);
-    let used_before: Decimal = row.get(1);
+        .context("locking projects")?;
+    let mut writes: BTreeMap<String, Writes> = locked
+        .iter()
+        .map(|r| (r.get::<_, String>(0), Writes::new(r.get(1), r.get(2))))
+        .collect();
+    let locked_names: Vec<&str> = writes.keys().map(String::as_str).collect();
     let metrics: Vec<&str> = rules.iter().map(|r| r.metric.as_str()).collect();
     let series = tx
         .query(
-            "SELECT s.id, s.metric, s.labels, c.last_time, c.last_value
-             FROM series s LEFT JOIN billing_cursors c ON c.series_id = s.id
-             WHERE s.project = $1 AND s.metric = ANY($2::text[])
-             ORDER BY s.id",
-            &[&project, &metrics],
+            &tx.prepare_cached(
+                "SELECT s.id, s.metric, s.labels, c.last_time, c.last_value, s.project
+                 FROM series s LEFT JOIN billing_cursors c ON c.series_id = s.id
+                 WHERE s.project = ANY($1::text[]) AND s.metric = ANY($2::text[])
+                 ORDER BY s.id",
+            )
+            .await?,
+            &[&locked_names, &metrics],
         )
         .await
-        .context("reading the project's series")?;
+        .context("reading the projects' series")?;
     let ids: Vec<i64> = series.iter().map(|r| r.get(0)).collect();
     let after: Vec<Option<DateTime<Utc>>> = series.iter().map(|r| r.get(3)).collect();
     let samples = tx
         .query(
-            "SELECT u.series_id, u.time, u.value
-             FROM unnest($1::bigint[], $2::timestamptz[]) AS c(series_id, after)
-             JOIN usage_samples u ON u.series_id = c.series_id
-              AND u.time > coalesce(c.after, '-infinity') AND u.time <= $3
-             ORDER BY u.series_id, u.time",
+            &tx.prepare_cached(
+                "SELECT u.series_id, u.time, u.value
+                 FROM unnest($1::bigint[], $2::timestamptz[]) AS c(series_id, after)
+                 JOIN usage_samples u ON u.series_id = c.series_id
+                  AND u.time > coalesce(c.after, '-infinity') AND u.time <= $3
+                 ORDER BY u.series_id, u.time",
+            )
+            .await?,
             &[&ids, &after, &now],
         )
         .await
         .context("reading unbilled samples")?;
 
-    let mut writes = Writes::new(project, granted, used_before);
+    let mut failed: BTreeMap<String, anyhow::Error> = BTreeMap::new();
     let mut next = 0;
     for row in &series {
         let series_id: i64 = row.get(0);
-        let metric: String = row.get(1);
-        let Some(rule) = rules.get(&metric) else {
-            continue;
-        };
         let start = next;
         while next < samples.len() && samples[next].get::<_, i64>(0) == series_id {
             next += 1;
         }
-        if start == next {
+        let project: String = row.get(5);
+        if start == next || failed.contains_key(&project) {
             continue;
         }
-        let points = samples[start..next]
-            .iter()
-            .map(|s| {
-                let value: f64 = s.get(2);
-                Ok(Point {
-                    time: s.get(1),
-                    value: exact(value)
-                        .with_context(|| format!("sample value {value} of series {series_id}"))?,
-                })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let labels: BTreeMap<String, String> =
-            serde_json::from_value(row.get::<_, serde_json::Value>(2)).context("series labels")?;
-        let cursor = match (
-            row.get::<_, Option<DateTime<Utc>>>(3),
-            row.get::<_, Option<Decimal>>(4),
-        ) {
-            (Some(time), Some(value)) => Some(Point { time, value }),
-            _ => None,
+        let Some(project_writes) = writes.get_mut(&project) else {
+            continue;
         };
-        let charged = charge::charge_series(rule, &labels, cursor, &points)?;
-        writes.samples += points.len() as u64;
-        for line in charge::summarize(&rule.metric, &charged.steps)? {
-            writes.usage(&metric, line)?;
-        }
-        for decrease in charged.decreases {
-            writes.decreases.push((
-                series_id,
-                decrease.time,
-                decrease.from_value,
-                decrease.to_value,
-                decrease.policy,
-            ));
-        }
-        for gap in charged.gaps {
-            writes.gaps.push((series_id, gap.from, gap.to));
-        }
-        if let Some(cursor) = charged.new_cursor {
-            writes.cursors.push((series_id, cursor.time, cursor.value));
+        if let Err(e) = charge_into(project_writes, rules, row, &samples[start..next]) {
+            failed.insert(project, e.context(format!("series {series_id}")));
         }
     }
-    let billed = writes.apply(&tx).await?;
+    let mut outcomes: Vec<(String, Outcome)> = names
+        .iter()
+        .filter(|name| !writes.contains_key(*name))
+        .map(|name| (name.clone(), Outcome::Skipped))
+        .collect();
+    for (project, error) in failed {
+        writes.remove(&project);
+        outcomes.push((project, Outcome::Failed(error)));
+    }
+    apply(&tx, &writes).await?;
     tx.commit().await.context("committing the billing run")?;
-    Ok(Some(billed))
+    outcomes.extend(writes.into_iter().map(|(project, w)| {
+        let billed = ProjectBilled {
+            samples: w.samples,
+            ledger_rows: w.ledger.len() as u64,
+            credits: w.credits,
+            granted: w.granted,
+            used: w.used,
+        };
+        (project, Outcome::Billed(billed))
+    }));
+    Ok(outcomes)
+}
+
+/// Charges one series' new samples into its project's writes.
+fn charge_into(
+    writes: &mut Writes,
+    rules: &Rules,
+    series: &tokio_postgres::Row,
+    samples: &[tokio_postgres::Row],
+) -> anyhow::Result<()> {
+    let series_id: i64 = series.get(0);
+    let metric: String = series.get(1);
+    let Some(rule) = rules.get(&metric) else {
+        return Ok(());
+    };
+    let points = samples
+        .iter()
+        .map(|s| {
+            let value: f64 = s.get(2);
+            Ok(Point {
+                time: s.get(1),
+                value: exact(value).with_context(|| format!("sample value {value}"))?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let labels: BTreeMap<String, String> =
+        serde_json::from_value(series.get::<_, serde_json::Value>(2)).context("series labels")?;
+    let cursor = match (
+        series.get::<_, Option<DateTime<Utc>>>(3),
+        series.get::<_, Option<Decimal>>(4),
+    ) {
+        (Some(time), Some(value)) => Some(Point { time, value }),
+        _ => None,
+    };
+    let charged = charge::charge_series(rule, &labels, cursor, &points)?;
+    writes.samples += points.len() as u64;
+    for line in charge::summarize(&rule.metric, &charged.steps)? {
+        writes.usage(&metric, line)?;
+    }
+    for d in charged.decreases {
+        writes
+            .decreases
+            .push((series_id, d.time, d.from_value, d.to_value, d.policy));
+    }
+    for gap in charged.gaps {
+        writes.gaps.push((series_id, gap.from, gap.to));
+    }
+    if let Some(cursor) = charged.new_cursor {
+        writes.cursors.push((series_id, cursor.time, cursor.value));
+    }
+    Ok(())
 }
 
 /// Converts a stored sample value to an exact decimal; magnitudes below what a
@@ -235,10 +325,8 @@ fn exact(value: f64) -> anyhow::Result<Decimal> {
     }
 }
 
-/// Everything one project's run writes, collected first and written in a few
-/// statements.
-struct Writes<'a> {
-    project: &'a str,
+/// Everything one project's run writes, collected before anything is written.
+struct Writes {
     granted: Decimal,
     used: Decimal,
     credits: Decimal,
@@ -251,10 +339,9 @@ struct Writes<'a> {
     cursors: Vec<(i64, DateTime<Utc>, Decimal)>,
 }
 
-impl<'a> Writes<'a> {
-    fn new(project: &'a str, granted: Decimal, used: Decimal) -> Self {
+impl Writes {
+    fn new(granted: Decimal, used: Decimal) -> Self {
         Self {
-            project,
             granted,
             used,
             credits: Decimal::ZERO,
@@ -282,96 +369,138 @@ impl<'a> Writes<'a> {
         self.ledger.push(line);
         Ok(())
     }
+}
 
-    async fn apply(self, tx: &Transaction<'_>) -> anyhow::Result<ProjectBilled> {
-        if !self.ledger.is_empty() {
-            let times: Vec<DateTime<Utc>> = self.ledger.iter().map(|l| l.to).collect();
-            let froms: Vec<DateTime<Utc>> = self.ledger.iter().map(|l| l.from).collect();
-            let quantities: Vec<Decimal> = self.ledger.iter().map(|l| l.quantity).collect();
-            let prices: Vec<Decimal> = self.ledger.iter().map(|l| l.price).collect();
-            let amounts: Vec<Decimal> = self.ledger.iter().map(|l| l.amount).collect();
-            tx.execute(
+/// Writes every project's ledger rows, decreases, gaps, cursors and totals.
+async fn apply(tx: &Transaction<'_>, writes: &BTreeMap<String, Writes>) -> anyhow::Result<()> {
+    let mut ledger = LedgerColumns::default();
+    let (mut decreases, mut gaps, mut cursors) = (Vec::new(), Vec::new(), Vec::new());
+    for (project, w) in writes {
+        for (i, line) in w.ledger.iter().enumerate() {
+            ledger.project.push(project.as_str());
+            ledger.time.push(line.to);
+            ledger.metric.push(w.ledger_metrics[i].as_str());
+            ledger.from.push(line.from);
+            ledger.quantity.push(line.quantity);
+            ledger.price.push(line.price);
+            ledger.amount.push(line.amount);
+            ledger.used_after.push(w.ledger_used_after[i]);
+            ledger.granted_after.push(w.granted);
+        }
+        decreases.extend(w.decreases.iter().cloned());
+        gaps.extend(w.gaps.iter().cloned());
+        cursors.extend(w.cursors.iter().cloned());
+    }
+    if !ledger.project.is_empty() {
+        tx.execute(
+            &tx.prepare_cached(
                 "INSERT INTO ledger (project, time, kind, metric, usage_from, quantity, price,
                                      used_delta, used_after, granted_after)
-                 SELECT $1, t, 'usage', m, f, q, p, a, u, $2
-                 FROM unnest($3::timestamptz[], $4::text[], $5::timestamptz[], $6::numeric[],
-                             $7::numeric[], $8::numeric[], $9::numeric[]) AS x(t, m, f, q, p, a, u)",
-                &[
-                    &self.project,
-                    &self.granted,
-                    &times,
-                    &self.ledger_metrics,
-                    &froms,
-                    &quantities,
-                    &prices,
-                    &amounts,
-                    &self.ledger_used_after,
-                ],
+                 SELECT p, t, 'usage', m, f, q, pr, a, u, g
+                 FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::timestamptz[], $5::numeric[],
+                             $6::numeric[], $7::numeric[], $8::numeric[], $9::numeric[])
+                      AS x(p, t, m, f, q, pr, a, u, g)",
             )
-            .await
-            .context("writing usage ledger rows")?;
-        }
-        if !self.decreases.is_empty() {
-            let ids: Vec<i64> = self.decreases.iter().map(|d| d.0).collect();
-            let times: Vec<DateTime<Utc>> = self.decreases.iter().map(|d| d.1).collect();
-            let froms: Vec<Decimal> = self.decreases.iter().map(|d| d.2).collect();
-            let tos: Vec<Decimal> = self.decreases.iter().map(|d| d.3).collect();
-            let policies: Vec<&str> = self
-                .decreases
-                .iter()
-                .map(|d| match d.4 {
-                    DecreasePolicy::Rebase => "rebase",
-                    DecreasePolicy::Restart => "restart",
-                })
-                .collect();
-            tx.execute(
+            .await?,
+            &[
+                &ledger.project,
+                &ledger.time,
+                &ledger.metric,
+                &ledger.from,
+                &ledger.quantity,
+                &ledger.price,
+                &ledger.amount,
+                &ledger.used_after,
+                &ledger.granted_after,
+            ],
+        )
+        .await
+        .context("writing usage ledger rows")?;
+    }
+    if !decreases.is_empty() {
+        let ids: Vec<i64> = decreases.iter().map(|d| d.0).collect();
+        let times: Vec<DateTime<Utc>> = decreases.iter().map(|d| d.1).collect();
+        let froms: Vec<Decimal> = decreases.iter().map(|d| d.2).collect();
+        let tos: Vec<Decimal> = decreases.iter().map(|d| d.3).collect();
+        let policies: Vec<&str> = decreases
+            .iter()
+            .map(|d| match d.4 {
+                DecreasePolicy::Rebase => "rebase",
+                DecreasePolicy::Restart => "restart",
+            })
+            .collect();
+        tx.execute(
+            &tx.prepare_cached(
                 "INSERT INTO counter_decreases (series_id, time, from_value, to_value, policy)
                  SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::numeric[], $4::numeric[], $5::text[])
                  ON CONFLICT DO NOTHING",
-                &[&ids, &times, &froms, &tos, &policies],
             )
-            .await
-            .context("recording counter decreases")?;
-        }
-        if !self.gaps.is_empty() {
-            let ids: Vec<i64> = self.gaps.iter().map(|g| g.0).collect();
-            let froms: Vec<DateTime<Utc>> = self.gaps.iter().map(|g| g.1).collect();
-            let tos: Vec<DateTime<Utc>> = self.gaps.iter().map(|g| g.2).collect();
-            tx.execute(
+            .await?,
+            &[&ids, &times, &froms, &tos, &policies],
+        )
+        .await
+        .context("recording counter decreases")?;
+    }
+    if !gaps.is_empty() {
+        let ids: Vec<i64> = gaps.iter().map(|g| g.0).collect();
+        let froms: Vec<DateTime<Utc>> = gaps.iter().map(|g| g.1).collect();
+        let tos: Vec<DateTime<Utc>> = gaps.iter().map(|g| g.2).collect();
+        tx.execute(
+            &tx.prepare_cached(
                 "INSERT INTO unbilled_gaps (series_id, from_time, to_time)
                  SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::timestamptz[])
                  ON CONFLICT DO NOTHING",
-                &[&ids, &froms, &tos],
             )
-            .await
-            .context("recording unbilled gaps")?;
-        }
-        if !self.cursors.is_empty() {
-            let ids: Vec<i64> = self.cursors.iter().map(|c| c.0).collect();
-            let times: Vec<DateTime<Utc>> = self.cursors.iter().map(|c| c.1).collect();
-            let values: Vec<Decimal> = self.cursors.iter().map(|c| c.2).collect();
-            tx.execute(
+            .await?,
+            &[&ids, &froms, &tos],
+        )
+        .await
+        .context("recording unbilled gaps")?;
+    }
+    if !cursors.is_empty() {
+        let ids: Vec<i64> = cursors.iter().map(|c| c.0).collect();
+        let times: Vec<DateTime<Utc>> = cursors.iter().map(|c| c.1).collect();
+        let values: Vec<Decimal> = cursors.iter().map(|c| c.2).collect();
+        tx.execute(
+            &tx.prepare_cached(
                 "INSERT INTO billing_cursors (series_id, last_time, last_value)
                  SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::numeric[])
                  ON CONFLICT (series_id) DO UPDATE
                  SET last_time = EXCLUDED.last_time, last_value = EXCLUDED.last_value, updated_at = now()",
-                &[&ids, &times, &values],
             )
-            .await
-            .context("advancing billing cursors")?;
-        }
-        tx.execute(
-            "UPDATE projects SET used_credits = $2, last_billed_at = now() WHERE name = $1",
-            &[&self.project, &self.used],
+            .await?,
+            &[&ids, &times, &values],
         )
         .await
-        .context("updating the project balance")?;
-        Ok(ProjectBilled {
-            samples: self.samples,
-            ledger_rows: self.ledger.len() as u64,
-            credits: self.credits,
-            granted: self.granted,
-            used: self.used,
-        })
+        .context("advancing billing cursors")?;
     }
+    if !writes.is_empty() {
+        let names: Vec<&str> = writes.keys().map(String::as_str).collect();
+        let used: Vec<Decimal> = writes.values().map(|w| w.used).collect();
+        tx.execute(
+            &tx.prepare_cached(
+                "UPDATE projects SET used_credits = x.used, last_billed_at = now()
+                 FROM unnest($1::text[], $2::numeric[]) AS x(name, used) WHERE projects.name = x.name",
+            )
+            .await?,
+            &[&names, &used],
+        )
+        .await
+        .context("updating project balances")?;
+    }
+    Ok(())
+}
+
+/// Column arrays of the usage ledger rows of one batch.
+#[derive(Default)]
+struct LedgerColumns<'a> {
+    project: Vec<&'a str>,
+    time: Vec<DateTime<Utc>>,
+    metric: Vec<&'a str>,
+    from: Vec<DateTime<Utc>>,
+    quantity: Vec<Decimal>,
+    price: Vec<Decimal>,
+    amount: Vec<Decimal>,
+    used_after: Vec<Decimal>,
+    granted_after: Vec<Decimal>,
 }
