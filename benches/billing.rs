@@ -17,14 +17,7 @@ use os_credits::billing::engine;
 use os_credits::config::Settings;
 use os_credits::startup::Application;
 use std::time::{Duration, Instant};
-use support::{percentile, BenchDb};
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use support::{env_num, percentile, BenchDb};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

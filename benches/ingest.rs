@@ -18,20 +18,13 @@ use std::time::{Duration, Instant};
 
 #[path = "support/mod.rs"]
 mod support;
-use support::BenchDb;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use support::{env_num, BenchDb};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let series = env_usize("BENCH_SERIES", 100_000);
-    let scrapes = env_usize("BENCH_SCRAPES", 10);
-    let big_series = env_usize("BENCH_BIG_SERIES", 200_000);
+    let series = env_num("BENCH_SERIES", 100_000) as usize;
+    let scrapes = env_num("BENCH_SCRAPES", 10) as usize;
+    let big_series = env_num("BENCH_BIG_SERIES", 200_000) as usize;
     let database = BenchDb::create("ingest").await?;
     let pool = database.pool()?;
     let mut client = pool.get().await?;

@@ -522,3 +522,79 @@ async fn a_service_killed_while_billing_loses_nothing_and_bills_nothing_twice() 
         "no ledger row twice"
     );
 }
+
+#[tokio::test]
+async fn grants_are_fetched_from_the_portal_with_its_key_and_written_to_the_ledger() {
+    let portal =
+        common::exporter::FixtureExporter::start(common::exporter::Answer::ok("1500.50\n")).await;
+    let base = portal.url.trim_end_matches("/metrics").to_owned();
+    let app = spawn_app(&[]).await;
+    seed(
+        &app,
+        "project_vcpu_usage",
+        &[("project_name", "Portal Project")],
+        &[(0, 0.0)],
+    )
+    .await;
+    let settings = settings_for(
+        &app,
+        &[
+            ("API_CONTACT_BASE_URL", &base),
+            ("API_CONTACT_KEY", "portal-key"),
+        ],
+    );
+    let http = reqwest::Client::new();
+
+    let first = os_credits::billing::portal::sync_grants(&app.app_pool, &settings, &http)
+        .await
+        .expect("sync");
+    let second = os_credits::billing::portal::sync_grants(&app.app_pool, &settings, &http)
+        .await
+        .expect("sync");
+
+    assert_eq!((first.changed, first.failed), (1, 0));
+    assert_eq!(
+        (second.changed, second.unchanged),
+        (0, 1),
+        "an unchanged grant writes nothing"
+    );
+    let granted: Decimal = app
+        .db
+        .connect()
+        .await
+        .query_one(
+            "SELECT granted_credits FROM projects WHERE name = 'Portal Project'",
+            &[],
+        )
+        .await
+        .expect("project")
+        .get(0);
+    assert_eq!(granted, dec("1500.50"));
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM ledger WHERE kind = 'grant'").await,
+        1
+    );
+    let request = portal.requests.lock().expect("lock")[0].clone();
+    assert!(
+        request.starts_with("GET /secure/granted-credits/?project_name=Portal+Project "),
+        "old service's path and query: {request}"
+    );
+    assert!(
+        request
+            .to_ascii_lowercase()
+            .contains("x-api-key: portal-key"),
+        "{request}"
+    );
+
+    portal.set(common::exporter::Answer {
+        status: 500,
+        ..common::exporter::Answer::ok("oops")
+    });
+    let failing = os_credits::billing::portal::sync_grants(&app.app_pool, &settings, &http)
+        .await
+        .expect("sync");
+    assert_eq!(
+        failing.failed, 1,
+        "a failing portal is counted and retried next run, the grant stays"
+    );
+}

@@ -5,6 +5,14 @@
 use os_credits::config::{DatabaseSettings, Secret};
 use std::time::Duration;
 
+/// A size from the environment (to shrink a bench), or its default.
+pub fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Peak resident memory of this process.
 pub fn peak_memory() -> String {
     std::fs::read_to_string("/proc/self/status")

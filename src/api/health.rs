@@ -24,6 +24,10 @@ struct Database {
 
 /// 200 with `status` `ok` (or `degraded` when a target's last scrape failed) while
 /// the database answers; 503 with `unavailable` when it does not.
+#[utoipa::path(get, path = "/health", tag = "service",
+    responses(
+        (status = 200, description = "The database answers: status ok or degraded, storage mode, per-target scrape status", body = Object),
+        (status = 503, description = "The database does not answer", body = Object)))]
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let probe = tokio::time::timeout(Duration::from_secs(3), async {
         let client = state.pool.get().await?;

@@ -1,7 +1,14 @@
 //! HTTP API (actix-web): routes per resource, errors as JSON.
 
+mod auth;
+mod billing_run;
+mod credits;
 mod errors;
 mod health;
+mod history;
+mod input;
+mod openapi;
+mod projects;
 
 pub use errors::ApiError;
 
@@ -47,6 +54,16 @@ impl AppState {
     }
 }
 
+impl AppState {
+    /// A pooled database connection; 503 when none can be had.
+    pub async fn client(&self) -> Result<deadpool_postgres::Client, ApiError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| ApiError::Unavailable(anyhow::Error::new(e).context("database pool")))
+    }
+}
+
 /// Builds the HTTP server on a bound listener. Signals are handled by the caller.
 pub fn server(state: AppState, listener: TcpListener) -> std::io::Result<actix_web::dev::Server> {
     let data = web::Data::new(state);
@@ -64,13 +81,41 @@ pub fn server(state: AppState, listener: TcpListener) -> std::io::Result<actix_w
     Ok(server)
 }
 
-/// Every route.
+/// Every route, with body, query and path errors answered as JSON.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/ping", web::get().to(ping))
-        .route("/health", web::get().to(health::health));
+    cfg.app_data(input::json_config())
+        .app_data(input::payload_config())
+        .app_data(input::query_config())
+        .app_data(input::path_config())
+        .service(resource("/ping").get(ping))
+        .service(resource("/health").get(health::health))
+        .service(resource("/api/metrics").get(credits::metrics))
+        .service(resource("/api/costs_per_hour").post(credits::costs_per_hour))
+        .service(resource("/api/current_credits/{project_name}").get(credits::current_credits))
+        .service(resource("/api/credits_history/{project_name}").get(history::credits_history))
+        .service(resource("/api/rules").get(credits::rules))
+        .service(resource("/api/projects").get(projects::list))
+        .service(resource("/api/projects/{project_name}").get(projects::detail))
+        .service(resource("/api/projects/{project_name}/grant").put(projects::grant))
+        .service(resource("/api/projects/{project_name}/adjustments").post(projects::adjust))
+        .service(resource("/api/billing/run").post(billing_run::run))
+        .configure(openapi::routes);
+}
+
+/// A path whose other methods answer a JSON 405.
+fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(method_not_allowed))
+}
+
+async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed(
+        "method not allowed on this endpoint".into(),
+    ))
 }
 
 /// `GET /ping` → `Pong`, as the old service (also the container health check).
+#[utoipa::path(get, path = "/ping", tag = "service",
+    responses((status = 200, description = "The service is up", body = String, content_type = "text/plain", example = "Pong")))]
 async fn ping() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; charset=utf-8")

@@ -1,5 +1,7 @@
-//! The billing run: for each project, ONE transaction writes the usage ledger rows,
-//! the new used total, the advanced cursors and the recorded decreases and gaps.
+//! The billing run. Each project's usage ledger rows, new used total, advanced
+//! cursors and recorded decreases and gaps commit in ONE transaction (projects are
+//! batched, several per transaction, to save round trips; a project whose usage
+//! cannot be charged is left out of the batch whole).
 //!
 //! A crash anywhere leaves all or nothing of a project's run, so usage is billed
 //! exactly once; after downtime the next run bills the whole gap from the stored
@@ -69,21 +71,7 @@ pub async fn run(
     now: DateTime<Utc>,
 ) -> anyhow::Result<BillingSummary> {
     let clock = Instant::now();
-    let projects: Vec<String> = pool
-        .get()
-        .await?
-        .query("SELECT name FROM projects ORDER BY name", &[])
-        .await
-        .context("listing projects")?
-        .iter()
-        .map(|row| row.get(0))
-        .filter(|name: &String| {
-            settings
-                .project_whitelist
-                .as_ref()
-                .is_none_or(|w| w.contains(name))
-        })
-        .collect();
+    let projects = project_names(pool, settings).await?;
     let mut summary = BillingSummary {
         started_at: Some(now),
         ..BillingSummary::default()
@@ -135,6 +123,25 @@ pub async fn run(
         "billing run done"
     );
     Ok(summary)
+}
+
+/// Every project billing looks at, by name: all, or the whitelisted ones.
+pub async fn project_names(pool: &Pool, settings: &Settings) -> anyhow::Result<Vec<String>> {
+    Ok(pool
+        .get()
+        .await?
+        .query("SELECT name FROM projects ORDER BY name", &[])
+        .await
+        .context("listing projects")?
+        .iter()
+        .map(|row| row.get::<_, String>(0))
+        .filter(|name| {
+            settings
+                .project_whitelist
+                .as_ref()
+                .is_none_or(|w| w.contains(name))
+        })
+        .collect())
 }
 
 /// How billing one project ended.

@@ -4,8 +4,10 @@
 //! turns one series' new samples into charges, decreases and gaps, and [`money`]
 //! converts floats exactly and rounds totals.
 
+pub mod account;
 pub mod charge;
 pub mod engine;
 pub mod money;
+pub mod portal;
 pub mod rules;
 pub mod worker;

@@ -1,6 +1,7 @@
-//! The billing loop: a run at start-up, then every `BILLING_INTERVAL`.
+//! The billing loop: a run at start-up, then every `BILLING_INTERVAL`; each run first
+//! fetches grants from the portal when `API_CONTACT_BASE_URL` is set.
 
-use super::engine;
+use super::{engine, portal};
 use crate::config::Settings;
 use chrono::Utc;
 use deadpool_postgres::Pool;
@@ -10,12 +11,26 @@ use tokio_util::sync::CancellationToken;
 /// Bills until `cancel` fires; a run in progress is finished first (each project is
 /// its own transaction, so stopping between runs loses nothing).
 pub async fn run(pool: Pool, settings: Arc<Settings>, cancel: CancellationToken) {
+    let http = reqwest::Client::new();
     let mut ticker = tokio::time::interval(settings.billing_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = ticker.tick() => {}
+        }
+        match portal::sync_grants(&pool, &settings, &http).await {
+            Ok(synced) if synced.changed + synced.failed > 0 => {
+                tracing::info!(
+                    changed = synced.changed,
+                    failed = synced.failed,
+                    "synced grants from the portal"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "could not sync grants from the portal")
+            }
         }
         if let Err(e) = engine::run(&pool, &settings, Utc::now()).await {
             tracing::error!(error = %format!("{e:#}"), "billing run failed; retrying next interval");

@@ -86,8 +86,9 @@ pub async fn storage_mode(client: &tokio_postgres::Client) -> anyhow::Result<Sto
     })
 }
 
-/// Keeps samples for `days` (0 keeps them all): a TimescaleDB retention policy, or on
-/// plain PostgreSQL a delete of older rows (called periodically by the scraper).
+/// Keeps samples for `days` (0 keeps them all): a TimescaleDB retention policy (it
+/// drops whole chunks: keep it well above any billing lag), or on plain PostgreSQL a
+/// delete of older, already billed rows (called hourly by the scraper).
 pub async fn apply_retention(
     client: &tokio_postgres::Client,
     mode: StorageMode,
@@ -116,7 +117,10 @@ pub async fn apply_retention(
         }
         StorageMode::Postgresql if days > 0 => client
             .execute(
-                "DELETE FROM usage_samples WHERE time < now() - make_interval(days => $1)",
+                // never a sample billing has not consumed yet
+                "DELETE FROM usage_samples u USING billing_cursors c
+                 WHERE u.series_id = c.series_id AND u.time < c.last_time
+                   AND u.time < now() - make_interval(days => $1)",
                 &[&days],
             )
             .await

@@ -1,0 +1,61 @@
+//! The OpenAPI description (`/api/openapi.json`), generated from the handlers'
+//! annotations, and the interactive page (`/api/doc`, Swagger UI served from the
+//! binary).
+
+use super::{billing_run, credits, errors, history, projects};
+use actix_web::{web, HttpResponse};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_swagger_ui::SwaggerUi;
+
+/// Every documented endpoint.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "os-credits",
+        description = "Per-project credit balances from Prometheus usage. The old service's endpoints keep its shapes (credits as JSON numbers); new endpoints show credits as exact decimal strings."
+    ),
+    paths(
+        super::ping,
+        super::health::health,
+        credits::metrics,
+        credits::costs_per_hour,
+        credits::current_credits,
+        history::credits_history,
+        credits::rules,
+        projects::list,
+        projects::detail,
+        projects::grant,
+        projects::adjust,
+        billing_run::run,
+    ),
+    components(schemas(errors::ErrorBody)),
+    modifiers(&ApiKeyScheme)
+)]
+struct ApiDoc;
+
+/// Declares the `X-API-KEY` header protected endpoints refer to as `api_key`.
+struct ApiKeyScheme;
+
+impl Modify for ApiKeyScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new(super::auth::HEADER))),
+        );
+    }
+}
+
+/// `/api/openapi.json`, `/api/doc/` and a redirect from `/api/doc`.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(SwaggerUi::new("/api/doc/{_:.*}").url("/api/openapi.json", ApiDoc::openapi()))
+        .route(
+            "/api/doc",
+            web::get().to(|| async {
+                HttpResponse::PermanentRedirect()
+                    .insert_header(("Location", "/api/doc/"))
+                    .finish()
+            }),
+        );
+}

@@ -1,0 +1,344 @@
+//! Projects: balances, the detail with burn rate and forecast, grants and manual
+//! adjustments. Credits are strings with the exact value rounded to the precision
+//! (`"12.30"`); times are RFC 3339 in UTC.
+
+use super::auth::ApiKey;
+use super::errors::ErrorBody;
+use super::input::{credits_text, decimal_from_json, ProjectName};
+use super::{ApiError, AppState};
+use crate::billing::account::{self, AdjustError, Balance};
+use crate::billing::money::round_credits;
+use actix_web::{web, HttpResponse};
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+/// Who grants and adjustments made through the API are booked to.
+const ACTOR: &str = "api";
+
+/// A project's totals; credits are exact values rounded to the precision.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ProjectView {
+    #[schema(example = "Alpha")]
+    name: String,
+    #[schema(example = "1000.00")]
+    granted_credits: String,
+    #[schema(example = "12.30")]
+    used_credits: String,
+    /// Granted − used; negative when more was used than granted.
+    #[schema(example = "987.70")]
+    remaining_credits: String,
+    /// When a billing run last committed for the project.
+    last_billed_at: Option<DateTime<Utc>>,
+}
+
+impl ProjectView {
+    fn new(balance: &Balance, precision: Decimal) -> Self {
+        Self {
+            name: balance.name.clone(),
+            granted_credits: credits_text(balance.granted, precision),
+            used_credits: credits_text(balance.used, precision),
+            remaining_credits: credits_text(balance.remaining(), precision),
+            last_billed_at: balance.last_billed_at,
+        }
+    }
+}
+
+/// `GET /api/projects` → every project's totals, by name.
+#[utoipa::path(get, path = "/api/projects", tag = "projects",
+    responses((status = 200, description = "Every project by name", body = Vec<ProjectView>)))]
+pub async fn list(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let client = state.client().await?;
+    let precision = state.settings.precision;
+    let projects: Vec<ProjectView> = account::balances(&client)
+        .await?
+        .iter()
+        .map(|b| ProjectView::new(b, precision))
+        .collect();
+    Ok(HttpResponse::Ok().json(projects))
+}
+
+/// A project's totals, burn rate, forecast and billing progress.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct DetailView {
+    #[serde(flatten)]
+    project: ProjectView,
+    created_at: DateTime<Utc>,
+    /// Usage credits per hour over the window, four places finer than the precision.
+    #[schema(example = "2.000000")]
+    burn_rate_per_hour: String,
+    /// `FORECAST_WINDOW_HOURS`.
+    #[schema(example = 24)]
+    burn_rate_window_hours: u64,
+    /// Now + remaining ÷ burn rate; now when nothing remains; null when nothing
+    /// burns or nothing was granted.
+    forecast_run_out_at: Option<DateTime<Utc>>,
+    /// Per metric, the newest billed sample.
+    metrics: Vec<MetricView>,
+    /// The latest 100 counter decreases, newest first.
+    counter_decreases: Vec<DecreaseView>,
+    /// The latest 100 unbilled gauge gaps, newest first.
+    unbilled_gaps: Vec<GapView>,
+}
+
+/// How far billing has come for one metric.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct MetricView {
+    metric: String,
+    friendly_name: Option<String>,
+    last_billed_sample_at: DateTime<Utc>,
+}
+
+/// A counter decrease recorded while billing.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct DecreaseView {
+    metric: String,
+    #[schema(value_type = Object)]
+    labels: serde_json::Value,
+    time: DateTime<Utc>,
+    from_value: String,
+    to_value: String,
+    /// `rebase` or `restart`.
+    policy: String,
+}
+
+/// A gauge step too long to bill.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct GapView {
+    metric: String,
+    #[schema(value_type = Object)]
+    labels: serde_json::Value,
+    from_time: DateTime<Utc>,
+    to_time: DateTime<Utc>,
+}
+
+/// `GET /api/projects/{project_name}` → totals, burn rate over `FORECAST_WINDOW_HOURS`,
+/// forecast run-out time, billing progress per metric, latest decreases and gaps.
+#[utoipa::path(get, path = "/api/projects/{project_name}", tag = "projects",
+    params(("project_name" = String, Path, description = "The project")),
+    responses(
+        (status = 200, description = "The project detail", body = DetailView),
+        (status = 400, description = "Blank or over 255 bytes", body = ErrorBody),
+        (status = 404, description = "Unknown project", body = ErrorBody)))]
+pub async fn detail(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let project = ProjectName::parse(path.into_inner())?;
+    let settings = &state.settings;
+    let window = chrono::Duration::from_std(settings.forecast_window)
+        .context("forecast window out of range")?;
+    let now = Utc::now();
+    let client = state.client().await?;
+    let detail = account::detail(&client, project.as_str(), window, now)
+        .await?
+        .ok_or_else(|| unknown(&project))?;
+    let balance = &detail.balance;
+    let burn_rate = account::burn_rate_per_hour(detail.charged_in_window, window);
+    let rate_quantum = settings.precision * Decimal::new(1, 4);
+    let view = DetailView {
+        project: ProjectView::new(balance, settings.precision),
+        created_at: balance.created_at,
+        burn_rate_per_hour: round_credits(burn_rate, rate_quantum).to_string(),
+        burn_rate_window_hours: settings.forecast_window.as_secs() / 3600,
+        forecast_run_out_at: account::run_out_at(
+            now,
+            balance.granted,
+            balance.remaining(),
+            burn_rate,
+        ),
+        metrics: detail
+            .cursors
+            .into_iter()
+            .map(|c| MetricView {
+                friendly_name: settings
+                    .rules
+                    .get(&c.metric)
+                    .and_then(|r| r.friendly_name.clone()),
+                metric: c.metric,
+                last_billed_sample_at: c.last_billed_sample_at,
+            })
+            .collect(),
+        counter_decreases: detail
+            .decreases
+            .into_iter()
+            .map(|d| DecreaseView {
+                metric: d.metric,
+                labels: d.labels,
+                time: d.time,
+                from_value: d.from_value.normalize().to_string(),
+                to_value: d.to_value.normalize().to_string(),
+                policy: d.policy,
+            })
+            .collect(),
+        unbilled_gaps: detail
+            .gaps
+            .into_iter()
+            .map(|g| GapView {
+                metric: g.metric,
+                labels: g.labels,
+                from_time: g.from_time,
+                to_time: g.to_time,
+            })
+            .collect(),
+    };
+    Ok(HttpResponse::Ok().json(view))
+}
+
+/// Body of `PUT /api/projects/{project_name}/grant`.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrantBody {
+    /// The new total grant: a number or a decimal string, zero or more, at most the
+    /// precision's decimal places.
+    #[schema(value_type = f64, example = 1000)]
+    granted_credits: serde_json::Value,
+    /// Why (optional), kept in the ledger.
+    reason: Option<String>,
+}
+
+/// `PUT /api/projects/{project_name}/grant` (API key) → sets the total grant,
+/// creating the project when needed; answers the project's totals.
+#[utoipa::path(put, path = "/api/projects/{project_name}/grant", tag = "projects",
+    params(("project_name" = String, Path, description = "The project")),
+    request_body = GrantBody,
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The grant is set (an unchanged grant writes no ledger row)", body = ProjectView),
+        (status = 400, description = "Not a number, negative, too many decimal places, unknown field", body = ErrorBody),
+        (status = 401, description = "No X-API-KEY", body = ErrorBody),
+        (status = 403, description = "Wrong X-API-KEY, or API_KEY not configured", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody)))]
+pub async fn grant(
+    _key: ApiKey,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    body: web::Json<GrantBody>,
+) -> Result<HttpResponse, ApiError> {
+    let project = ProjectName::parse(path.into_inner())?;
+    let precision = state.settings.precision;
+    let granted = amount(&body.granted_credits, "granted_credits", precision)?;
+    if granted.is_sign_negative() && !granted.is_zero() {
+        return Err(ApiError::BadRequest(
+            "granted_credits must not be negative".into(),
+        ));
+    }
+    let reason = body
+        .reason
+        .as_deref()
+        .map(str::trim)
+        .filter(|r| !r.is_empty());
+    let mut client = state.client().await?;
+    let tx = client
+        .transaction()
+        .await
+        .context("starting a transaction")?;
+    let outcome =
+        account::set_grant(&tx, project.as_str(), granted, reason, ACTOR, Utc::now()).await?;
+    tx.commit().await.context("committing the grant")?;
+    tracing::info!(
+        project = project.as_str(),
+        granted = %granted,
+        created = outcome.created,
+        changed = outcome.changed,
+        "grant set"
+    );
+    Ok(HttpResponse::Ok().json(ProjectView::new(&outcome.balance, precision)))
+}
+
+/// Body of `POST /api/projects/{project_name}/adjustments`.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdjustmentBody {
+    /// Change of used credits, non-zero, a decimal string or a number: positive
+    /// charges the project, negative gives credits back.
+    #[schema(value_type = String, example = "-5.00")]
+    credits: serde_json::Value,
+    /// Why; required, not blank.
+    #[schema(value_type = String, required = true, example = "outage refund")]
+    reason: Option<String>,
+}
+
+/// An adjustment as booked, with the project's new totals.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct AdjustmentView {
+    /// The ledger row.
+    id: i64,
+    time: DateTime<Utc>,
+    credits: String,
+    reason: String,
+    actor: &'static str,
+    project: ProjectView,
+}
+
+/// `POST /api/projects/{project_name}/adjustments` (API key) → 201 with the ledger
+/// row and the project's new totals.
+#[utoipa::path(post, path = "/api/projects/{project_name}/adjustments", tag = "projects",
+    params(("project_name" = String, Path, description = "The project")),
+    request_body = AdjustmentBody,
+    security(("api_key" = [])),
+    responses(
+        (status = 201, description = "Booked", body = AdjustmentView),
+        (status = 400, description = "Zero, not a number, too many decimal places, no reason", body = ErrorBody),
+        (status = 401, description = "No X-API-KEY", body = ErrorBody),
+        (status = 403, description = "Wrong X-API-KEY, or API_KEY not configured", body = ErrorBody),
+        (status = 404, description = "Unknown project", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody)))]
+pub async fn adjust(
+    _key: ApiKey,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+    body: web::Json<AdjustmentBody>,
+) -> Result<HttpResponse, ApiError> {
+    let project = ProjectName::parse(path.into_inner())?;
+    let precision = state.settings.precision;
+    let credits = amount(&body.credits, "credits", precision)?;
+    if credits.is_zero() {
+        return Err(ApiError::BadRequest("credits must not be zero".into()));
+    }
+    let reason = body
+        .reason
+        .as_deref()
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| ApiError::BadRequest("reason is required and must not be empty".into()))?;
+    let mut client = state.client().await?;
+    let tx = client
+        .transaction()
+        .await
+        .context("starting a transaction")?;
+    let adjustment = account::adjust(&tx, project.as_str(), credits, reason, ACTOR, Utc::now())
+        .await
+        .map_err(|e| match e {
+            AdjustError::UnknownProject(_) => unknown(&project),
+            AdjustError::Overflow => ApiError::BadRequest(e.to_string()),
+            AdjustError::Unexpected(e) => ApiError::Unexpected(e),
+        })?;
+    tx.commit().await.context("committing the adjustment")?;
+    tracing::info!(project = project.as_str(), credits = %credits, reason, "credits adjusted");
+    Ok(HttpResponse::Created().json(AdjustmentView {
+        id: adjustment.id,
+        time: adjustment.time,
+        credits: credits_text(adjustment.credits, precision),
+        reason: reason.to_owned(),
+        actor: ACTOR,
+        project: ProjectView::new(&adjustment.balance, precision),
+    }))
+}
+
+/// An amount of credits from a body: a decimal with at most the precision's places,
+/// so what is booked is what is shown.
+fn amount(value: &serde_json::Value, field: &str, precision: Decimal) -> Result<Decimal, ApiError> {
+    let amount = decimal_from_json(value, field)?;
+    if amount.scale() > precision.scale() {
+        return Err(ApiError::BadRequest(format!(
+            "{field} has more decimal places than OS_CREDITS_PRECISION ({precision}) allows"
+        )));
+    }
+    Ok(amount)
+}
+
+fn unknown(project: &ProjectName) -> ApiError {
+    ApiError::NotFound(format!("Unknown project {:?}", project.as_str()))
+}

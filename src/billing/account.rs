@@ -1,0 +1,539 @@
+//! Account operations on the database: project balances, grants, adjustments, the
+//! credits history and the burn-rate forecast.
+//!
+//! Plain functions over a client or a transaction; the caller owns the transaction.
+//! Writes lock the project row (`FOR UPDATE`) so they serialise with the billing run,
+//! and each writes exactly one append-only ledger row together with the new totals.
+
+use anyhow::Context;
+use chrono::{DateTime, Duration, Utc};
+use rust_decimal::Decimal;
+use tokio_postgres::{Client, Row, Transaction};
+
+/// How many recorded decreases and gaps a project detail shows.
+pub const DETAIL_EVENTS: i64 = 100;
+
+/// A project's totals.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Balance {
+    /// The project name.
+    pub name: String,
+    /// Credits granted in total.
+    pub granted: Decimal,
+    /// Exact credits used (usage charges and adjustments).
+    pub used: Decimal,
+    /// When the project row was created.
+    pub created_at: DateTime<Utc>,
+    /// When a billing run last committed for the project.
+    pub last_billed_at: Option<DateTime<Utc>>,
+}
+
+impl Balance {
+    /// Granted minus used; negative when the project used more than it was granted.
+    pub fn remaining(&self) -> Decimal {
+        // Saturates instead of panicking at the edge of the decimal range.
+        self.granted.saturating_sub(self.used)
+    }
+
+    fn from_row(row: &Row) -> Self {
+        Self {
+            name: row.get("name"),
+            granted: row.get("granted_credits"),
+            used: row.get("used_credits"),
+            created_at: row.get("created_at"),
+            last_billed_at: row.get("last_billed_at"),
+        }
+    }
+}
+
+const BALANCE_COLUMNS: &str = "name, granted_credits, used_credits, created_at, last_billed_at";
+
+/// One project's totals, `None` when it does not exist.
+pub async fn balance(client: &Client, project: &str) -> anyhow::Result<Option<Balance>> {
+    let row = client
+        .query_opt(
+            &format!("SELECT {BALANCE_COLUMNS} FROM projects WHERE name = $1"),
+            &[&project],
+        )
+        .await
+        .context("reading the project")?;
+    Ok(row.as_ref().map(Balance::from_row))
+}
+
+/// Every project's totals, by name.
+pub async fn balances(client: &Client) -> anyhow::Result<Vec<Balance>> {
+    let rows = client
+        .query(
+            &format!("SELECT {BALANCE_COLUMNS} FROM projects ORDER BY name"),
+            &[],
+        )
+        .await
+        .context("listing projects")?;
+    Ok(rows.iter().map(Balance::from_row).collect())
+}
+
+/// Locks a project's row for the rest of the transaction.
+async fn lock(tx: &Transaction<'_>, project: &str) -> anyhow::Result<Option<Balance>> {
+    let row = tx
+        .query_opt(
+            &format!("SELECT {BALANCE_COLUMNS} FROM projects WHERE name = $1 FOR UPDATE"),
+            &[&project],
+        )
+        .await
+        .context("locking the project")?;
+    Ok(row.as_ref().map(Balance::from_row))
+}
+
+/// What setting a grant did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrantOutcome {
+    /// The totals afterwards.
+    pub balance: Balance,
+    /// Whether the project was created by this grant.
+    pub created: bool,
+    /// Whether a `grant` ledger row was written (not when the grant was unchanged).
+    pub changed: bool,
+}
+
+/// Sets the granted credits of a project to `granted` (zero or more), creating the
+/// project when needed: a `grant` ledger row with the difference, then the new total.
+/// An unchanged grant writes no ledger row (portals set it on every sync).
+pub async fn set_grant(
+    tx: &Transaction<'_>,
+    project: &str,
+    granted: Decimal,
+    reason: Option<&str>,
+    actor: &str,
+    now: DateTime<Utc>,
+) -> anyhow::Result<GrantOutcome> {
+    anyhow::ensure!(!granted.is_sign_negative(), "a grant cannot be negative");
+    let created = tx
+        .execute(
+            "INSERT INTO projects (name) VALUES ($1) ON CONFLICT DO NOTHING",
+            &[&project],
+        )
+        .await
+        .context("creating the project")?
+        == 1;
+    let before = lock(tx, project)
+        .await?
+        .context("the project vanished while locked")?;
+    let delta = granted - before.granted;
+    if delta.is_zero() {
+        return Ok(GrantOutcome {
+            balance: before,
+            created,
+            changed: false,
+        });
+    }
+    tx.execute(
+        "INSERT INTO ledger (project, time, kind, granted_delta, used_after, granted_after, reason, actor)
+         VALUES ($1, $2, 'grant', $3, $4, $5, $6, $7)",
+        &[&project, &now, &delta, &before.used, &granted, &reason, &actor],
+    )
+    .await
+    .context("writing the grant ledger row")?;
+    tx.execute(
+        "UPDATE projects SET granted_credits = $2 WHERE name = $1",
+        &[&project, &granted],
+    )
+    .await
+    .context("updating the grant")?;
+    Ok(GrantOutcome {
+        balance: Balance { granted, ..before },
+        created,
+        changed: true,
+    })
+}
+
+/// A manual change of a project's used credits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Adjustment {
+    /// Its ledger row id.
+    pub id: i64,
+    /// When it was made.
+    pub time: DateTime<Utc>,
+    /// The change of used credits: positive charges, negative gives credits back.
+    pub credits: Decimal,
+    /// The totals afterwards.
+    pub balance: Balance,
+}
+
+/// Why an adjustment was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum AdjustError {
+    /// No such project.
+    #[error("no project named {0:?}")]
+    UnknownProject(String),
+    /// The new total does not fit a decimal.
+    #[error("the adjustment makes used credits too large")]
+    Overflow,
+    /// Anything else.
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+/// Adds `credits` (non-zero; positive charges the project, negative gives credits
+/// back) to a project's used credits, with an `adjustment` ledger row.
+pub async fn adjust(
+    tx: &Transaction<'_>,
+    project: &str,
+    credits: Decimal,
+    reason: &str,
+    actor: &str,
+    now: DateTime<Utc>,
+) -> Result<Adjustment, AdjustError> {
+    let before = lock(tx, project)
+        .await?
+        .ok_or_else(|| AdjustError::UnknownProject(project.to_owned()))?;
+    let used = before
+        .used
+        .checked_add(credits)
+        .ok_or(AdjustError::Overflow)?;
+    let row = tx
+        .query_one(
+            "INSERT INTO ledger (project, time, kind, used_delta, used_after, granted_after, reason, actor)
+             VALUES ($1, $2, 'adjustment', $3, $4, $5, $6, $7)
+             RETURNING id, time",
+            &[&project, &now, &credits, &used, &before.granted, &reason, &actor],
+        )
+        .await
+        .context("writing the adjustment ledger row")?;
+    tx.execute(
+        "UPDATE projects SET used_credits = $2 WHERE name = $1",
+        &[&project, &used],
+    )
+    .await
+    .context("updating used credits")?;
+    Ok(Adjustment {
+        id: row.get(0),
+        // As stored (microseconds), not the nanoseconds of `now`.
+        time: row.get(1),
+        credits,
+        balance: Balance { used, ..before },
+    })
+}
+
+/// One point of a project's usage history: a usage ledger row, or with a step the
+/// sum of a metric's rows in one bucket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryPoint {
+    /// The row's time, or the bucket's start.
+    pub time: DateTime<Utc>,
+    /// The billed metric.
+    pub metric: String,
+    /// Exact credits charged (summed over the bucket).
+    pub credits: Decimal,
+    /// The project's used credits after the (bucket's last) row; `None` for buckets
+    /// read without totals.
+    pub used_after: Option<Decimal>,
+    /// The project's granted credits after the (bucket's last) row; `None` for
+    /// buckets read without totals.
+    pub granted_after: Option<Decimal>,
+}
+
+/// Buckets with the totals of each bucket's last row: the ordered aggregates make
+/// PostgreSQL sort every row, so only CSV asks for them.
+const BUCKETS_WITH_TOTALS: &str = "(array_agg(used_after ORDER BY time DESC, id DESC))[1],
+     (array_agg(granted_after ORDER BY time DESC, id DESC))[1]";
+/// Buckets with sums only, which PostgreSQL can hash-aggregate.
+const BUCKETS_WITHOUT_TOTALS: &str = "NULL::numeric, NULL::numeric";
+
+/// The usage ledger of a project with `from <= time <= to`, newest first (metric
+/// name order within one time). With `step`, rows are summed per metric into
+/// buckets of that length aligned to 2001-01-01T00:00Z (a Monday, so days start at
+/// midnight UTC and weeks on Mondays), in one query on `(project, time)`; bucket
+/// totals (`used_after`, `granted_after`) only `with_totals`.
+pub async fn usage_history(
+    client: &Client,
+    project: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    step: Option<Duration>,
+    with_totals: bool,
+) -> anyhow::Result<Vec<HistoryPoint>> {
+    let rows = match step {
+        None => client
+            .query(
+                "SELECT time, coalesce(metric, ''), used_delta, used_after, granted_after
+                 FROM ledger
+                 WHERE project = $1 AND kind = 'usage' AND time >= $2 AND time <= $3
+                 ORDER BY time DESC, metric, id DESC",
+                &[&project, &from, &to],
+            )
+            .await
+            .context("reading the credits history")?,
+        Some(step) => {
+            let totals = if with_totals {
+                BUCKETS_WITH_TOTALS
+            } else {
+                BUCKETS_WITHOUT_TOTALS
+            };
+            // Exact: steps are whole seconds, far below 2^53.
+            let seconds = step.num_seconds() as f64;
+            client
+                .query(
+                    &format!(
+                        "SELECT date_bin(make_interval(secs => $4), time, TIMESTAMPTZ '2001-01-01 00:00:00+00'),
+                                coalesce(metric, ''), sum(used_delta), {totals}
+                         FROM ledger
+                         WHERE project = $1 AND kind = 'usage' AND time >= $2 AND time <= $3
+                         GROUP BY 1, 2
+                         ORDER BY 1 DESC, 2"
+                    ),
+                    &[&project, &from, &to, &seconds],
+                )
+                .await
+                .context("reading the aggregated credits history")?
+        }
+    };
+    Ok(rows
+        .iter()
+        .map(|row| HistoryPoint {
+            time: row.get(0),
+            metric: row.get(1),
+            credits: row.get(2),
+            used_after: row.get(3),
+            granted_after: row.get(4),
+        })
+        .collect())
+}
+
+/// When a metric of the project was last billed up to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricCursor {
+    /// The metric.
+    pub metric: String,
+    /// The newest billed sample over the metric's series.
+    pub last_billed_sample_at: DateTime<Utc>,
+}
+
+/// A counter decrease recorded while billing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decrease {
+    /// The series' metric.
+    pub metric: String,
+    /// The series' labels.
+    pub labels: serde_json::Value,
+    /// The sample time of the lower value.
+    pub time: DateTime<Utc>,
+    /// The value before.
+    pub from_value: Decimal,
+    /// The lower value.
+    pub to_value: Decimal,
+    /// `rebase` or `restart`.
+    pub policy: String,
+}
+
+/// A gauge step that was too long to bill.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gap {
+    /// The series' metric.
+    pub metric: String,
+    /// The series' labels.
+    pub labels: serde_json::Value,
+    /// The step's first sample.
+    pub from_time: DateTime<Utc>,
+    /// The step's last sample.
+    pub to_time: DateTime<Utc>,
+}
+
+/// Everything the project detail shows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detail {
+    /// The totals.
+    pub balance: Balance,
+    /// Exact credits charged by usage in the forecast window before `now`.
+    pub charged_in_window: Decimal,
+    /// Per metric, how far billing has come.
+    pub cursors: Vec<MetricCursor>,
+    /// The latest [`DETAIL_EVENTS`] decreases, newest first.
+    pub decreases: Vec<Decrease>,
+    /// The latest [`DETAIL_EVENTS`] unbilled gaps, newest first.
+    pub gaps: Vec<Gap>,
+}
+
+/// The project detail, `None` when the project does not exist. The queries run
+/// pipelined on one connection.
+pub async fn detail(
+    client: &Client,
+    project: &str,
+    window: Duration,
+    now: DateTime<Utc>,
+) -> anyhow::Result<Option<Detail>> {
+    let since = now - window;
+    let (balance, charged, cursors, decreases, gaps) = futures::try_join!(
+        balance(client, project),
+        async {
+            client
+                .query_one(
+                    "SELECT coalesce(sum(used_delta), 0) FROM ledger
+                     WHERE project = $1 AND kind = 'usage' AND time > $2 AND time <= $3",
+                    &[&project, &since, &now],
+                )
+                .await
+                .context("summing recent usage")
+        },
+        async {
+            client
+                .query(
+                    "SELECT s.metric, max(c.last_time)
+                     FROM billing_cursors c JOIN series s ON s.id = c.series_id
+                     WHERE s.project = $1
+                     GROUP BY s.metric ORDER BY s.metric",
+                    &[&project],
+                )
+                .await
+                .context("reading billing cursors")
+        },
+        async {
+            client
+                .query(
+                    "SELECT s.metric, s.labels, d.time, d.from_value, d.to_value, d.policy
+                     FROM counter_decreases d JOIN series s ON s.id = d.series_id
+                     WHERE s.project = $1
+                     ORDER BY d.time DESC, d.series_id LIMIT $2",
+                    &[&project, &DETAIL_EVENTS],
+                )
+                .await
+                .context("reading counter decreases")
+        },
+        async {
+            client
+                .query(
+                    "SELECT s.metric, s.labels, g.from_time, g.to_time
+                     FROM unbilled_gaps g JOIN series s ON s.id = g.series_id
+                     WHERE s.project = $1
+                     ORDER BY g.from_time DESC, g.series_id LIMIT $2",
+                    &[&project, &DETAIL_EVENTS],
+                )
+                .await
+                .context("reading unbilled gaps")
+        },
+    )?;
+    let Some(balance) = balance else {
+        return Ok(None);
+    };
+    Ok(Some(Detail {
+        balance,
+        charged_in_window: charged.get(0),
+        cursors: cursors
+            .iter()
+            .map(|r| MetricCursor {
+                metric: r.get(0),
+                last_billed_sample_at: r.get(1),
+            })
+            .collect(),
+        decreases: decreases
+            .iter()
+            .map(|r| Decrease {
+                metric: r.get(0),
+                labels: r.get(1),
+                time: r.get(2),
+                from_value: r.get(3),
+                to_value: r.get(4),
+                policy: r.get(5),
+            })
+            .collect(),
+        gaps: gaps
+            .iter()
+            .map(|r| Gap {
+                metric: r.get(0),
+                labels: r.get(1),
+                from_time: r.get(2),
+                to_time: r.get(3),
+            })
+            .collect(),
+    }))
+}
+
+/// Credits per hour when `charged` credits were used over `window`.
+pub fn burn_rate_per_hour(charged: Decimal, window: Duration) -> Decimal {
+    let seconds = window.num_seconds();
+    if seconds <= 0 {
+        return Decimal::ZERO;
+    }
+    charged
+        .checked_mul(Decimal::from(3600))
+        .and_then(|c| c.checked_div(Decimal::from(seconds)))
+        .unwrap_or(Decimal::ZERO)
+}
+
+/// When a project runs out at `burn_rate` credits per hour: `now` when nothing
+/// remains, `None` when nothing burns, nothing was granted, or the instant is beyond
+/// what a timestamp can hold.
+pub fn run_out_at(
+    now: DateTime<Utc>,
+    granted: Decimal,
+    remaining: Decimal,
+    burn_rate: Decimal,
+) -> Option<DateTime<Utc>> {
+    if burn_rate <= Decimal::ZERO || granted <= Decimal::ZERO {
+        return None;
+    }
+    if remaining <= Decimal::ZERO {
+        return Some(now);
+    }
+    let seconds = remaining
+        .checked_mul(Decimal::from(3600))?
+        .checked_div(burn_rate)?
+        .floor();
+    let seconds = i64::try_from(seconds).ok()?;
+    now.checked_add_signed(Duration::try_seconds(seconds)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use std::str::FromStr;
+
+    fn dec(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 22, 10, 0, 0)
+            .single()
+            .unwrap_or_else(|| panic!("valid time"))
+    }
+
+    #[test]
+    fn burn_rate_is_credits_per_hour_over_the_window() {
+        let cases = [
+            ("48 credits in a day", "48", 24 * 3600, "2"),
+            ("nothing used", "0", 24 * 3600, "0"),
+            ("one credit in half an hour", "1", 1800, "2"),
+            ("an empty window burns nothing", "5", 0, "0"),
+            ("refunds make it negative", "-24", 24 * 3600, "-1"),
+        ];
+        for (case, charged, seconds, expected) in cases {
+            let got = burn_rate_per_hour(dec(charged), Duration::seconds(seconds));
+            assert_eq!(got, dec(expected), "{case}");
+        }
+    }
+
+    #[test]
+    fn run_out_is_now_plus_remaining_over_burn_rate() {
+        let hours = |h: i64| Some(now() + Duration::hours(h));
+        let cases = [
+            ("100 left at 2/h", "1000", "100", "2", hours(50)),
+            ("nothing burns", "1000", "100", "0", None),
+            ("credits come back", "1000", "100", "-1", None),
+            ("nothing granted", "0", "-5", "2", None),
+            ("already out", "1000", "-3", "2", Some(now())),
+            ("exactly out", "1000", "0", "2", Some(now())),
+            (
+                "beyond any timestamp",
+                "1000",
+                "79228162514264337593543950335",
+                "0.0000001",
+                None,
+            ),
+        ];
+        for (case, granted, remaining, rate, expected) in cases {
+            let got = run_out_at(now(), dec(granted), dec(remaining), dec(rate));
+            assert_eq!(got, expected, "{case}");
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! Granted credits from the portal, as the old service fetched them:
+//! `GET {API_CONTACT_BASE_URL}/secure/granted-credits/?project_name=…` with
+//! `X-Api-Key: {API_CONTACT_KEY}`, a plain number in the body. A changed grant is
+//! written like one set through the API (ledger row + total, one transaction).
+
+use super::account;
+use crate::config::Settings;
+use anyhow::Context;
+use chrono::Utc;
+use deadpool_postgres::Pool;
+use futures::StreamExt;
+use rust_decimal::Decimal;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// How long one portal request may take.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a sync did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncSummary {
+    /// Projects whose grant changed.
+    pub changed: u64,
+    /// Projects whose grant was fetched and unchanged.
+    pub unchanged: u64,
+    /// Projects whose fetch or write failed (logged; retried next run).
+    pub failed: u64,
+}
+
+/// Fetches the grant of every project billing looks at from the portal; no-op without
+/// `API_CONTACT_BASE_URL`.
+pub async fn sync_grants(
+    pool: &Pool,
+    settings: &Settings,
+    http: &reqwest::Client,
+) -> anyhow::Result<SyncSummary> {
+    let Some(base) = &settings.api_contact_base_url else {
+        return Ok(SyncSummary::default());
+    };
+    let projects = super::engine::project_names(pool, settings).await?;
+    let mut summary = SyncSummary::default();
+    let mut results = futures::stream::iter(0..projects.len())
+        .map(|i| {
+            let project = &projects[i];
+            async move { (project, sync_one(pool, settings, http, base, project).await) }
+        })
+        .buffer_unordered(settings.workers);
+    while let Some((project, result)) = results.next().await {
+        match result {
+            Ok(true) => summary.changed += 1,
+            Ok(false) => summary.unchanged += 1,
+            Err(e) => {
+                summary.failed += 1;
+                tracing::warn!(%project, error = %format!("{e:#}"), "could not fetch granted credits from the portal; retrying next run");
+            }
+        }
+    }
+    Ok(summary)
+}
+
+async fn sync_one(
+    pool: &Pool,
+    settings: &Settings,
+    http: &reqwest::Client,
+    base: &url::Url,
+    project: &str,
+) -> anyhow::Result<bool> {
+    let granted = fetch_granted(http, base, settings.api_contact_key.expose(), project).await?;
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let outcome = account::set_grant(
+        &tx,
+        project,
+        granted,
+        Some("granted credits from the portal"),
+        "portal",
+        Utc::now(),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(outcome.changed)
+}
+
+/// One project's grant as the portal states it.
+pub async fn fetch_granted(
+    http: &reqwest::Client,
+    base: &url::Url,
+    key: &str,
+    project: &str,
+) -> anyhow::Result<Decimal> {
+    let mut url = base.clone();
+    url.set_path(&format!(
+        "{}/secure/granted-credits/",
+        base.path().trim_end_matches('/')
+    ));
+    url.query_pairs_mut().append_pair("project_name", project);
+    let response = http
+        .get(url)
+        .header("X-Api-Key", key)
+        .timeout(TIMEOUT)
+        .send()
+        .await
+        .context("requesting granted credits")?;
+    let status = response.status();
+    let body = response.text().await.context("reading granted credits")?;
+    anyhow::ensure!(status.is_success(), "the portal answered {status}");
+    let text = body.trim().trim_matches('"');
+    let granted = Decimal::from_str(text)
+        .or_else(|_| Decimal::from_scientific(text))
+        .with_context(|| {
+            format!(
+                "the portal's answer {:?} is not a number",
+                body.chars().take(40).collect::<String>()
+            )
+        })?;
+    anyhow::ensure!(
+        !granted.is_sign_negative(),
+        "the portal's grant {granted} is negative"
+    );
+    Ok(granted)
+}
