@@ -1,4 +1,4 @@
-//! The command line: `serve` (default), `migrate`, `demo-exporter`.
+//! The command line: `serve` (default), `migrate`, `demo-exporter`, `send-test-email`.
 
 use crate::demo_exporter::DemoConfig;
 use chrono::{DateTime, Utc};
@@ -29,6 +29,12 @@ pub enum Command {
     Migrate,
     /// Serve synthetic de.NBI-style usage metrics for development and benchmarks.
     DemoExporter(DemoArgs),
+    /// Send one test mail with the MAIL_* settings and say what to fix if it fails.
+    SendTestEmail {
+        /// The address to send to.
+        #[arg(long)]
+        to: String,
+    },
 }
 
 /// Options of the demo exporter.

@@ -5,6 +5,8 @@
 
 use crate::billing::rules::Rules;
 use crate::domain::{MetricName, Price};
+use crate::notify::thresholds::{self, Threshold};
+use lettre::message::Mailbox;
 use rust_decimal::Decimal;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -101,6 +103,48 @@ pub struct ScrapeTarget {
     pub auth: TargetAuth,
 }
 
+/// How the SMTP connection is secured (`MAIL_SMTP_TLS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpTls {
+    /// `starttls` (default): plain connect, then STARTTLS, required (no downgrade).
+    Starttls,
+    /// `implicit`: TLS from the first byte (SMTPS, usually port 465).
+    Implicit,
+    /// `none`: no TLS at all, for a local relay or tests (`MAIL_NOT_STARTTLS`).
+    None,
+}
+
+/// Email and portal notifications.
+#[derive(Debug, Clone)]
+pub struct MailSettings {
+    /// `MAIL_SMTP_SERVER`: SMTP host; unset writes `.eml` files into `file_dir` instead.
+    pub smtp_server: Option<String>,
+    /// `MAIL_SMTP_PORT`.
+    pub smtp_port: u16,
+    /// `MAIL_SMTP_USER`: log in with this user (and `smtp_password`) when set.
+    pub smtp_user: Option<String>,
+    /// `MAIL_SMTP_PASSWORD`.
+    pub smtp_password: Secret,
+    /// `MAIL_SMTP_TLS` / `MAIL_NOT_STARTTLS`: how the connection is secured.
+    pub tls: SmtpTls,
+    /// `MAIL_SMTP_TIMEOUT`: connecting and each send may take this long.
+    pub timeout: Duration,
+    /// `MAIL_FROM`: the sender of every notification.
+    pub from: Mailbox,
+    /// `MAIL_FILE_DIR`: where mail goes as `.eml` files without an SMTP server.
+    pub file_dir: PathBuf,
+    /// `NOTIFICATION_TO_OVERWRITE`: when set, every mail goes to this address only.
+    pub to_overwrite: Option<Mailbox>,
+    /// `CLOUD_GOVERNANCE_MAIL`: copied (`Cc`) on every mail.
+    pub governance: Vec<Mailbox>,
+    /// `MAIL_CONTACT_URL`: the portal; when set, crossings are also posted to
+    /// `{MAIL_CONTACT_URL}/credits-limit/`.
+    pub contact_url: Option<url::Url>,
+    /// `MAIL_TEMPLATE_DIR`: `subject.txt`, `body.txt`, `body.html` found here replace
+    /// the built-in templates.
+    pub template_dir: Option<PathBuf>,
+}
+
 /// All settings of the service.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -148,6 +192,14 @@ pub struct Settings {
     pub api_contact_base_url: Option<url::Url>,
     /// `API_CONTACT_KEY`: `X-Api-Key` sent to the portal.
     pub api_contact_key: Secret,
+    /// `NOTIFICATION_THRESHOLDS`: fractions of the grant used that notify, ascending.
+    pub notification_thresholds: Vec<Threshold>,
+    /// Email and portal notifications (`MAIL_*`, `NOTIFICATION_TO_OVERWRITE`,
+    /// `CLOUD_GOVERNANCE_MAIL`).
+    pub mail: MailSettings,
+    /// `PUBLIC_BASE_URL`: where people reach this service; mails link to the
+    /// history page there (no link when unset).
+    pub public_base_url: Option<url::Url>,
 }
 
 /// How log lines look.
@@ -226,6 +278,12 @@ impl Settings {
                 ),
             },
             api_contact_key: Secret::new(env.string("API_CONTACT_KEY", "")),
+            notification_thresholds: thresholds::parse_list(
+                &env.string("NOTIFICATION_THRESHOLDS", "0.5,1.0"),
+            )
+            .map_err(|e| bad("NOTIFICATION_THRESHOLDS", e))?,
+            mail: parse_mail(&env)?,
+            public_base_url: http_url(&env, "PUBLIC_BASE_URL")?,
             billing_rules_file: env.get("BILLING_RULES_FILE").map(PathBuf::from),
             rules: Arc::new(Rules::default()),
             log_format: match env
@@ -371,6 +429,93 @@ fn load_rules(
         .map_err(|e| bad(NAME, format!("{}: {e}", path.display())))
 }
 
+fn parse_mail(env: &Env) -> Result<MailSettings, SettingError> {
+    let mailbox = |name: &'static str, raw: &str| {
+        Mailbox::from_str(raw.trim()).map_err(|e| {
+            bad(
+                name,
+                format!("expected an email address, got {raw:?} ({e})"),
+            )
+        })
+    };
+    let tls = match env
+        .get("MAIL_SMTP_TLS")
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None => None,
+        Some("starttls") => Some(SmtpTls::Starttls),
+        Some("implicit") => Some(SmtpTls::Implicit),
+        Some("none") => Some(SmtpTls::None),
+        Some(other) => {
+            return Err(bad(
+                "MAIL_SMTP_TLS",
+                format!("expected starttls, implicit or none, got {other:?}"),
+            ))
+        }
+    };
+    // As the old service: the variable being present (even empty) skips STARTTLS.
+    let not_starttls =
+        env.0.contains_key("MAIL_NOT_STARTTLS") && env.boolean("MAIL_NOT_STARTTLS", true)?;
+    let tls = match (tls, not_starttls) {
+        (Some(SmtpTls::Starttls), true) => {
+            return Err(bad(
+                "MAIL_NOT_STARTTLS",
+                "contradicts MAIL_SMTP_TLS=starttls; unset one of them",
+            ))
+        }
+        (Some(tls), _) => tls,
+        (None, true) => SmtpTls::None,
+        (None, false) => SmtpTls::Starttls,
+    };
+    let smtp_user = env.get("MAIL_SMTP_USER").map(str::to_owned);
+    let smtp_password = Secret::new(env.string("MAIL_SMTP_PASSWORD", ""));
+    if smtp_user.is_none() && !smtp_password.is_empty() {
+        return Err(bad(
+            "MAIL_SMTP_PASSWORD",
+            "is set but MAIL_SMTP_USER is not: set both to log in, or neither",
+        ));
+    }
+    Ok(MailSettings {
+        smtp_server: env.get("MAIL_SMTP_SERVER").map(str::to_owned),
+        smtp_port: env.parse("MAIL_SMTP_PORT", 25, "a port number (1-65535)")?,
+        smtp_user,
+        smtp_password,
+        tls,
+        timeout: env.seconds("MAIL_SMTP_TIMEOUT", 10)?,
+        from: mailbox("MAIL_FROM", &env.string("MAIL_FROM", "cloud@denbi.de"))?,
+        file_dir: PathBuf::from(env.string("MAIL_FILE_DIR", ".dev/mail")),
+        to_overwrite: env
+            .get("NOTIFICATION_TO_OVERWRITE")
+            .map(|raw| mailbox("NOTIFICATION_TO_OVERWRITE", raw))
+            .transpose()?,
+        governance: env
+            .get("CLOUD_GOVERNANCE_MAIL")
+            .map(|raw| {
+                raw.split(',')
+                    .filter(|a| !a.trim().is_empty())
+                    .map(|a| mailbox("CLOUD_GOVERNANCE_MAIL", a))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?
+            .unwrap_or_default(),
+        contact_url: http_url(env, "MAIL_CONTACT_URL")?,
+        template_dir: env.get("MAIL_TEMPLATE_DIR").map(PathBuf::from),
+    })
+}
+
+/// An optional http(s) URL, without a trailing slash.
+fn http_url(env: &Env, name: &'static str) -> Result<Option<url::Url>, SettingError> {
+    env.get(name)
+        .map(|raw| {
+            url::Url::parse(raw.trim_end_matches('/'))
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+                .ok_or_else(|| bad(name, format!("expected an http(s) URL, got {raw:?}")))
+        })
+        .transpose()
+}
+
 fn parse_whitelist(raw: &str) -> Option<BTreeSet<String>> {
     let projects: BTreeSet<String> = raw
         .split(';')
@@ -492,6 +637,19 @@ mod tests {
             ("PROJECT_LABEL", "project-name"),
             ("SAMPLES_RETENTION_DAYS", "-1"),
             ("LOG_FORMAT", "xml"),
+            ("NOTIFICATION_THRESHOLDS", "half"),
+            ("NOTIFICATION_THRESHOLDS", "0.5,0"),
+            ("NOTIFICATION_THRESHOLDS", ","),
+            ("MAIL_SMTP_PORT", "smtp"),
+            ("MAIL_SMTP_TLS", "ssl"),
+            ("MAIL_SMTP_TIMEOUT", "0"),
+            ("MAIL_NOT_STARTTLS", "perhaps"),
+            ("MAIL_FROM", "not an address"),
+            ("MAIL_SMTP_PASSWORD", "no user"),
+            ("NOTIFICATION_TO_OVERWRITE", "a@b@c"),
+            ("CLOUD_GOVERNANCE_MAIL", "gov@example.org, nobody"),
+            ("MAIL_CONTACT_URL", "portal.example.org"),
+            ("PUBLIC_BASE_URL", "ftp://x"),
         ];
         for (name, value) in cases {
             match settings(&[(name, value)]) {
@@ -508,10 +666,58 @@ mod tests {
     }
 
     #[test]
+    fn mail_settings_default_to_the_old_service_and_files() {
+        let s = settings(&[]).expect("defaults are valid");
+        assert_eq!(s.mail.smtp_server, None, "no server: .eml files");
+        assert_eq!(s.mail.file_dir, PathBuf::from(".dev/mail"));
+        assert_eq!(s.mail.smtp_port, 25);
+        assert_eq!(s.mail.tls, SmtpTls::Starttls);
+        assert_eq!(s.mail.from.to_string(), "cloud@denbi.de");
+        assert_eq!(
+            s.notification_thresholds
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["0.5", "1"]
+        );
+        let s = settings(&[(
+            "CLOUD_GOVERNANCE_MAIL",
+            "gov@example.org, Cloud Team <team@example.org>",
+        )])
+        .expect("valid");
+        assert_eq!(s.mail.governance.len(), 2);
+    }
+
+    #[test]
+    fn mail_not_starttls_is_set_by_its_presence_as_in_the_old_service() {
+        let cases: &[(&[(&str, &str)], SmtpTls)] = &[
+            (&[("MAIL_NOT_STARTTLS", "")], SmtpTls::None),
+            (&[("MAIL_NOT_STARTTLS", "1")], SmtpTls::None),
+            (&[("MAIL_NOT_STARTTLS", "true")], SmtpTls::None),
+            (&[("MAIL_NOT_STARTTLS", "false")], SmtpTls::Starttls),
+            (&[("MAIL_SMTP_TLS", "implicit")], SmtpTls::Implicit),
+            (&[("MAIL_SMTP_TLS", "NONE")], SmtpTls::None),
+            (
+                &[("MAIL_SMTP_TLS", "implicit"), ("MAIL_NOT_STARTTLS", "")],
+                SmtpTls::Implicit,
+            ),
+        ];
+        for (vars, expected) in cases {
+            let s = settings(vars).unwrap_or_else(|e| panic!("{vars:?}: {e}"));
+            assert_eq!(s.mail.tls, *expected, "{vars:?}");
+        }
+        let e = settings(&[("MAIL_SMTP_TLS", "starttls"), ("MAIL_NOT_STARTTLS", "")])
+            .expect_err("a contradiction is refused");
+        assert_eq!(e.name, "MAIL_NOT_STARTTLS");
+    }
+
+    #[test]
     fn secrets_do_not_show_in_debug_output() {
         let s = settings(&[
             ("POSTGRES_PASSWORD", "pg-secret-value"),
             ("API_KEY", "api-secret-value"),
+            ("MAIL_SMTP_USER", "mailer"),
+            ("MAIL_SMTP_PASSWORD", "smtp-secret-value"),
             ("SCRAPE_TARGETS", r#"[{"url": "http://127.0.0.1:1/metrics", "bearer_token": "tok-secret-value"}, {"url": "http://127.0.0.1:2/metrics", "basic_auth": {"username": "u", "password": "basic-secret-value"}}]"#),
         ])
         .expect("valid");
@@ -521,6 +727,7 @@ mod tests {
             "api-secret-value",
             "tok-secret-value",
             "basic-secret-value",
+            "smtp-secret-value",
         ] {
             assert!(!debug.contains(secret), "{secret} leaked into {debug}");
         }

@@ -35,6 +35,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let logs = telemetry::init(settings.log_format)?;
     match cli.command {
         Some(Command::Migrate) => startup::migrate(&settings).await,
+        Some(Command::SendTestEmail { to }) => {
+            let sent = os_credits::notify::email::send_test(&settings.mail, &to).await?;
+            println!("{sent}");
+            Ok(())
+        }
         _ => {
             Application::build(settings, Some(logs))
                 .await?

@@ -5,6 +5,8 @@
 //! Writes lock the project row (`FOR UPDATE`) so they serialise with the billing run,
 //! and each writes exactly one append-only ledger row together with the new totals.
 
+use crate::notify::outbox::{self, Cause};
+use crate::notify::thresholds::{Level, Threshold};
 use anyhow::Context;
 use chrono::{DateTime, Duration, Utc};
 use rust_decimal::Decimal;
@@ -49,10 +51,15 @@ impl Balance {
 const BALANCE_COLUMNS: &str = "name, granted_credits, used_credits, created_at, last_billed_at";
 
 /// One project's totals, `None` when it does not exist.
-pub async fn balance(client: &deadpool_postgres::Client, project: &str) -> anyhow::Result<Option<Balance>> {
+pub async fn balance(
+    client: &deadpool_postgres::Client,
+    project: &str,
+) -> anyhow::Result<Option<Balance>> {
     // the hottest read of the API: a cached prepared statement saves a round trip
     let statement = client
-        .prepare_cached(&format!("SELECT {BALANCE_COLUMNS} FROM projects WHERE name = $1"))
+        .prepare_cached(&format!(
+            "SELECT {BALANCE_COLUMNS} FROM projects WHERE name = $1"
+        ))
         .await
         .context("preparing the project read")?;
     let row = client
@@ -99,7 +106,8 @@ pub struct GrantOutcome {
 
 /// Sets the granted credits of a project to `granted` (zero or more), creating the
 /// project when needed: a `grant` ledger row with the difference, then the new total.
-/// An unchanged grant writes no ledger row (portals set it on every sync).
+/// An unchanged grant writes no ledger row (portals set it on every sync). A lowered
+/// grant may cross one of `thresholds` (a notification in the same transaction).
 pub async fn set_grant(
     tx: &Transaction<'_>,
     project: &str,
@@ -107,6 +115,7 @@ pub async fn set_grant(
     reason: Option<&str>,
     actor: &str,
     now: DateTime<Utc>,
+    thresholds: &[Threshold],
 ) -> anyhow::Result<GrantOutcome> {
     anyhow::ensure!(!granted.is_sign_negative(), "a grant cannot be negative");
     let created = tx
@@ -141,6 +150,12 @@ pub async fn set_grant(
     )
     .await
     .context("updating the grant")?;
+    let level = |granted| Level {
+        used: before.used,
+        granted,
+    };
+    let (from, to) = (level(before.granted), level(granted));
+    outbox::level_changed(tx, project, thresholds, from, to, Cause::Grant, now).await?;
     Ok(GrantOutcome {
         balance: Balance { granted, ..before },
         created,
@@ -176,7 +191,8 @@ pub enum AdjustError {
 }
 
 /// Adds `credits` (non-zero; positive charges the project, negative gives credits
-/// back) to a project's used credits, with an `adjustment` ledger row.
+/// back) to a project's used credits, with an `adjustment` ledger row. A charge may
+/// cross one of `thresholds` (a notification in the same transaction).
 pub async fn adjust(
     tx: &Transaction<'_>,
     project: &str,
@@ -184,6 +200,7 @@ pub async fn adjust(
     reason: &str,
     actor: &str,
     now: DateTime<Utc>,
+    thresholds: &[Threshold],
 ) -> Result<Adjustment, AdjustError> {
     let before = lock(tx, project)
         .await?
@@ -207,6 +224,12 @@ pub async fn adjust(
     )
     .await
     .context("updating used credits")?;
+    let level = |used| Level {
+        used,
+        granted: before.granted,
+    };
+    let (from, to) = (level(before.used), level(used));
+    outbox::level_changed(tx, project, thresholds, from, to, Cause::Adjustment, now).await?;
     Ok(Adjustment {
         id: row.get(0),
         // As stored (microseconds), not the nanoseconds of `now`.

@@ -12,6 +12,8 @@ use super::charge::{self, Point};
 use super::money::decimal_from_f64;
 use super::rules::{DecreasePolicy, Rules};
 use crate::config::Settings;
+use crate::notify::outbox::{self, Cause};
+use crate::notify::thresholds::{Level, Threshold};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
@@ -64,14 +66,16 @@ pub struct ProjectBilled {
 const BATCH: usize = 256;
 
 /// Bills every project once, up to the newest stored sample not after `now`.
-#[tracing::instrument(skip_all, err)]
+#[tracing::instrument(skip_all, fields(until = %now), err)]
 pub async fn run(
     pool: &Pool,
     settings: &Settings,
     now: DateTime<Utc>,
 ) -> anyhow::Result<BillingSummary> {
     let clock = Instant::now();
-    let projects = project_names(pool, settings).await?;
+    let projects = project_names(pool, settings)
+        .await
+        .inspect_err(crate::telemetry::metrics::billing_run_failed)?;
     let mut summary = BillingSummary {
         started_at: Some(now),
         ..BillingSummary::default()
@@ -84,7 +88,14 @@ pub async fn run(
             let names = &projects[batch * BATCH..((batch + 1) * BATCH).min(projects.len())];
             (
                 names,
-                bill_projects(pool, &settings.rules, names, now).await,
+                bill_projects(
+                    pool,
+                    &settings.rules,
+                    &settings.notification_thresholds,
+                    names,
+                    now,
+                )
+                .await,
             )
         })
         .buffer_unordered(settings.workers);
@@ -122,6 +133,7 @@ pub async fn run(
         credits = %summary.credits_billed,
         "billing run done"
     );
+    crate::telemetry::metrics::billing_run_finished(&summary);
     Ok(summary)
 }
 
@@ -156,13 +168,15 @@ pub enum Outcome {
 }
 
 /// Bills one project; `None` when another replica holds it.
+#[tracing::instrument(skip_all, fields(%project))]
 pub async fn bill_project(
     pool: &Pool,
     rules: &Rules,
+    thresholds: &[Threshold],
     project: &str,
     now: DateTime<Utc>,
 ) -> anyhow::Result<Option<ProjectBilled>> {
-    let mut outcomes = bill_projects(pool, rules, &[project.to_owned()], now).await?;
+    let mut outcomes = bill_projects(pool, rules, thresholds, &[project.to_owned()], now).await?;
     match outcomes.pop().map(|(_, outcome)| outcome) {
         Some(Outcome::Billed(billed)) => Ok(Some(billed)),
         Some(Outcome::Failed(e)) => Err(e),
@@ -172,11 +186,13 @@ pub async fn bill_project(
 
 /// Bills the given projects in one transaction: locks those no other replica holds,
 /// charges each one's new samples in memory, then writes everything in a few
-/// statements and commits.
-#[tracing::instrument(skip_all, fields(projects = names.len()), err)]
+/// statements and commits. Crossing one of `thresholds` writes a notification in
+/// the same transaction.
+#[tracing::instrument(skip_all, fields(projects = names.len(), first = names.first().map(String::as_str), last = names.last().map(String::as_str)), err)]
 pub async fn bill_projects(
     pool: &Pool,
     rules: &Rules,
+    thresholds: &[Threshold],
     names: &[String],
     now: DateTime<Utc>,
 ) -> anyhow::Result<Vec<(String, Outcome)>> {
@@ -257,7 +273,7 @@ pub async fn bill_projects(
         writes.remove(&project);
         outcomes.push((project, Outcome::Failed(error)));
     }
-    apply(&tx, &writes).await?;
+    apply(&tx, &writes, thresholds, now).await?;
     tx.commit().await.context("committing the billing run")?;
     outcomes.extend(writes.into_iter().map(|(project, w)| {
         let billed = ProjectBilled {
@@ -335,6 +351,7 @@ fn exact(value: f64) -> anyhow::Result<Decimal> {
 /// Everything one project's run writes, collected before anything is written.
 struct Writes {
     granted: Decimal,
+    used_before: Decimal,
     used: Decimal,
     credits: Decimal,
     samples: u64,
@@ -350,6 +367,7 @@ impl Writes {
     fn new(granted: Decimal, used: Decimal) -> Self {
         Self {
             granted,
+            used_before: used,
             used,
             credits: Decimal::ZERO,
             samples: 0,
@@ -378,8 +396,14 @@ impl Writes {
     }
 }
 
-/// Writes every project's ledger rows, decreases, gaps, cursors and totals.
-async fn apply(tx: &Transaction<'_>, writes: &BTreeMap<String, Writes>) -> anyhow::Result<()> {
+/// Writes every project's ledger rows, decreases, gaps, cursors, totals and
+/// threshold crossings.
+async fn apply(
+    tx: &Transaction<'_>,
+    writes: &BTreeMap<String, Writes>,
+    thresholds: &[Threshold],
+    now: DateTime<Utc>,
+) -> anyhow::Result<()> {
     let mut ledger = LedgerColumns::default();
     let (mut decreases, mut gaps, mut cursors) = (Vec::new(), Vec::new(), Vec::new());
     for (project, w) in writes {
@@ -495,6 +519,17 @@ async fn apply(tx: &Transaction<'_>, writes: &BTreeMap<String, Writes>) -> anyho
         .await
         .context("updating project balances")?;
     }
+    let crossings: Vec<_> = writes
+        .iter()
+        .flat_map(|(project, w)| {
+            let level = |used| Level {
+                used,
+                granted: w.granted,
+            };
+            outbox::crossings(project, thresholds, level(w.used_before), level(w.used))
+        })
+        .collect();
+    outbox::record(tx, &crossings, Cause::Usage, now).await?;
     Ok(())
 }
 

@@ -75,6 +75,7 @@ async fn sync_one(
         Some("granted credits from the portal"),
         "portal",
         Utc::now(),
+        &settings.notification_thresholds,
     )
     .await?;
     tx.commit().await?;

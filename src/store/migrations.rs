@@ -35,6 +35,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0004_timescaledb_ledger.sql",
         sql: include_str!("../../sql/0004_timescaledb_ledger.sql"),
     },
+    Migration {
+        version: 5,
+        name: "0005_notifications.sql",
+        sql: include_str!("../../sql/0005_notifications.sql"),
+    },
 ];
 
 /// Arbitrary but fixed key of the advisory lock that serialises migrations.
