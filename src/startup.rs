@@ -3,6 +3,7 @@
 use crate::api::{self, AppState};
 use crate::config::Settings;
 use crate::demo_exporter::{self, DemoConfig};
+use crate::notify::Notifier;
 use crate::scrape::Scraper;
 use crate::store::{self, series::SeriesCache, StorageMode};
 use crate::telemetry::LogHandle;
@@ -18,6 +19,12 @@ use tokio_util::sync::CancellationToken;
 /// How long start-up waits for the database to answer.
 const DATABASE_WAIT: Duration = Duration::from_secs(30);
 
+/// How long the workers get, after the HTTP server has stopped (which allows
+/// in-flight requests 10 s), to finish their current step: a scrape, a billing run,
+/// a delivery. Then they are dropped, which rolls back a billing transaction still
+/// open; the next start bills it. Keeps a stop within about 25 s.
+const WORKER_GRACE: Duration = Duration::from_secs(15);
+
 /// A built service: listening, migrated, with workers ready to run.
 pub struct Application {
     port: u16,
@@ -25,6 +32,7 @@ pub struct Application {
     pool: Pool,
     mode: StorageMode,
     scraper: Option<Arc<Scraper>>,
+    notifier: Option<Arc<Notifier>>,
     settings: Arc<Settings>,
     cancel: CancellationToken,
 }
@@ -33,6 +41,7 @@ impl Application {
     /// Connects, migrates, binds `CREDITS_HOST:CREDITS_PORT` (port 0 picks a free one)
     /// and prepares the workers `run_until_stopped` starts.
     pub async fn build(settings: Settings, logs: Option<LogHandle>) -> anyhow::Result<Self> {
+        crate::telemetry::metrics::install();
         let pool = store::pool(&settings.database)?;
         store::wait_until_reachable(&pool, DATABASE_WAIT).await.with_context(|| {
             format!(
@@ -81,6 +90,11 @@ impl Application {
             })?;
         let port = listener.local_addr()?.port();
         let settings = Arc::new(settings);
+        // Templates are checked here: a broken one stops the start.
+        let notifier = match settings.endpoints_only {
+            true => None,
+            false => Some(Arc::new(Notifier::new(pool.clone(), settings.clone())?)),
+        };
         let state = AppState::new(pool.clone(), mode, settings.clone(), logs);
         let server = api::server(state, listener)?;
         tracing::info!(port, "listening");
@@ -90,6 +104,7 @@ impl Application {
             pool,
             mode,
             scraper,
+            notifier,
             settings,
             cancel: CancellationToken::new(),
         })
@@ -149,19 +164,25 @@ impl Application {
                 self.cancel.clone(),
             )));
         }
+        if let (true, Some(notifier)) = (with_workers, self.notifier.clone()) {
+            workers.push(tokio::spawn(crate::notify::worker::run(
+                notifier,
+                self.cancel.clone(),
+            )));
+        }
         let signals = tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("shutdown requested");
-            stop.stop().await;
+            tokio::spawn(async move { stop.stop().await });
+            wait_for_signal().await;
+            // Safe: everything written commits atomically or not at all.
+            tracing::warn!("second signal: exiting at once");
+            std::process::exit(1);
         });
         let served = self.server.await;
         self.cancel.cancel();
+        stop_workers(workers).await;
         signals.abort();
-        for worker in workers {
-            if let Err(e) = worker.await {
-                tracing::error!(error = %e, "worker ended abnormally");
-            }
-        }
         if let Some(scraper) = &self.scraper {
             scraper.release().await;
         }
@@ -178,10 +199,30 @@ pub struct StopHandle {
 }
 
 impl StopHandle {
-    /// Graceful stop: in-flight requests finish, then the workers stop.
+    /// Graceful stop: no new requests or work are taken, in-flight requests and the
+    /// workers' current steps finish (both at once); returns when the server stopped.
     pub async fn stop(&self) {
-        self.server.stop(true).await;
         self.cancel.cancel();
+        self.server.stop(true).await;
+    }
+}
+
+/// Waits for the cancelled workers, at most [`WORKER_GRACE`], then drops the rest.
+async fn stop_workers(mut workers: Vec<JoinHandle<()>>) {
+    let all = async {
+        for worker in &mut workers {
+            if let Err(e) = worker.await {
+                tracing::error!(error = %e, "worker ended abnormally");
+            }
+        }
+    };
+    if tokio::time::timeout(WORKER_GRACE, all).await.is_err() {
+        let late = workers.iter().filter(|w| !w.is_finished()).count();
+        tracing::warn!(
+            workers = late,
+            "workers did not finish within {WORKER_GRACE:?}: dropping their current step (an open billing transaction rolls back and is billed at the next start)"
+        );
+        workers.iter().for_each(JoinHandle::abort);
     }
 }
 

@@ -1436,13 +1436,19 @@ async fn the_openapi_description_lists_every_endpoint_and_the_doc_page_serves() 
             "/api/credits_history/{project_name}",
             "/api/current_credits/{project_name}",
             "/api/metrics",
+            "/api/notifications/{id}/resend",
             "/api/projects",
             "/api/projects/{project_name}",
             "/api/projects/{project_name}/adjustments",
+            "/api/projects/{project_name}/contacts",
             "/api/projects/{project_name}/grant",
+            "/api/projects/{project_name}/notifications",
             "/api/rules",
             "/health",
+            "/logconfig",
+            "/metrics",
             "/ping",
+            "/stats",
         ]
     );
     assert_eq!(

@@ -7,7 +7,9 @@ mod errors;
 mod health;
 mod history;
 mod input;
+mod notifications;
 mod openapi;
+mod ops;
 mod projects;
 
 pub use errors::ApiError;
@@ -69,6 +71,8 @@ pub fn server(state: AppState, listener: TcpListener) -> std::io::Result<actix_w
     let data = web::Data::new(state);
     let server = HttpServer::new(move || {
         App::new()
+            // inside the request span, so it sees the request id
+            .wrap(actix_web::middleware::from_fn(ops::observe))
             .wrap(TracingLogger::default())
             .app_data(data.clone())
             .configure(routes)
@@ -98,7 +102,15 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/api/projects/{project_name}").get(projects::detail))
         .service(resource("/api/projects/{project_name}/grant").put(projects::grant))
         .service(resource("/api/projects/{project_name}/adjustments").post(projects::adjust))
+        .service(
+            resource("/api/projects/{project_name}/contacts")
+                .put(notifications::set_contacts)
+                .get(notifications::get_contacts),
+        )
+        .service(resource("/api/projects/{project_name}/notifications").get(notifications::list))
+        .service(resource("/api/notifications/{id}/resend").post(notifications::resend))
         .service(resource("/api/billing/run").post(billing_run::run))
+        .configure(ops::routes)
         .configure(openapi::routes);
 }
 

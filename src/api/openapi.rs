@@ -2,7 +2,7 @@
 //! annotations, and the interactive page (`/api/doc`, Swagger UI served from the
 //! binary).
 
-use super::{billing_run, credits, errors, history, projects};
+use super::{billing_run, credits, errors, history, notifications, ops, projects};
 use actix_web::{web, HttpResponse};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi};
@@ -27,7 +27,15 @@ use utoipa_swagger_ui::SwaggerUi;
         projects::detail,
         projects::grant,
         projects::adjust,
+        notifications::set_contacts,
+        notifications::get_contacts,
+        notifications::list,
+        notifications::resend,
         billing_run::run,
+        ops::prometheus,
+        ops::stats,
+        ops::get_logconfig,
+        ops::set_logconfig,
     ),
     components(schemas(errors::ErrorBody)),
     modifiers(&ApiKeyScheme)

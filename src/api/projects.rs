@@ -234,8 +234,17 @@ pub async fn grant(
         .transaction()
         .await
         .context("starting a transaction")?;
-    let outcome =
-        account::set_grant(&tx, project.as_str(), granted, reason, ACTOR, Utc::now()).await?;
+    let thresholds = &state.settings.notification_thresholds;
+    let outcome = account::set_grant(
+        &tx,
+        project.as_str(),
+        granted,
+        reason,
+        ACTOR,
+        Utc::now(),
+        thresholds,
+    )
+    .await?;
     tx.commit().await.context("committing the grant")?;
     tracing::info!(
         project = project.as_str(),
@@ -308,13 +317,22 @@ pub async fn adjust(
         .transaction()
         .await
         .context("starting a transaction")?;
-    let adjustment = account::adjust(&tx, project.as_str(), credits, reason, ACTOR, Utc::now())
-        .await
-        .map_err(|e| match e {
-            AdjustError::UnknownProject(_) => unknown(&project),
-            AdjustError::Overflow => ApiError::BadRequest(e.to_string()),
-            AdjustError::Unexpected(e) => ApiError::Unexpected(e),
-        })?;
+    let thresholds = &state.settings.notification_thresholds;
+    let adjustment = account::adjust(
+        &tx,
+        project.as_str(),
+        credits,
+        reason,
+        ACTOR,
+        Utc::now(),
+        thresholds,
+    )
+    .await
+    .map_err(|e| match e {
+        AdjustError::UnknownProject(_) => unknown(&project),
+        AdjustError::Overflow => ApiError::BadRequest(e.to_string()),
+        AdjustError::Unexpected(e) => ApiError::Unexpected(e),
+    })?;
     tx.commit().await.context("committing the adjustment")?;
     tracing::info!(project = project.as_str(), credits = %credits, reason, "credits adjusted");
     Ok(HttpResponse::Created().json(AdjustmentView {

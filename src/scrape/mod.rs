@@ -198,6 +198,7 @@ impl Scraper {
         }
         .await;
         let duration = clock.elapsed();
+        crate::telemetry::metrics::scrape_finished(&target.name, result.as_ref(), duration);
         let result = match result {
             Ok(outcome) => {
                 tracing::debug!(stored = outcome.stored, duplicates = outcome.duplicates, skipped = ?outcome.skipped, "scraped");

@@ -1,0 +1,259 @@
+//! The service's own metrics, recorded where things happen (one call per event, via
+//! the functions below) and rendered in the Prometheus text format at `GET /metrics`.
+//!
+//! Events of this process (scrapes, billing runs, HTTP requests) go through the
+//! `metrics` facade into one `metrics-exporter-prometheus` recorder, installed once
+//! per process (tests start many services in one process). State that lives in the
+//! database (backlog, lag, series, targets, notifications) is read when `/metrics`
+//! is rendered, by [`super::snapshot`], so every replica reports the same truth.
+
+use crate::billing::engine::BillingSummary;
+use crate::scrape::ingest::IngestOutcome;
+use crate::scrape::ScrapeError;
+use chrono::{DateTime, Utc};
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+/// Histogram buckets in seconds, from a fast HTTP answer to a long billing run.
+/// Without buckets the exporter would render summaries.
+const BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0,
+];
+
+/// How often histogram data is folded into the buckets (the exporter leaves that to
+/// its user when it runs without its own HTTP listener).
+const UPKEEP: Duration = Duration::from_secs(5);
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the recorder on first use and returns its handle; later calls (another
+/// service in the same test process) get the same handle.
+pub fn install() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(BUCKETS)
+            // Infallible: it fails only for an empty bucket list, and BUCKETS is not.
+            .expect("histogram buckets are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        if let Err(e) = metrics::set_global_recorder(recorder) {
+            tracing::warn!(error = %e, "another metrics recorder is installed: /metrics shows only the database state");
+        }
+        describe();
+        let upkeep = handle.clone();
+        let spawned = std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || loop {
+                std::thread::sleep(UPKEEP);
+                upkeep.run_upkeep();
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no metrics upkeep thread: histograms fold only when rendered");
+        }
+        handle
+    })
+}
+
+/// This process's metrics in the Prometheus text format.
+pub fn render() -> String {
+    let mut text = install().render();
+    let billed = lock(&CREDITS_BILLED).to_string();
+    text.push_str(&format!(
+        "# HELP os_credits_credits_billed_total Credits charged by billing runs of this process (exact sum).\n\
+         # TYPE os_credits_credits_billed_total counter\n\
+         os_credits_credits_billed_total {billed}\n"
+    ));
+    text
+}
+
+fn describe() {
+    describe_counter!(
+        "os_credits_scrapes_total",
+        "Scrape attempts by target and outcome (success, unreachable, bad_status, too_large, not_utf8, unparseable, store_failed)."
+    );
+    describe_histogram!(
+        "os_credits_scrape_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time of one scrape (fetch, parse, store) by target."
+    );
+    describe_counter!(
+        "os_credits_samples_stored_total",
+        "Samples stored by target."
+    );
+    describe_counter!(
+        "os_credits_samples_duplicate_total",
+        "Samples not stored because they were stored already, by target."
+    );
+    describe_counter!(
+        "os_credits_billing_runs_total",
+        "Billing runs by outcome (success, failure)."
+    );
+    describe_histogram!(
+        "os_credits_billing_run_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time of one billing run over every project."
+    );
+    describe_counter!(
+        "os_credits_billing_projects_total",
+        "Projects handled by billing runs, by outcome (billed, skipped: another replica held it, failed)."
+    );
+    describe_counter!(
+        "os_credits_samples_billed_total",
+        "Samples consumed by billing runs."
+    );
+    describe_counter!(
+        "os_credits_ledger_rows_total",
+        "Usage ledger rows written by billing runs."
+    );
+    describe_gauge!(
+        "os_credits_billing_last_run_timestamp_seconds",
+        metrics::Unit::Seconds,
+        "When the last billing run of this process finished (Unix time), by outcome."
+    );
+    describe_counter!(
+        "os_credits_http_requests_total",
+        "HTTP requests by method, route template (unmatched for unknown paths) and status."
+    );
+    describe_histogram!(
+        "os_credits_http_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time to the response head by method and route template."
+    );
+    describe_counter!(
+        "os_credits_notification_attempts_total",
+        "Delivery attempts of notifications by channel (email, webhook) and outcome."
+    );
+}
+
+/// One scrape ended (`outcome` is what `scrape_target` got before recording it).
+pub fn scrape_finished(
+    target: &str,
+    outcome: Result<&IngestOutcome, &ScrapeError>,
+    duration: Duration,
+) {
+    let target = target.to_owned();
+    let result = match outcome {
+        Ok(ingested) => {
+            counter!("os_credits_samples_stored_total", "target" => target.clone())
+                .increment(ingested.stored);
+            counter!("os_credits_samples_duplicate_total", "target" => target.clone())
+                .increment(ingested.duplicates);
+            "success"
+        }
+        Err(e) => scrape_failure(e),
+    };
+    histogram!("os_credits_scrape_duration_seconds", "target" => target.clone())
+        .record(duration.as_secs_f64());
+    counter!("os_credits_scrapes_total", "target" => target, "outcome" => result).increment(1);
+}
+
+/// The `outcome` label of a failed scrape: a few fixed words, never the message.
+fn scrape_failure(error: &ScrapeError) -> &'static str {
+    match error {
+        ScrapeError::Fetch(_) => "unreachable",
+        ScrapeError::Status(_) => "bad_status",
+        ScrapeError::TooLarge(_) => "too_large",
+        ScrapeError::NotUtf8 => "not_utf8",
+        ScrapeError::Parse(_) => "unparseable",
+        ScrapeError::Store(_) => "store_failed",
+    }
+}
+
+/// What `/stats` shows of the last billing run of this process.
+#[derive(Debug, Clone, Serialize)]
+pub struct LastBillingRun {
+    /// When it ended.
+    pub finished_at: DateTime<Utc>,
+    /// `success` or `failure`.
+    pub outcome: &'static str,
+    /// What it did (a successful run).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<BillingSummary>,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+static LAST_BILLING_RUN: Mutex<Option<LastBillingRun>> = Mutex::new(None);
+static CREDITS_BILLED: Mutex<Decimal> = Mutex::new(Decimal::ZERO);
+
+/// Locks a mutex that holds plain values, which a panicking holder cannot leave
+/// half-written.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A billing run ended.
+pub fn billing_run_finished(summary: &BillingSummary) {
+    counter!("os_credits_billing_runs_total", "outcome" => "success").increment(1);
+    histogram!("os_credits_billing_run_duration_seconds")
+        .record(Duration::from_millis(summary.duration_ms).as_secs_f64());
+    for (outcome, n) in [
+        ("billed", summary.projects_billed),
+        ("skipped", summary.projects_skipped),
+        ("failed", summary.projects_failed),
+    ] {
+        counter!("os_credits_billing_projects_total", "outcome" => outcome).increment(n);
+    }
+    counter!("os_credits_samples_billed_total").increment(summary.samples_billed);
+    counter!("os_credits_ledger_rows_total").increment(summary.ledger_rows);
+    {
+        let mut billed = lock(&CREDITS_BILLED);
+        *billed = billed.saturating_add(summary.credits_billed);
+    }
+    remember(LastBillingRun {
+        finished_at: Utc::now(),
+        outcome: "success",
+        summary: Some(summary.clone()),
+        error: None,
+    });
+}
+
+/// A billing run failed before it could bill anything (projects are billed or
+/// failed one by one inside a run, see [`billing_run_finished`]).
+pub fn billing_run_failed(error: &anyhow::Error) {
+    counter!("os_credits_billing_runs_total", "outcome" => "failure").increment(1);
+    remember(LastBillingRun {
+        finished_at: Utc::now(),
+        outcome: "failure",
+        summary: None,
+        error: Some(format!("{error:#}")),
+    });
+}
+
+fn remember(run: LastBillingRun) {
+    gauge!("os_credits_billing_last_run_timestamp_seconds", "outcome" => run.outcome)
+        .set(run.finished_at.timestamp_millis() as f64 / 1000.0);
+    *lock(&LAST_BILLING_RUN) = Some(run);
+}
+
+/// The last billing run of this process, if any ran since it started.
+pub fn last_billing_run() -> Option<LastBillingRun> {
+    lock(&LAST_BILLING_RUN).clone()
+}
+
+/// One HTTP request was answered. `route` is the matched route template (never the
+/// raw path, which would make a series per project name).
+pub fn http_request(method: &str, route: Option<String>, status: u16, duration: Duration) {
+    let route = route.unwrap_or_else(|| "unmatched".to_owned());
+    histogram!("os_credits_http_request_duration_seconds", "method" => method.to_owned(), "route" => route.clone())
+        .record(duration.as_secs_f64());
+    counter!("os_credits_http_requests_total", "method" => method.to_owned(), "route" => route, "status" => status.to_string())
+        .increment(1);
+}
+
+/// One attempt to deliver a notification ended: `channel` is `email` or `webhook`,
+/// `outcome` one of a few fixed words (`sent`, `retry`, `failed`, …), never an
+/// error message. For the notification sender to call; the delivery states in the
+/// database are reported at render time anyway.
+pub fn notification_attempt(channel: &'static str, outcome: &'static str) {
+    counter!("os_credits_notification_attempts_total", "channel" => channel, "outcome" => outcome)
+        .increment(1);
+}
