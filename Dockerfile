@@ -4,6 +4,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY sql sql
+COPY templates templates
 COPY benches benches
 RUN cargo build --release --locked --bin os-credits
 

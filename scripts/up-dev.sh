@@ -36,7 +36,9 @@ up_compose() {
     log "waiting up to ${COMPOSE_TIMEOUT}s for $SERVICE_URL/health (the first start compiles)"
     wait_for_http "$SERVICE_URL/health" "$COMPOSE_TIMEOUT" ||
         die "the service did not become healthy; see: docker compose logs os-credits"
-    print_urls "docker compose" "  logs           docker compose logs -f
+    print_urls "docker compose" "  grafana        http://127.0.0.1:${GRAFANA_PORT:-3000}/ (dashboards: folder os-credits)
+  mail catcher   http://127.0.0.1:${MAILPIT_UI_PORT:-8025}/
+  logs           docker compose logs -f
 "
 }
 

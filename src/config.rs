@@ -8,6 +8,7 @@ use crate::domain::{MetricName, Price};
 use crate::notify::thresholds::{self, Threshold};
 use lettre::message::Mailbox;
 use rust_decimal::Decimal;
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -211,6 +212,54 @@ pub enum LogFormat {
     Json,
 }
 
+/// Every environment variable the service reads: `Settings::from_vars` reads all but
+/// `RUST_LOG`, which the telemetry reads. `.default.env`, the compose file and the
+/// README are checked against this list (`tests/config_agreement.rs`).
+pub const SETTINGS: &[&str] = &[
+    "POSTGRES_HOST",
+    "POSTGRES_PORT",
+    "POSTGRES_USER",
+    "POSTGRES_PASSWORD",
+    "POSTGRES_DB",
+    "POSTGRES_POOL_SIZE",
+    "CREDITS_HOST",
+    "CREDITS_PORT",
+    "API_KEY",
+    "ENDPOINTS_ONLY",
+    "METRICS_TO_BILL",
+    "OS_CREDITS_PROJECT_WHITELIST",
+    "OS_CREDITS_PRECISION",
+    "OS_CREDITS_WORKERS",
+    "SCRAPE_TARGETS",
+    "SCRAPE_INTERVAL",
+    "SCRAPE_TIMEOUT",
+    "SCRAPE_MAX_BYTES",
+    "PROJECT_LABEL",
+    "SAMPLES_RETENTION_DAYS",
+    "BILLING_INTERVAL",
+    "BILLING_RULES_FILE",
+    "FORECAST_WINDOW_HOURS",
+    "API_CONTACT_BASE_URL",
+    "API_CONTACT_KEY",
+    "NOTIFICATION_THRESHOLDS",
+    "MAIL_SMTP_SERVER",
+    "MAIL_SMTP_PORT",
+    "MAIL_SMTP_TLS",
+    "MAIL_NOT_STARTTLS",
+    "MAIL_SMTP_USER",
+    "MAIL_SMTP_PASSWORD",
+    "MAIL_SMTP_TIMEOUT",
+    "MAIL_FROM",
+    "MAIL_FILE_DIR",
+    "MAIL_TEMPLATE_DIR",
+    "NOTIFICATION_TO_OVERWRITE",
+    "CLOUD_GOVERNANCE_MAIL",
+    "MAIL_CONTACT_URL",
+    "PUBLIC_BASE_URL",
+    "LOG_FORMAT",
+    "RUST_LOG",
+];
+
 /// Default `METRICS_TO_BILL`, the old service's prices.
 pub const DEFAULT_METRICS_TO_BILL: &str = r#"{"project_vcpu_usage": 1.0, "project_mb_usage": 0.3}"#;
 
@@ -224,7 +273,10 @@ impl Settings {
     pub fn from_vars(
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, SettingError> {
-        let env = Env(vars.into_iter().collect());
+        Self::read(&Env::new(vars))
+    }
+
+    fn read(env: &Env) -> Result<Self, SettingError> {
         let settings = Settings {
             database: DatabaseSettings {
                 host: env.string("POSTGRES_HOST", "localhost"),
@@ -282,8 +334,8 @@ impl Settings {
                 &env.string("NOTIFICATION_THRESHOLDS", "0.5,1.0"),
             )
             .map_err(|e| bad("NOTIFICATION_THRESHOLDS", e))?,
-            mail: parse_mail(&env)?,
-            public_base_url: http_url(&env, "PUBLIC_BASE_URL")?,
+            mail: parse_mail(env)?,
+            public_base_url: http_url(env, "PUBLIC_BASE_URL")?,
             billing_rules_file: env.get("BILLING_RULES_FILE").map(PathBuf::from),
             rules: Arc::new(Rules::default()),
             log_format: match env
@@ -311,12 +363,33 @@ impl Settings {
 }
 
 /// Environment lookups with the error messages the settings share.
-struct Env(HashMap<String, String>);
+struct Env {
+    vars: HashMap<String, String>,
+    /// Every name looked up, so a test can hold `SETTINGS` to what is really read.
+    read: RefCell<BTreeSet<String>>,
+}
 
 impl Env {
+    fn new(vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        Self {
+            vars: vars.into_iter().collect(),
+            read: RefCell::default(),
+        }
+    }
+
+    /// Whether the variable is set at all, even to an empty value.
+    fn is_present(&self, name: &str) -> bool {
+        self.read.borrow_mut().insert(name.to_owned());
+        self.vars.contains_key(name)
+    }
+
     /// The trimmed value, or `None` when unset or empty.
     fn get(&self, name: &str) -> Option<&str> {
-        self.0.get(name).map(|v| v.trim()).filter(|v| !v.is_empty())
+        self.read.borrow_mut().insert(name.to_owned());
+        self.vars
+            .get(name)
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
     }
 
     fn string(&self, name: &str, default: &str) -> String {
@@ -456,7 +529,7 @@ fn parse_mail(env: &Env) -> Result<MailSettings, SettingError> {
     };
     // As the old service: the variable being present (even empty) skips STARTTLS.
     let not_starttls =
-        env.0.contains_key("MAIL_NOT_STARTTLS") && env.boolean("MAIL_NOT_STARTTLS", true)?;
+        env.is_present("MAIL_NOT_STARTTLS") && env.boolean("MAIL_NOT_STARTTLS", true)?;
     let tls = match (tls, not_starttls) {
         (Some(SmtpTls::Starttls), true) => {
             return Err(bad(
@@ -568,6 +641,21 @@ mod tests {
 
     fn settings(vars: &[(&str, &str)]) -> Result<Settings, SettingError> {
         Settings::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn settings_lists_exactly_the_variables_that_are_read() {
+        // With nothing set every setting falls back to its default: each is looked up.
+        let env = Env::new(Vec::new());
+        Settings::read(&env).expect("defaults are valid");
+        let read = env.read.into_inner();
+        let listed: BTreeSet<String> = SETTINGS
+            .iter()
+            .filter(|name| **name != "RUST_LOG")
+            .map(|name| name.to_string())
+            .collect();
+        assert_eq!(read, listed, "SETTINGS and the lookups of from_vars differ");
+        assert_eq!(SETTINGS.len(), listed.len() + 1, "SETTINGS has duplicates");
     }
 
     #[test]
