@@ -7,6 +7,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 export_test_postgres
+bash "$ROOT/scripts/ensure-chromium.sh"
 cd "$ROOT"
 log "cargo test (unit, integration and doc tests; benches run with make bench)"
 cargo test

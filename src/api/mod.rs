@@ -10,6 +10,7 @@ mod input;
 mod notifications;
 mod openapi;
 mod ops;
+mod page;
 mod projects;
 
 pub use errors::ApiError;
@@ -97,6 +98,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/api/costs_per_hour").post(credits::costs_per_hour))
         .service(resource("/api/current_credits/{project_name}").get(credits::current_credits))
         .service(resource("/api/credits_history/{project_name}").get(history::credits_history))
+        .service(resource("/credits_history/{project_name}").get(page::history_page))
         .service(resource("/api/rules").get(credits::rules))
         .service(resource("/api/projects").get(projects::list))
         .service(resource("/api/projects/{project_name}").get(projects::detail))
