@@ -5,6 +5,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY sql sql
 COPY templates templates
+COPY static static
 COPY benches benches
 RUN cargo build --release --locked --bin os-credits
 

@@ -33,17 +33,22 @@ pub fn write_series_key<'a>(
         }
         out.push_str(name);
         out.push_str("=\"");
-        for c in value.chars() {
-            match c {
-                '\\' => out.push_str("\\\\"),
-                '"' => out.push_str("\\\""),
-                '\n' => out.push_str("\\n"),
-                c => out.push(c),
-            }
-        }
+        push_escaped_label_value(out, value);
         out.push('"');
     }
     out.push('}');
+}
+
+/// Appends a label value escaped as the exposition format requires (`\\`, `\"`, `\n`).
+pub fn push_escaped_label_value(out: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
 }
 
 /// What the ingest path knows about series: ids by key and the newest stored sample

@@ -256,14 +256,7 @@ fn sample(out: &mut String, name: &str, labels: &[(&str, String)], value: f64) {
             }
             out.push_str(key);
             out.push_str("=\"");
-            for c in value.chars() {
-                match c {
-                    '\\' => out.push_str("\\\\"),
-                    '"' => out.push_str("\\\""),
-                    '\n' => out.push_str("\\n"),
-                    c => out.push(c),
-                }
-            }
+            crate::store::series::push_escaped_label_value(out, value);
             out.push('"');
         }
         out.push('}');
