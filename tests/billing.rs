@@ -21,6 +21,14 @@ fn t0() -> DateTime<Utc> {
     "2026-03-01T00:00:00Z".parse().expect("time")
 }
 
+/// Samples given as (seconds after t0, value), as stored times.
+fn at_offsets(samples: &[(i64, f64)]) -> Vec<(DateTime<Utc>, f64)> {
+    samples
+        .iter()
+        .map(|(seconds, value)| (t0() + ChronoDuration::seconds(*seconds), *value))
+        .collect()
+}
+
 /// Stores a series with samples at t0 + seconds; returns its id.
 async fn seed(app: &TestApp, metric: &str, labels: &[(&str, &str)], samples: &[(i64, f64)]) -> i64 {
     let client = app.db.connect().await;
@@ -46,16 +54,7 @@ async fn seed(app: &TestApp, metric: &str, labels: &[(&str, &str)], samples: &[(
         )
         .await
         .expect("insert project");
-    for (seconds, value) in samples {
-        let time = t0() + ChronoDuration::seconds(*seconds);
-        client
-            .execute(
-                "INSERT INTO usage_samples (series_id, time, value) VALUES ($1, $2, $3)",
-                &[&id, &time, value],
-            )
-            .await
-            .expect("insert sample");
-    }
+    common::insert_samples(&client, id, &at_offsets(samples)).await;
     id
 }
 
@@ -159,16 +158,7 @@ async fn new_samples_after_a_run_are_billed_from_the_cursor() {
     bill(&app, &[]).await;
 
     let client = app.db.connect().await;
-    for (seconds, value) in [(120, 2.5), (180, 4.0)] {
-        let time = t0() + ChronoDuration::seconds(seconds);
-        client
-            .execute(
-                "INSERT INTO usage_samples (series_id, time, value) VALUES ($1, $2, $3)",
-                &[&id, &time, &value],
-            )
-            .await
-            .expect("insert");
-    }
+    common::insert_samples(&client, id, &at_offsets(&[(120, 2.5), (180, 4.0)])).await;
     bill(&app, &[]).await;
 
     assert_eq!(used(&app, "alpha").await, dec("3"));
@@ -350,15 +340,8 @@ async fn billing_in_many_small_runs_equals_one_big_run() {
     )
     .await;
     let client = stepwise.db.connect().await;
-    for (seconds, value) in &values[1..] {
-        let time = t0() + ChronoDuration::seconds(*seconds);
-        client
-            .execute(
-                "INSERT INTO usage_samples (series_id, time, value) VALUES ($1, $2, $3)",
-                &[&id, &time, value],
-            )
-            .await
-            .expect("insert");
+    for sample in at_offsets(&values[1..]) {
+        common::insert_samples(&client, id, &[sample]).await;
         bill(&stepwise, &[]).await;
     }
 

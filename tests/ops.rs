@@ -6,7 +6,6 @@ mod common;
 use common::exporter::{Answer, FixtureExporter};
 use common::{spawn_app, TestApp, TestDb};
 use os_credits::config::Settings;
-use os_credits::startup::Application;
 use os_credits::telemetry::LogHandle;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -19,34 +18,8 @@ const KEY: &str = "ops-key-0815";
 /// Starts the service like `spawn_app`, with a log filter `/logconfig` can change
 /// (not installed as the process's subscriber, which belongs to the test harness).
 async fn spawn_app_with_logs(vars: &[(&str, &str)]) -> TestApp {
-    let db = TestDb::create().await;
-    let mut all = db.vars();
-    all.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let settings = Settings::from_vars(all).expect("test settings are valid");
     let logs = LogHandle::detached("info").expect("a valid filter");
-    let app = Application::build(settings, Some(logs))
-        .await
-        .expect("application builds");
-    let address = format!("http://127.0.0.1:{}", app.port());
-    let (app_pool, scraper, stop, mode) = (
-        app.pool().clone(),
-        app.scraper(),
-        app.stop_handle(),
-        app.storage_mode(),
-    );
-    let task = tokio::spawn(async move {
-        app.run_without_workers().await.expect("application runs");
-    });
-    TestApp {
-        address,
-        db,
-        app_pool,
-        scraper,
-        http: reqwest::Client::new(),
-        stop,
-        task,
-        mode,
-    }
+    common::spawn_app_with(TestDb::create().await, vars, false, Some(logs)).await
 }
 
 /// One scrape target named `name` serving two projects' vCPU counters.

@@ -169,6 +169,16 @@ pub async fn spawn_app(vars: &[(&str, &str)]) -> TestApp {
 
 /// Like `spawn_app` on a given database; `with_workers` runs the scrape loop too.
 pub async fn spawn_app_on(db: TestDb, vars: &[(&str, &str)], with_workers: bool) -> TestApp {
+    spawn_app_with(db, vars, with_workers, None).await
+}
+
+/// Like `spawn_app_on`, with a run-time log filter handle for the service.
+pub async fn spawn_app_with(
+    db: TestDb,
+    vars: &[(&str, &str)],
+    with_workers: bool,
+    logs: Option<os_credits::telemetry::LogHandle>,
+) -> TestApp {
     // Logs show with `TEST_LOG=debug cargo test -- --nocapture`.
     if let Ok(filter) = std::env::var("TEST_LOG") {
         let _ = tracing_subscriber::fmt()
@@ -179,7 +189,7 @@ pub async fn spawn_app_on(db: TestDb, vars: &[(&str, &str)], with_workers: bool)
     let mut all = db.vars();
     all.extend(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let settings = Settings::from_vars(all).expect("test settings are valid");
-    let app = Application::build(settings, None)
+    let app = Application::build(settings, logs)
         .await
         .expect("application builds");
     let address = format!("http://127.0.0.1:{}", app.port());
@@ -283,6 +293,23 @@ impl TestApp {
             .as_array()
             .and_then(|targets| targets.iter().find(|t| t["name"] == name).cloned())
             .unwrap_or_else(|| panic!("target {name} not in {health}"))
+    }
+}
+
+/// Stores samples `(time, value)` of a series.
+pub async fn insert_samples(
+    client: &tokio_postgres::Client,
+    series_id: i64,
+    samples: &[(chrono::DateTime<chrono::Utc>, f64)],
+) {
+    for (time, value) in samples {
+        client
+            .execute(
+                "INSERT INTO usage_samples (series_id, time, value) VALUES ($1, $2, $3)",
+                &[&series_id, time, value],
+            )
+            .await
+            .expect("insert sample");
     }
 }
 
