@@ -152,3 +152,149 @@ async fn health_is_degraded_while_billing_has_not_completed_for_two_intervals() 
     health_where(&app, "billing to complete again", |h| h["status"] == "ok").await;
     assert_invariants(&app.db.connect().await).await;
 }
+
+fn usage(lines: &[(&str, &str, &str)]) -> String {
+    let mut body =
+        String::from("# TYPE project_vcpu_usage counter\n# TYPE project_mb_usage counter\n");
+    for (metric, project, value) in lines {
+        body.push_str(&format!("{metric}{{project_name=\"{project}\"}} {value}\n"));
+    }
+    body
+}
+
+/// Waits until every series has been scraped after now (so the exporter's current
+/// answer is stored) and billing has consumed those samples.
+async fn billed_up_to_now(app: &TestApp) {
+    let db = app.db.connect().await;
+    let now = chrono::Utc::now();
+    let newest = eventually(WAIT, "a scrape of every series", || async {
+        let row = db
+            .query_one(
+                "SELECT min(newest), max(newest) FROM (
+                     SELECT (SELECT max(time) FROM usage_samples u WHERE u.series_id = s.id) AS newest
+                     FROM series s) n",
+                &[],
+            )
+            .await
+            .expect("newest samples");
+        let (oldest, newest): (Option<chrono::DateTime<chrono::Utc>>, Option<chrono::DateTime<chrono::Utc>>) = (row.get(0), row.get(1));
+        oldest.filter(|t| *t > now).and(newest)
+    })
+    .await;
+    eventually(WAIT, "billing to pass the newest sample", || async {
+        let behind: i64 = db
+            .query_one(
+                "SELECT count(*) FROM series s LEFT JOIN billing_cursors c ON c.series_id = s.id
+                 WHERE c.last_time IS NULL OR c.last_time < $1",
+                &[&newest],
+            )
+            .await
+            .expect("cursors")
+            .get(0);
+        (behind == 0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_value_no_decimal_holds_is_quarantined_and_the_series_goes_on_billing() {
+    let exporter = FixtureExporter::start(Answer::ok(usage(&[
+        ("project_vcpu_usage", "Alpha", "1"),
+        ("project_mb_usage", "Alpha", "10"),
+    ])))
+    .await;
+    let app = running_app(&exporter, &[]).await;
+    billed_up_to_now(&app).await;
+    let before = used(&app, "Alpha").await;
+
+    exporter.set(Answer::ok(usage(&[
+        ("project_vcpu_usage", "Alpha", "1e30"),
+        ("project_mb_usage", "Alpha", "20"),
+    ])));
+    let detail = eventually(WAIT, "the sample quarantined", || async {
+        let detail: Value = app.get("/api/projects/Alpha").await.json().await.ok()?;
+        (detail["quarantined_samples"].as_array()?.len() > 0).then_some(detail)
+    })
+    .await;
+    let quarantined = &detail["quarantined_samples"][0];
+    assert_eq!(quarantined["metric"], "project_vcpu_usage", "{detail}");
+    assert_eq!(quarantined["value"], "1e30", "{detail}");
+    assert!(
+        quarantined["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("decimal range"),
+        "{detail}"
+    );
+
+    // Across the quarantined value nothing is billed: 3 is the new baseline, 3 → 5
+    // bills 2; the project's other series bills all along (10 → 20 at 0.3).
+    exporter.set(Answer::ok(usage(&[
+        ("project_vcpu_usage", "Alpha", "3"),
+        ("project_mb_usage", "Alpha", "20"),
+    ])));
+    billed_up_to_now(&app).await;
+    exporter.set(Answer::ok(usage(&[
+        ("project_vcpu_usage", "Alpha", "5"),
+        ("project_mb_usage", "Alpha", "20"),
+    ])));
+    billed_up_to_now(&app).await;
+    assert_eq!(used(&app, "Alpha").await - before, Decimal::new(50, 1));
+
+    let health = app.health().await;
+    assert_eq!(health["status"], "ok", "{health}");
+    let metrics = app.get("/metrics").await.text().await.expect("metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("os_credits_quarantined_samples{metric=\"project_vcpu_usage\"}")),
+        "{metrics}"
+    );
+    assert_invariants(&app.db.connect().await).await;
+}
+
+#[tokio::test]
+async fn huge_but_exact_increases_of_two_projects_do_not_stop_billing() {
+    // 0 → 5e28 in two projects: each charge fits a decimal, their sum does not
+    // (this panicked the billing loop for good).
+    let exporter = FixtureExporter::start(Answer::ok(usage(&[
+        ("project_vcpu_usage", "Alpha", "0"),
+        ("project_vcpu_usage", "Beta", "0"),
+    ])))
+    .await;
+    let app = running_app(&exporter, &[]).await;
+    billed_up_to_now(&app).await;
+    exporter.set(Answer::ok(usage(&[
+        ("project_vcpu_usage", "Alpha", "5e28"),
+        ("project_vcpu_usage", "Beta", "5e28"),
+    ])));
+    billed_up_to_now(&app).await;
+    let huge: Decimal = "50000000000000000000000000000".parse().expect("decimal");
+    assert_eq!(used(&app, "Alpha").await, huge);
+    assert_eq!(used(&app, "Beta").await, huge);
+
+    // Billing goes on: a further 4e28 would take Alpha beyond the decimal range and
+    // is quarantined; Beta's small increase bills.
+    exporter.set(Answer::ok(usage(&[
+        ("project_vcpu_usage", "Alpha", "9e28"),
+        (
+            "project_vcpu_usage",
+            "Beta",
+            "50000000000000010000000000000",
+        ),
+    ])));
+    billed_up_to_now(&app).await;
+    let health = app.health().await;
+    assert_eq!(health["status"], "ok", "{health}");
+    assert!(used(&app, "Beta").await > huge);
+    assert_eq!(used(&app, "Alpha").await, huge);
+    let metrics = app.get("/metrics").await.text().await.expect("metrics");
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("os_credits_worker_failures_total{")
+                && l.contains("kind=\"panic\"")),
+        "no worker panicked:\n{metrics}"
+    );
+    assert_invariants(&app.db.connect().await).await;
+}

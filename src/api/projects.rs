@@ -8,6 +8,7 @@ use super::input::{credits_text, decimal_from_json, ProjectName};
 use super::{ApiError, AppState};
 use crate::billing::account::{self, AdjustError, Balance};
 use crate::billing::money::round_credits;
+use crate::billing::quarantine::{self, QuarantinedView};
 use actix_web::{web, HttpResponse};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -80,6 +81,9 @@ pub struct DetailView {
     counter_decreases: Vec<DecreaseView>,
     /// The latest 100 unbilled gauge gaps, newest first.
     unbilled_gaps: Vec<GapView>,
+    /// The latest 100 samples billing could not charge and passed (quarantined),
+    /// newest first.
+    quarantined_samples: Vec<QuarantinedView>,
 }
 
 /// How far billing has come for one metric.
@@ -182,6 +186,7 @@ pub async fn detail(
                 to_time: g.to_time,
             })
             .collect(),
+        quarantined_samples: quarantine::latest(&client, project.as_str(), 100).await?,
     };
     Ok(HttpResponse::Ok().json(view))
 }

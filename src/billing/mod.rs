@@ -9,5 +9,6 @@ pub mod charge;
 pub mod engine;
 pub mod money;
 pub mod portal;
+pub mod quarantine;
 pub mod rules;
 pub mod worker;

@@ -40,6 +40,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0005_notifications.sql",
         sql: include_str!("../../sql/0005_notifications.sql"),
     },
+    Migration {
+        version: 6,
+        name: "0006_quarantine.sql",
+        sql: include_str!("../../sql/0006_quarantine.sql"),
+    },
 ];
 
 /// Arbitrary but fixed key of the advisory lock that serialises migrations.
