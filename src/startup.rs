@@ -244,7 +244,7 @@ impl Application {
             let http = reqwest::Client::builder().build()?;
             handles.push(self.workers.spawn(
                 "grant_sync",
-                settings.billing_interval,
+                settings.api_contact_sync_interval,
                 backoff,
                 cancel.clone(),
                 move || billing::worker::sync_grants(pool.clone(), s.clone(), http.clone()),

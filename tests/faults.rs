@@ -298,3 +298,99 @@ async fn huge_but_exact_increases_of_two_projects_do_not_stop_billing() {
     );
     assert_invariants(&app.db.connect().await).await;
 }
+
+/// A portal on loopback that accepts connections and never answers.
+async fn silent_portal() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    (url, task)
+}
+
+/// A portal on loopback that answers 200 with an endless body of digits.
+async fn endless_portal() -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = [0u8; 4096];
+                let _ = stream.read(&mut head).await;
+                let chunk = vec![b'1'; 64 * 1024];
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+                    .await;
+                // Until the client hangs up (1 GiB at most).
+                for _ in 0..16 * 1024 {
+                    if stream.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, task)
+}
+
+/// Billing goes on with the last known grants while grant sync fails with `cause`.
+async fn billing_goes_on_while_the_portal_fails(portal: &str, cause: &str) {
+    let exporter = FixtureExporter::start(Answer::ok(vcpu("Alpha", "1"))).await;
+    let app = running_app(
+        &exporter,
+        &[
+            ("API_CONTACT_BASE_URL", portal),
+            ("API_CONTACT_SYNC_INTERVAL", "0.5"),
+            ("API_CONTACT_SYNC_DEADLINE", "2"),
+        ],
+    )
+    .await;
+    let failing = health_where(&app, "grant sync to fail", |h| {
+        h["workers"]["grant_sync"]["consecutive_failures"].as_u64() >= Some(1)
+    })
+    .await;
+    assert_eq!(failing["status"], "degraded", "{failing}");
+    let error = failing["workers"]["grant_sync"]["last_error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.contains(cause), "{cause} expected in {failing}");
+
+    // Billing is its own worker: it keeps completing runs and billing usage.
+    billed_up_to_now(&app).await;
+    let before = used(&app, "Alpha").await;
+    exporter.set(Answer::ok(vcpu("Alpha", "4")));
+    billed_up_to_now(&app).await;
+    assert_eq!(used(&app, "Alpha").await - before, Decimal::from(3));
+    let health = app.health().await;
+    assert_eq!(billing(&health)["consecutive_failures"], 0, "{health}");
+    let metrics = app.get("/metrics").await.text().await.expect("metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("os_credits_worker_failures_total{")
+                && l.contains("worker=\"grant_sync\"")),
+        "{metrics}"
+    );
+    assert_invariants(&app.db.connect().await).await;
+}
+
+#[tokio::test]
+async fn a_portal_that_never_answers_fails_grant_sync_rounds_not_billing() {
+    let (portal, _task) = silent_portal().await;
+    billing_goes_on_while_the_portal_fails(&portal, "API_CONTACT_SYNC_DEADLINE").await;
+}
+
+#[tokio::test]
+async fn an_endless_portal_answer_is_cut_off_at_the_size_limit() {
+    let (portal, _task) = endless_portal().await;
+    billing_goes_on_while_the_portal_fails(&portal, "larger than 65536 bytes").await;
+}
