@@ -394,3 +394,233 @@ async fn an_endless_portal_answer_is_cut_off_at_the_size_limit() {
     let (portal, _task) = endless_portal().await;
     billing_goes_on_while_the_portal_fails(&portal, "larger than 65536 bytes").await;
 }
+
+/// A real replica process (the binary), continued and killed when dropped.
+struct Replica {
+    child: std::process::Child,
+}
+
+impl Replica {
+    fn start(db: &TestDb, vars: &[(&str, &str)]) -> Self {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_os-credits"))
+            .arg("serve")
+            .envs(db.vars())
+            .envs(vars.iter().copied())
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the replica");
+        Self { child }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "{signal} sent");
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.signal("-CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Projects another session holds locked (tried without waiting).
+async fn locked_projects(db: &mut tokio_postgres::Client) -> Vec<String> {
+    let tx = db.transaction().await.expect("begin");
+    let rows = tx
+        .query(
+            "SELECT name FROM projects WHERE name NOT IN (
+                 SELECT name FROM projects FOR UPDATE SKIP LOCKED) ORDER BY name",
+            &[],
+        )
+        .await
+        .expect("probe the locks");
+    tx.rollback().await.expect("rollback");
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+#[tokio::test]
+async fn a_replica_frozen_inside_a_billing_transaction_does_not_freeze_the_other() {
+    const KEY: &str = "fault-key";
+    let app = spawn_app_on(
+        TestDb::create().await,
+        &[
+            ("API_KEY", KEY),
+            ("POSTGRES_LOCK_TIMEOUT", "0.5"),
+            ("ENDPOINTS_ONLY", "true"),
+        ],
+        false,
+    )
+    .await;
+    let mut db = app.db.connect().await;
+    // A backlog that keeps the other replica inside billing transactions for a while:
+    // 3,000 projects, each a counter 1 → 40 (39 credits).
+    db.batch_execute(
+        "INSERT INTO projects (name) SELECT 'p' || i FROM generate_series(1, 3000) i;
+         INSERT INTO series (metric, labels, series_key, project)
+           SELECT 'project_vcpu_usage', jsonb_build_object('project_name', 'p' || i),
+                  'project_vcpu_usage{project_name=\"p' || i || '\"}', 'p' || i
+           FROM generate_series(1, 3000) i;
+         INSERT INTO usage_samples (series_id, time, value)
+           SELECT s.id, now() - interval '2 hours' + j * interval '1 minute', j
+           FROM series s, generate_series(1, 40) j;",
+    )
+    .await
+    .expect("seed the backlog");
+
+    let replica = Replica::start(
+        &app.db,
+        &[
+            ("BILLING_INTERVAL", "0.2"),
+            ("OS_CREDITS_WORKERS", "1"),
+            ("POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT", "6"),
+        ],
+    );
+    // Freeze it inside a billing transaction: stopped while its session holds
+    // project locks and waits for it (`idle in transaction`).
+    let mut locked = Vec::new();
+    for _ in 0..200 {
+        let billing = eventually(Duration::from_secs(60), "the replica to bill", || async {
+            let frozen: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM projects WHERE last_billed_at IS NOT NULL",
+                    &[],
+                )
+                .await
+                .expect("progress")
+                .get(0);
+            (frozen > 0).then_some(())
+        });
+        billing.await;
+        replica.signal("-STOP");
+        let idle = eventually(Duration::from_secs(2), "its session to settle", || async {
+            let row = db
+                .query_one(
+                    "SELECT count(*) FILTER (WHERE state = 'idle in transaction'),
+                            count(*) FILTER (WHERE state = 'active')
+                     FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()
+                       AND application_name = 'os-credits'",
+                    &[],
+                )
+                .await
+                .expect("activity");
+            let (idle, active): (i64, i64) = (row.get(0), row.get(1));
+            (active == 0).then_some(idle)
+        })
+        .await;
+        if idle > 0 {
+            locked = locked_projects(&mut db).await;
+            if !locked.is_empty() {
+                break;
+            }
+        }
+        replica.signal("-CONT");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !locked.is_empty(),
+        "the replica was never stopped inside a billing transaction"
+    );
+    let frozen_project = locked[0].clone();
+
+    // The other replica answers at once: a write waiting for the frozen lock gives
+    // up with 503 and Retry-After, concurrent writes do not exhaust its pool, reads
+    // never wait.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    let grant = http
+        .put(format!(
+            "{}/api/projects/{frozen_project}/grant",
+            app.address
+        ))
+        .header("X-API-KEY", KEY)
+        .json(&serde_json::json!({"granted_credits": "100"}))
+        .send()
+        .await
+        .expect("the grant PUT answers without waiting for the frozen replica");
+    assert_eq!(grant.status(), 503);
+    assert!(grant.headers().contains_key("retry-after"));
+    let reason: Value = grant.json().await.expect("JSON reason");
+    assert!(
+        reason["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("locked"),
+        "{reason}"
+    );
+    let adjustments = futures::future::join_all((0..20).map(|_| {
+        http.post(format!(
+            "{}/api/projects/{frozen_project}/adjustments",
+            app.address
+        ))
+        .header("X-API-KEY", KEY)
+        .json(&serde_json::json!({"credits": "1", "reason": "fault test"}))
+        .send()
+    }))
+    .await;
+    for answer in adjustments {
+        let answer = answer.expect("an adjustment answers");
+        assert_eq!(answer.status(), 503);
+    }
+    for project in [frozen_project.as_str(), "p1", "p3000"] {
+        let answer = http
+            .get(format!("{}/api/current_credits/{project}", app.address))
+            .send()
+            .await
+            .expect("current_credits answers");
+        assert_eq!(answer.status(), 200, "{project}");
+    }
+    let health = http
+        .get(format!("{}/health", app.address))
+        .send()
+        .await
+        .expect("/health answers");
+    assert_eq!(health.status(), 200);
+
+    // PostgreSQL ends the frozen session after POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT,
+    // freeing its locks; then the write goes through.
+    eventually(WAIT, "the frozen session's locks to be freed", || async {
+        locked_projects(&mut app.db.connect().await)
+            .await
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    let grant = http
+        .put(format!(
+            "{}/api/projects/{frozen_project}/grant",
+            app.address
+        ))
+        .header("X-API-KEY", KEY)
+        .json(&serde_json::json!({"granted_credits": "100"}))
+        .send()
+        .await
+        .expect("grant");
+    assert_eq!(grant.status(), 200);
+
+    // Woken up, the replica finds its session gone, and its billing goes on.
+    replica.signal("-CONT");
+    eventually(Duration::from_secs(120), "every project billed", || async {
+        let row = db
+            .query_one(
+                "SELECT count(*) FILTER (WHERE used_credits <> 39), count(*) FROM projects",
+                &[],
+            )
+            .await
+            .expect("balances");
+        let (unbilled, all): (i64, i64) = (row.get(0), row.get(1));
+        (unbilled == 0 && all == 3000).then_some(())
+    })
+    .await;
+    assert_invariants(&db).await;
+    drop(replica);
+}

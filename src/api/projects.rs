@@ -336,7 +336,7 @@ pub async fn adjust(
     .map_err(|e| match e {
         AdjustError::UnknownProject(_) => unknown(&project),
         AdjustError::Overflow => ApiError::BadRequest(e.to_string()),
-        AdjustError::Unexpected(e) => ApiError::Unexpected(e),
+        AdjustError::Unexpected(e) => ApiError::from(e),
     })?;
     tx.commit().await.context("committing the adjustment")?;
     tracing::info!(project = project.as_str(), credits = %credits, reason, "credits adjusted");
