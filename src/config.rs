@@ -177,8 +177,11 @@ pub struct Settings {
     pub scrape_max_bytes: usize,
     /// `PROJECT_LABEL`: the label whose value names the project.
     pub project_label: String,
-    /// `SAMPLES_RETENTION_DAYS`: TimescaleDB drops older sample chunks (0 keeps all).
+    /// `SAMPLES_RETENTION_DAYS`: samples older than this and already billed are removed
+    /// (0 keeps all); `os-credits migrate` applies a change.
     pub samples_retention_days: u32,
+    /// `MAINTENANCE_INTERVAL`: time between two maintenance rounds (retention, drift check).
+    pub maintenance_interval: Duration,
     /// `LOG_FORMAT`: `text` or `json`.
     pub log_format: LogFormat,
     /// Billing rules: `METRICS_TO_BILL` plus the optional `BILLING_RULES_FILE`.
@@ -309,6 +312,7 @@ impl Settings {
                 0,
                 "a whole number of days (0 keeps samples forever)",
             )?,
+            maintenance_interval: env.seconds("MAINTENANCE_INTERVAL", 3600)?,
             billing_interval: env.seconds("BILLING_INTERVAL", 300)?,
             forecast_window: Duration::from_secs(
                 env.parse::<u64>("FORECAST_WINDOW_HOURS", 24, "a whole number of hours")?

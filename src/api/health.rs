@@ -11,6 +11,8 @@ struct Health {
     status: &'static str,
     database: Database,
     storage_mode: crate::store::StorageMode,
+    /// Why that mode, what to do, and policy drift.
+    storage: crate::store::storage::StorageReport,
     endpoints_only: bool,
     targets: Vec<TargetStatus>,
 }
@@ -64,6 +66,7 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         status,
         database,
         storage_mode: state.mode,
+        storage: state.storage.read().map(|r| r.clone()).unwrap_or_default(),
         endpoints_only: state.settings.endpoints_only,
         targets,
     };

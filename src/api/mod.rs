@@ -37,6 +37,8 @@ pub struct AppState {
     pub logs: Option<LogHandle>,
     /// When the service started.
     pub started_at: chrono::DateTime<chrono::Utc>,
+    /// What the storage is, refreshed by the maintenance worker.
+    pub storage: crate::store::storage::SharedReport,
 }
 
 impl AppState {
@@ -53,7 +55,14 @@ impl AppState {
             settings,
             logs,
             started_at: chrono::Utc::now(),
+            storage: Default::default(),
         }
+    }
+
+    /// Shares the storage report start-up made (and the maintenance worker refreshes).
+    pub fn with_storage(mut self, storage: crate::store::storage::SharedReport) -> Self {
+        self.storage = storage;
+        self
     }
 }
 

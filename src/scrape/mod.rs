@@ -7,7 +7,6 @@ pub mod targets;
 use crate::config::{ScrapeTarget, Settings, TargetAuth};
 use crate::store::series::SeriesCache;
 use crate::store::targets::{self as target_store, Attempt};
-use crate::store::StorageMode;
 use chrono::Utc;
 use deadpool_postgres::Pool;
 use futures::StreamExt;
@@ -50,18 +49,11 @@ pub struct Scraper {
     timeout: Duration,
     max_bytes: usize,
     concurrency: usize,
-    retention_days: u32,
-    mode: StorageMode,
 }
 
 impl Scraper {
     /// Prepares a scraper for the targets in `settings`.
-    pub fn new(
-        settings: &Settings,
-        pool: Pool,
-        cache: SeriesCache,
-        mode: StorageMode,
-    ) -> anyhow::Result<Self> {
+    pub fn new(settings: &Settings, pool: Pool, cache: SeriesCache) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .user_agent(concat!("os-credits/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(settings.scrape_timeout)
@@ -92,8 +84,6 @@ impl Scraper {
             timeout: settings.scrape_timeout,
             max_bytes: settings.scrape_max_bytes,
             concurrency: settings.workers,
-            retention_days: settings.samples_retention_days,
-            mode,
         })
     }
 
@@ -101,17 +91,12 @@ impl Scraper {
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_retention = Instant::now();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = ticker.tick() => {}
             }
             self.scrape_all().await;
-            if self.retention_days > 0 && last_retention.elapsed() > Duration::from_secs(3600) {
-                last_retention = Instant::now();
-                self.enforce_retention().await;
-            }
         }
         tracing::info!("scraper stopped");
     }
@@ -135,18 +120,6 @@ impl Scraper {
             target_store::register(&client, &target.name, target.url.as_str()).await?;
         }
         Ok(())
-    }
-
-    async fn enforce_retention(&self) {
-        let result = async {
-            let client = self.pool.get().await?;
-            crate::store::apply_retention(&client, self.mode, self.retention_days).await
-        }
-        .await;
-        match result {
-            Ok(deleted) => tracing::info!(deleted, "applied sample retention"),
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not apply sample retention"),
-        }
     }
 
     /// One cycle: every target this replica can claim, `OS_CREDITS_WORKERS` at a time.

@@ -40,6 +40,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0005_notifications.sql",
         sql: include_str!("../../sql/0005_notifications.sql"),
     },
+    Migration {
+        version: 11,
+        name: "0011_policies.sql",
+        sql: include_str!("../../sql/0011_policies.sql"),
+    },
 ];
 
 /// Arbitrary but fixed key of the advisory lock that serialises migrations.
