@@ -446,3 +446,71 @@ async fn serve_leaves_policies_alone_reports_drift_and_migrate_applies_it() {
     let db = app.shutdown().await;
     assert_eq!(job_ids(&db).await, kept, "job ids stay across restarts");
 }
+
+#[tokio::test]
+async fn a_backlog_bills_in_bounded_passes_to_the_same_exact_credits() {
+    let now = Utc::now();
+    let samples = forty_days(now);
+    let gauge: Vec<_> = samples
+        .iter()
+        .map(|(t, v)| (*t, 1.0 + (v * 4.0) % 3.0))
+        .collect();
+    let mut results = Vec::new();
+    for batch in ["7", "1000000"] {
+        let vars = [
+            ("METRICS_TO_BILL", r#"{"project_vcpu_usage": 1.5}"#),
+            ("BILLING_BATCH_SAMPLES", batch),
+        ];
+        let app = spawn_app_on(TestDb::create().await, &vars, false).await;
+        seed(&app, "backlog", &samples).await;
+        let other = seed(&app, "backlog-2", &[]).await;
+        common::insert_samples(&app.db.connect().await, other, &gauge).await;
+        let summary = engine::run(&app.app_pool, &settings(&app.db, &vars), now)
+            .await
+            .expect("billing run");
+        let client = app.db.connect().await;
+        let rows: i64 = client
+            .query_one("SELECT count(*) FROM ledger WHERE kind = 'usage'", &[])
+            .await
+            .expect("ledger")
+            .get(0);
+        let cursors: Vec<(i64, DateTime<Utc>)> = client
+            .query(
+                "SELECT series_id, last_time FROM billing_cursors ORDER BY 1",
+                &[],
+            )
+            .await
+            .expect("cursors")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        results.push((
+            used(&app, "backlog").await,
+            used(&app, "backlog-2").await,
+            summary.samples_billed,
+            summary.projects_billed,
+            cursors,
+            rows,
+        ));
+    }
+    let (small, whole) = (&results[0], &results[1]);
+    assert_eq!(small.0, expected_credits(&samples));
+    assert_eq!(small.0, whole.0, "counter: same credits in passes");
+    assert_eq!(
+        small.1, whole.1,
+        "a counter going up and down: same credits in passes"
+    );
+    assert_eq!(
+        (small.2, small.3),
+        (whole.2, whole.3),
+        "same samples and projects"
+    );
+    assert_eq!(small.4, whole.4, "same cursors");
+    // 7 samples a pass, 3 per series: ~160 / 3 passes, each its own ledger rows.
+    assert!(
+        small.5 >= 2 * 160 / 3,
+        "billed in passes: {} ledger rows",
+        small.5
+    );
+    assert_eq!(whole.5, 2, "one pass: one ledger row per series");
+}
