@@ -454,12 +454,18 @@ async fn without_run_time_log_control_logconfig_answers_503() {
 struct Service {
     child: std::process::Child,
     log: Arc<Mutex<Vec<String>>>,
+    /// Where the service writes the port it bound (`--port-file`; it binds port 0).
+    port_file: std::path::PathBuf,
 }
 
 impl Service {
     fn start(db: &TestDb, vars: &[(&str, &str)]) -> Self {
+        let port_file = std::env::temp_dir().join(format!("{}.port", db.name));
+        let _ = std::fs::remove_file(&port_file);
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_os-credits"))
             .arg("serve")
+            .arg("--port-file")
+            .arg(&port_file)
             .envs(db.vars())
             .envs(vars.iter().copied())
             .env("LOG_FORMAT", "json")
@@ -476,7 +482,11 @@ impl Service {
                 lines.lock().expect("lock").push(line);
             }
         });
-        Self { child, log }
+        Self {
+            child,
+            log,
+            port_file,
+        }
     }
 
     /// The JSON log lines whose message is `message`.
@@ -490,12 +500,12 @@ impl Service {
             .collect()
     }
 
+    /// The port the service bound, as it reports it in `--port-file`.
     async fn port(&self) -> u16 {
         common::eventually(Duration::from_secs(60), "the service to listen", || async {
-            self.logged("listening")
-                .first()
-                .and_then(|entry| entry["fields"]["port"].as_u64())
-                .map(|port| port as u16)
+            std::fs::read_to_string(&self.port_file)
+                .ok()
+                .and_then(|text| text.trim_end().parse().ok())
         })
         .await
     }
@@ -531,6 +541,7 @@ impl Drop for Service {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.port_file);
     }
 }
 

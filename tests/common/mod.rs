@@ -313,6 +313,18 @@ pub async fn insert_samples(
     }
 }
 
+/// A loopback port held for the caller: bound but not listening, so connecting to it
+/// is refused, and no other program can take it until the socket is dropped or
+/// `listen`ed on (a server "coming back" on the same port, without a race for it).
+pub fn reserved_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind");
+    let port = socket.local_addr().expect("address").port();
+    (socket, port)
+}
+
 /// Polls `check` until it returns `Some`, failing after `deadline`.
 pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
 where
