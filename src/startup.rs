@@ -13,6 +13,7 @@ use actix_web::dev::{Server, ServerHandle};
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use std::net::TcpListener;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -337,11 +338,29 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes `port` and a newline to `path` (`--port-file`): to a temporary file first,
+/// then renamed, so a reader polling for the file never sees it half written.
+pub fn write_port_file(path: &Path, port: u16) -> anyhow::Result<()> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    std::fs::write(&temporary, format!("{port}\n"))
+        .and_then(|()| std::fs::rename(&temporary, path))
+        .with_context(|| format!("writing the bound port to {} (--port-file)", path.display()))
+}
+
 /// `os-credits demo-exporter`: serve synthetic usage until SIGTERM/SIGINT.
-pub async fn run_demo_exporter(config: DemoConfig, host: &str, port: u16) -> anyhow::Result<()> {
+pub async fn run_demo_exporter(
+    config: DemoConfig,
+    host: &str,
+    port: u16,
+    port_file: Option<&Path>,
+) -> anyhow::Result<()> {
     let listener =
         TcpListener::bind((host, port)).with_context(|| format!("binding {host}:{port}"))?;
     let address = listener.local_addr()?;
+    if let Some(path) = port_file {
+        write_port_file(path, address.port())?;
+    }
     tracing::info!(%address, projects = config.projects, seed = config.seed, "demo exporter serving /metrics");
     let server = demo_exporter::server(config, listener)?;
     let handle = server.handle();
