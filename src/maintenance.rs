@@ -18,8 +18,6 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use serde::Serialize;
-use std::time::Duration;
-use tokio_util::sync::CancellationToken;
 
 /// Fixed key of the advisory lock that lets one replica at a time run a round.
 const MAINTENANCE_LOCK_KEY: i64 = 0x6f73_6372_6d61_696e;
@@ -170,28 +168,10 @@ pub fn log_round(done: &Round) {
     }
 }
 
-/// Runs a round every `interval` until `cancel` fires; an error is logged and the next
-/// round tries again.
-pub async fn run(
-    pool: Pool,
-    retention_days: u32,
-    interval: Duration,
-    report: SharedReport,
-    cancel: CancellationToken,
-) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = ticker.tick() => {}
-        }
-        match round(&pool, retention_days, Some(&report), Utc::now()).await {
-            Ok(done) => log_round(&done),
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "maintenance round failed; retrying next interval")
-            }
-        }
-    }
-    tracing::info!("maintenance stopped");
+/// One supervised step of the maintenance worker (`crate::workers` runs it every
+/// `MAINTENANCE_INTERVAL` and retries a failure after a backoff).
+pub async fn step(pool: Pool, retention_days: u32, report: SharedReport) -> anyhow::Result<()> {
+    let done = round(&pool, retention_days, Some(&report), Utc::now()).await?;
+    log_round(&done);
+    Ok(())
 }

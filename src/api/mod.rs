@@ -39,6 +39,8 @@ pub struct AppState {
     pub started_at: chrono::DateTime<chrono::Utc>,
     /// What the storage is, refreshed by the maintenance worker.
     pub storage: crate::store::storage::SharedReport,
+    /// The background workers' states (empty while none run).
+    pub workers: crate::workers::Workers,
 }
 
 impl AppState {
@@ -56,6 +58,7 @@ impl AppState {
             logs,
             started_at: chrono::Utc::now(),
             storage: Default::default(),
+            workers: crate::workers::Workers::new(),
         }
     }
 

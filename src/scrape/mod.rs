@@ -13,7 +13,6 @@ use futures::StreamExt;
 use ingest::{IngestContext, IngestOutcome};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 /// Why one scrape failed. The text is what `/health` shows as the target's last error.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +37,8 @@ pub enum ScrapeError {
     Store(#[source] anyhow::Error),
 }
 
-/// Scrapes the configured targets every `SCRAPE_INTERVAL`.
+/// Scrapes the configured targets ([`Scraper::scrape_all`], run every
+/// `SCRAPE_INTERVAL` by a supervised worker).
 pub struct Scraper {
     http: reqwest::Client,
     pool: Pool,
@@ -85,20 +85,6 @@ impl Scraper {
             max_bytes: settings.scrape_max_bytes,
             concurrency: settings.workers,
         })
-    }
-
-    /// Scrapes every interval until `cancel` fires, then releases its leases.
-    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
-        let mut ticker = tokio::time::interval(self.interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = ticker.tick() => {}
-            }
-            self.scrape_all().await;
-        }
-        tracing::info!("scraper stopped");
     }
 
     /// Gives up this replica's leases (at shutdown) so another takes over at once.
