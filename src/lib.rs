@@ -8,6 +8,7 @@ pub mod config;
 pub mod demo_exporter;
 pub mod domain;
 pub mod notify;
+pub mod outbound;
 pub mod scrape;
 pub mod startup;
 pub mod store;

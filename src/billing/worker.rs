@@ -11,7 +11,10 @@ use tokio_util::sync::CancellationToken;
 /// Bills until `cancel` fires; a run in progress is finished first (each project is
 /// its own transaction, so stopping between runs loses nothing).
 pub async fn run(pool: Pool, settings: Arc<Settings>, cancel: CancellationToken) {
-    let http = reqwest::Client::new();
+    // Without a client (no TLS provider) grants are not synced; billing still runs.
+    let http = crate::outbound::portal_client()
+        .inspect_err(|e| tracing::error!(error = %e, "cannot build the portal's HTTP client; grants are not synced"))
+        .ok();
     let mut ticker = tokio::time::interval(settings.billing_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -19,7 +22,11 @@ pub async fn run(pool: Pool, settings: Arc<Settings>, cancel: CancellationToken)
             _ = cancel.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        match portal::sync_grants(&pool, &settings, &http).await {
+        let synced = match &http {
+            Some(http) => portal::sync_grants(&pool, &settings, http).await,
+            None => Ok(portal::SyncSummary::default()),
+        };
+        match synced {
             Ok(synced) if synced.changed + synced.failed > 0 => {
                 tracing::info!(
                     changed = synced.changed,

@@ -62,10 +62,7 @@ impl Scraper {
         cache: SeriesCache,
         mode: StorageMode,
     ) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("os-credits/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(settings.scrape_timeout)
-            .build()?;
+        let http = crate::outbound::scrape_client(settings.scrape_timeout)?;
         let targets = settings
             .scrape_targets
             .iter()
