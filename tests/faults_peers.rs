@@ -547,3 +547,177 @@ async fn a_missing_final_smtp_reply_makes_the_mail_unknown_and_it_is_never_resen
     assert_eq!(email[0].1, "unknown", "{email:?}");
     assert!(email[0].2.contains("resend it by hand"), "{email:?}");
 }
+
+// ---------------------------------------------------------------------------
+// 10. Strings from users are logged escaped: no forged log lines.
+
+/// The real binary, its log lines collected as they come.
+struct Binary {
+    child: std::process::Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    address: String,
+}
+
+impl Binary {
+    async fn start(db: &common::TestDb, vars: &[(&str, &str)]) -> Self {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_os-credits"));
+        command
+            .envs(db.vars())
+            .envs(vars.iter().copied())
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = command.spawn().expect("start the binary");
+        let stderr = child.stderr.take().expect("stderr");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let collected = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                collected.lock().expect("lock").push(line);
+            }
+        });
+        let port = common::eventually(Duration::from_secs(60), "the listening line", || {
+            let lines = lines.clone();
+            async move {
+                let lines = lines.lock().expect("lock");
+                lines
+                    .iter()
+                    .filter(|l| l.contains("listening"))
+                    .find_map(|l| {
+                        let at = l
+                            .find("port=")
+                            .map(|i| i + 5)
+                            .or_else(|| l.find("\"port\":").map(|i| i + 7))?;
+                        let digits: String =
+                            l[at..].chars().take_while(char::is_ascii_digit).collect();
+                        digits.parse::<u16>().ok()
+                    })
+            }
+        })
+        .await;
+        Self {
+            child,
+            lines,
+            address: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const FORGED_TEXT: &str = "1999-01-01T00:00:00.000000Z ERROR os_credits::forged: FORGED LINE";
+const FORGED_JSON: &str = r#"{"timestamp":"1999-01-01T00:00:00.000000Z","level":"ERROR","fields":{"message":"FORGED LINE"},"target":"os_credits::forged"}"#;
+
+/// Grants and charges a project whose name carries forged log lines; waits until the
+/// notification sender has logged it.
+async fn log_an_evil_project(binary: &Binary) -> String {
+    let evil = format!("Evil\n{FORGED_TEXT}\r\n{FORGED_JSON}\u{1b}[2J");
+    let path: String = url::form_urlencoded::byte_serialize(evil.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20");
+    let http = reqwest::Client::new();
+    let grant = http
+        .put(format!("{}/api/projects/{path}/grant", binary.address))
+        .header("X-API-KEY", KEY)
+        .json(&json!({ "granted_credits": 100 }))
+        .send()
+        .await
+        .expect("grant");
+    assert_eq!(grant.status(), 200);
+    let adjusted = http
+        .post(format!(
+            "{}/api/projects/{path}/adjustments",
+            binary.address
+        ))
+        .header("X-API-KEY", KEY)
+        .json(&json!({ "credits": 60, "reason": format!("usage\n{FORGED_TEXT}") }))
+        .send()
+        .await
+        .expect("adjust");
+    assert_eq!(adjusted.status(), 201);
+    common::eventually(Duration::from_secs(60), "the sender's log line", || async {
+        binary
+            .lines()
+            .iter()
+            .any(|l| l.contains("notification skipped") || l.contains("notification sent"))
+            .then_some(())
+    })
+    .await;
+    evil
+}
+
+#[tokio::test]
+async fn a_project_name_with_line_breaks_cannot_forge_text_log_lines() {
+    let db = common::TestDb::create().await;
+    let dir = mail_dir();
+    let binary = Binary::start(
+        &db,
+        &[
+            ("API_KEY", KEY),
+            ("LOG_FORMAT", "text"),
+            ("MAIL_FILE_DIR", &dir),
+        ],
+    )
+    .await;
+
+    log_an_evil_project(&binary).await;
+
+    let lines = binary.lines();
+    let logged: Vec<&String> = lines.iter().filter(|l| l.contains("Evil")).collect();
+    assert!(!logged.is_empty(), "the project was logged: {lines:#?}");
+    for line in &lines {
+        assert!(
+            !line.starts_with("1999-01-01") && !line.starts_with('{') && !line.contains('\u{1b}'),
+            "a forged or raw line: {line:?}\n{lines:#?}"
+        );
+    }
+    assert!(
+        logged.iter().any(|l| l.contains("Evil\\n1999-01-01")),
+        "escaped, still readable: {logged:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_project_name_with_line_breaks_cannot_forge_json_log_lines() {
+    let db = common::TestDb::create().await;
+    let dir = mail_dir();
+    let binary = Binary::start(
+        &db,
+        &[
+            ("API_KEY", KEY),
+            ("LOG_FORMAT", "json"),
+            ("MAIL_FILE_DIR", &dir),
+        ],
+    )
+    .await;
+
+    let evil = log_an_evil_project(&binary).await;
+
+    let lines = binary.lines();
+    let entries: Vec<Value> = lines
+        .iter()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON entry ({e}): {l:?}"))
+        })
+        .collect();
+    assert!(
+        entries.iter().all(|e| e["target"] != "os_credits::forged"),
+        "{lines:#?}"
+    );
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["fields"]["project"] == evil.as_str()),
+        "the project is logged, whole: {lines:#?}"
+    );
+}
