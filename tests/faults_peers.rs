@@ -721,3 +721,64 @@ async fn a_project_name_with_line_breaks_cannot_forge_json_log_lines() {
         "the project is logged, whole: {lines:#?}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// 8. One bad label drops only its sample.
+
+#[tokio::test]
+async fn samples_that_cannot_be_stored_or_served_are_dropped_counted_and_the_rest_stores() {
+    let long = "x".repeat(256);
+    let body = format!(
+        "project_vcpu_usage{{project_name=\"Good\"}} 1\n\
+         project_vcpu_usage{{project_name=\"Good\",flavor=\"a\0b\"}} 2\n\
+         project_vcpu_usage{{project_name=\"   \"}} 3\n\
+         project_vcpu_usage{{project_name=\"{long}\"}} 4\n\
+         project_vcpu_usage{{project_name=\"Nul\0name\"}} 5\n\
+         project_mb_usage{{project_name=\"Good\"}} 6\n"
+    );
+    let exporter = Peer::start(&[("/metrics", Reply::ok(&body))]).await;
+    let targets = json!([{"url": format!("{}/metrics", exporter.base), "name": "nul-labels"}]);
+    let app = spawn_app(&[("SCRAPE_TARGETS", &targets.to_string())]).await;
+
+    let first = app.scrape().await;
+    let second = app.scrape().await;
+
+    assert_eq!(
+        first[0].1.result,
+        Ok(2),
+        "the good samples store: {first:?}"
+    );
+    assert!(second[0].1.result.is_ok(), "and keep storing: {second:?}");
+    let stored: Vec<(String, String)> = app
+        .samples()
+        .await
+        .into_iter()
+        .map(|(metric, project, ..)| (metric, project))
+        .collect();
+    let good = |metric: &str| (metric.to_owned(), "Good".to_owned());
+    assert_eq!(
+        stored,
+        [
+            good("project_mb_usage"),
+            good("project_mb_usage"),
+            good("project_vcpu_usage"),
+            good("project_vcpu_usage")
+        ],
+        "both scrapes stored the good samples, and only those"
+    );
+    assert_eq!(app.target_status("nul-labels").await["up"], true);
+    let metrics = app.get("/metrics").await.text().await.expect("metrics");
+    let dropped = |reason: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("os_credits_samples_dropped_total")
+                    && l.contains("target=\"nul-labels\"")
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_owned)
+    };
+    assert_eq!(dropped("nul_label").as_deref(), Some("2"), "{metrics}");
+    assert_eq!(dropped("bad_project").as_deref(), Some("6"), "{metrics}");
+}

@@ -199,6 +199,15 @@ impl Scraper {
         let result = match result {
             Ok(outcome) => {
                 tracing::debug!(stored = outcome.stored, duplicates = outcome.duplicates, skipped = ?outcome.skipped, "scraped");
+                let skipped = outcome.skipped;
+                if skipped.bad_project + skipped.nul_label > 0 {
+                    tracing::warn!(
+                        bad_project = skipped.bad_project,
+                        nul_label = skipped.nul_label,
+                        stored = outcome.stored,
+                        "dropped samples that cannot be stored or served (a project name that is blank, over 255 bytes or holds a NUL; a label value with a NUL); the rest was stored"
+                    );
+                }
                 Ok(outcome.stored)
             }
             Err(e) => {
