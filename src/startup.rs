@@ -233,7 +233,7 @@ impl Application {
         }
         if !settings.endpoints_only && settings.api_contact_base_url.is_some() {
             let (pool, s) = (pool.clone(), settings.clone());
-            let http = reqwest::Client::builder().build()?;
+            let http = crate::outbound::portal_client()?;
             handles.push(self.workers.spawn(
                 "grant_sync",
                 settings.billing_interval,

@@ -45,12 +45,18 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     .await
     .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")));
     let (database, targets) = match probe {
-        Ok(targets) => (
+        Ok(mut targets) => (
             Database {
                 reachable: true,
                 error: None,
             },
-            targets,
+            {
+                // A target removed from SCRAPE_TARGETS keeps its row (its history), but
+                // is no longer this service's concern.
+                let configured = &state.settings.scrape_targets;
+                targets.retain(|t| configured.iter().any(|c| c.name == t.name));
+                targets
+            },
         ),
         Err(e) => (
             Database {

@@ -4,7 +4,7 @@
 
 use super::auth::ApiKey;
 use super::errors::ErrorBody;
-use super::input::{credits_text, decimal_from_json, ProjectName};
+use super::input::{credits_text, decimal_from_json, no_nul, ProjectName};
 use super::{ApiError, AppState};
 use crate::billing::account::{self, AdjustError, Balance};
 use crate::billing::money::round_credits;
@@ -193,7 +193,7 @@ pub struct GrantBody {
     /// The new total grant: a number or a decimal string, zero or more, at most the
     /// precision's decimal places.
     #[schema(value_type = f64, example = 1000)]
-    granted_credits: serde_json::Value,
+    granted_credits: Box<serde_json::value::RawValue>,
     /// Why (optional), kept in the ledger.
     reason: Option<String>,
 }
@@ -229,6 +229,9 @@ pub async fn grant(
         .as_deref()
         .map(str::trim)
         .filter(|r| !r.is_empty());
+    if let Some(reason) = reason {
+        no_nul(reason, "reason")?;
+    }
     let mut client = state.client().await?;
     let tx = client
         .transaction()
@@ -263,7 +266,7 @@ pub struct AdjustmentBody {
     /// Change of used credits, non-zero, a decimal string or a number: positive
     /// charges the project, negative gives credits back.
     #[schema(value_type = String, example = "-5.00")]
-    credits: serde_json::Value,
+    credits: Box<serde_json::value::RawValue>,
     /// Why; required, not blank.
     #[schema(value_type = String, required = true, example = "outage refund")]
     reason: Option<String>,
@@ -312,6 +315,7 @@ pub async fn adjust(
         .map(str::trim)
         .filter(|r| !r.is_empty())
         .ok_or_else(|| ApiError::BadRequest("reason is required and must not be empty".into()))?;
+    no_nul(reason, "reason")?;
     let mut client = state.client().await?;
     let tx = client
         .transaction()
@@ -347,7 +351,11 @@ pub async fn adjust(
 
 /// An amount of credits from a body: a decimal with at most the precision's places,
 /// so what is booked is what is shown.
-fn amount(value: &serde_json::Value, field: &str, precision: Decimal) -> Result<Decimal, ApiError> {
+fn amount(
+    value: &serde_json::value::RawValue,
+    field: &str,
+    precision: Decimal,
+) -> Result<Decimal, ApiError> {
     let amount = decimal_from_json(value, field)?;
     if amount.scale() > precision.scale() {
         return Err(ApiError::BadRequest(format!(

@@ -86,6 +86,10 @@ fn describe() {
         "Samples stored by target."
     );
     describe_counter!(
+        "os_credits_samples_dropped_total",
+        "Billed samples scraped but not stored, by target and reason (no_project, not_whitelisted, not_finite, too_long, bad_project: blank, over 255 bytes or NUL; nul_label: a NUL in a label value)."
+    );
+    describe_counter!(
         "os_credits_samples_duplicate_total",
         "Samples not stored because they were stored already, by target."
     );
@@ -143,6 +147,12 @@ pub fn scrape_finished(
                 .increment(ingested.stored);
             counter!("os_credits_samples_duplicate_total", "target" => target.clone())
                 .increment(ingested.duplicates);
+            for (reason, dropped) in ingested.skipped.by_reason() {
+                if dropped > 0 {
+                    counter!("os_credits_samples_dropped_total", "target" => target.clone(), "reason" => reason)
+                        .increment(dropped);
+                }
+            }
             "success"
         }
         Err(e) => scrape_failure(e),
