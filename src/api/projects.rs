@@ -80,6 +80,11 @@ pub struct DetailView {
     counter_decreases: Vec<DecreaseView>,
     /// The latest 100 unbilled gauge gaps, newest first.
     unbilled_gaps: Vec<GapView>,
+    /// Credits of the charges held for review and not decided yet (not in used credits).
+    #[schema(example = "805.44")]
+    held_credits: String,
+    /// The latest 100 held charges (open and decided), newest first.
+    held_charges: Vec<super::held::HeldView>,
 }
 
 /// How far billing has come for one metric.
@@ -135,6 +140,10 @@ pub async fn detail(
         .await?
         .ok_or_else(|| unknown(&project))?;
     let balance = &detail.balance;
+    let (held_list, (_, held_open)) = futures::try_join!(
+        crate::billing::held::list(&client, project.as_str(), account::DETAIL_EVENTS),
+        crate::billing::held::open_total(&client, project.as_str()),
+    )?;
     let burn_rate = account::burn_rate_per_hour(detail.charged_in_window, window);
     let rate_quantum = settings.precision * Decimal::new(1, 4);
     let view = DetailView {
@@ -181,6 +190,11 @@ pub async fn detail(
                 from_time: g.from_time,
                 to_time: g.to_time,
             })
+            .collect(),
+        held_credits: credits_text(held_open, settings.precision),
+        held_charges: held_list
+            .into_iter()
+            .map(|h| super::held::HeldView::new(h, settings.precision))
             .collect(),
     };
     Ok(HttpResponse::Ok().json(view))

@@ -40,6 +40,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0005_notifications.sql",
         sql: include_str!("../../sql/0005_notifications.sql"),
     },
+    Migration {
+        version: 10,
+        name: "0010_held_charges.sql",
+        sql: include_str!("../../sql/0010_held_charges.sql"),
+    },
 ];
 
 /// Arbitrary but fixed key of the advisory lock that serialises migrations.
