@@ -288,6 +288,12 @@ impl Rules {
         self.rules.get(metric)
     }
 
+    /// The billed metrics: those of `METRICS_TO_BILL` and of the rules file. The one
+    /// list scraping keeps, billing charges and the API shows.
+    pub fn metric_names(&self) -> impl Iterator<Item = &str> {
+        self.rules.keys().map(String::as_str)
+    }
+
     /// The rules in metric name order.
     pub fn iter(&self) -> impl Iterator<Item = &Rule> {
         self.rules.values()
