@@ -71,6 +71,10 @@ pub struct DetailView {
     /// `FORECAST_WINDOW_HOURS`.
     #[schema(example = 24)]
     burn_rate_window_hours: u64,
+    /// Start of the time the burn rate covers: the window, or from the project's
+    /// first billed usage when that is younger.
+    #[schema(example = "2026-11-21T10:00:00Z")]
+    burn_rate_since: DateTime<Utc>,
     /// Now + remaining ÷ burn rate; now when nothing remains; null when nothing
     /// burns or nothing was granted.
     forecast_run_out_at: Option<DateTime<Utc>>,
@@ -144,13 +148,15 @@ pub async fn detail(
         crate::billing::held::list(&client, project.as_str(), account::DETAIL_EVENTS),
         crate::billing::held::open_total(&client, project.as_str()),
     )?;
-    let burn_rate = account::burn_rate_per_hour(detail.charged_in_window, window);
+    let covered = account::covered(window, now, detail.first_usage);
+    let burn_rate = account::burn_rate_per_hour(detail.charged_in_window, covered);
     let rate_quantum = settings.precision * Decimal::new(1, 4);
     let view = DetailView {
         project: ProjectView::new(balance, settings.precision),
         created_at: balance.created_at,
         burn_rate_per_hour: round_credits(burn_rate, rate_quantum).to_string(),
         burn_rate_window_hours: settings.forecast_window.as_secs() / 3600,
+        burn_rate_since: now - covered,
         forecast_run_out_at: account::run_out_at(
             now,
             balance.granted,
