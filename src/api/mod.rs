@@ -5,6 +5,7 @@ mod billing_run;
 mod credits;
 mod errors;
 mod health;
+mod held;
 mod history;
 mod input;
 mod notifications;
@@ -123,6 +124,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .get(notifications::get_contacts),
         )
         .service(resource("/api/projects/{project_name}/notifications").get(notifications::list))
+        .service(resource("/api/projects/{project_name}/held").get(held::list))
+        .service(resource("/api/held/{id}/approve").post(held::approve))
+        .service(resource("/api/held/{id}/reject").post(held::reject))
         .service(resource("/api/notifications/{id}/resend").post(notifications::resend))
         .service(resource("/api/billing/run").post(billing_run::run))
         .configure(ops::routes)

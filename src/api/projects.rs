@@ -71,6 +71,10 @@ pub struct DetailView {
     /// `FORECAST_WINDOW_HOURS`.
     #[schema(example = 24)]
     burn_rate_window_hours: u64,
+    /// Start of the time the burn rate covers: the window, or from the project's
+    /// first billed usage when that is younger.
+    #[schema(example = "2026-11-21T10:00:00Z")]
+    burn_rate_since: DateTime<Utc>,
     /// Now + remaining ÷ burn rate; now when nothing remains; null when nothing
     /// burns or nothing was granted.
     forecast_run_out_at: Option<DateTime<Utc>>,
@@ -80,6 +84,11 @@ pub struct DetailView {
     counter_decreases: Vec<DecreaseView>,
     /// The latest 100 unbilled gauge gaps, newest first.
     unbilled_gaps: Vec<GapView>,
+    /// Credits of the charges held for review and not decided yet (not in used credits).
+    #[schema(example = "805.44")]
+    held_credits: String,
+    /// The latest 100 held charges (open and decided), newest first.
+    held_charges: Vec<super::held::HeldView>,
 }
 
 /// How far billing has come for one metric.
@@ -135,13 +144,19 @@ pub async fn detail(
         .await?
         .ok_or_else(|| unknown(&project))?;
     let balance = &detail.balance;
-    let burn_rate = account::burn_rate_per_hour(detail.charged_in_window, window);
+    let (held_list, (_, held_open)) = futures::try_join!(
+        crate::billing::held::list(&client, project.as_str(), account::DETAIL_EVENTS),
+        crate::billing::held::open_total(&client, project.as_str()),
+    )?;
+    let covered = account::covered(window, now, detail.first_usage);
+    let burn_rate = account::burn_rate_per_hour(detail.charged_in_window, covered);
     let rate_quantum = settings.precision * Decimal::new(1, 4);
     let view = DetailView {
         project: ProjectView::new(balance, settings.precision),
         created_at: balance.created_at,
         burn_rate_per_hour: round_credits(burn_rate, rate_quantum).to_string(),
         burn_rate_window_hours: settings.forecast_window.as_secs() / 3600,
+        burn_rate_since: now - covered,
         forecast_run_out_at: account::run_out_at(
             now,
             balance.granted,
@@ -181,6 +196,11 @@ pub async fn detail(
                 from_time: g.from_time,
                 to_time: g.to_time,
             })
+            .collect(),
+        held_credits: credits_text(held_open, settings.precision),
+        held_charges: held_list
+            .into_iter()
+            .map(|h| super::held::HeldView::new(h, settings.precision))
             .collect(),
     };
     Ok(HttpResponse::Ok().json(view))

@@ -329,6 +329,7 @@ async fn bill_pass(
         .await
         .context("reading unbilled samples")?;
     let mut more: Vec<String> = Vec::new();
+    let rates = super::held::rates(&tx, &ids).await?;
 
     let mut failed: BTreeMap<String, anyhow::Error> = BTreeMap::new();
     let mut next = 0;
@@ -345,7 +346,8 @@ async fn bill_pass(
         let Some(project_writes) = writes.get_mut(&project) else {
             continue;
         };
-        if let Err(e) = charge_into(project_writes, rules, row, &samples[start..next]) {
+        let rate = rates.get(&series_id).copied();
+        if let Err(e) = charge_into(project_writes, rules, row, &samples[start..next], rate) {
             failed.insert(project, e.context(format!("series {series_id}")));
             continue;
         }
@@ -388,6 +390,7 @@ fn charge_into(
     rules: &Rules,
     series: &tokio_postgres::Row,
     samples: &[tokio_postgres::Row],
+    rate: Option<super::guard::RateState>,
 ) -> anyhow::Result<()> {
     let series_id: i64 = series.get(0);
     let metric: String = series.get(1);
@@ -413,7 +416,11 @@ fn charge_into(
         (Some(time), Some(value)) => Some(Point { time, value }),
         _ => None,
     };
-    let charged = charge::charge_series(rule, &labels, cursor, &points)?;
+    let guarded = super::guard::charge_guarded(rule, &labels, cursor, &points, rate)?;
+    let charged = guarded.charged;
+    writes
+        .guard
+        .add(series_id, &metric, guarded.held, guarded.state, rate);
     writes.samples += points.len() as u64;
     for line in charge::summarize(&rule.metric, &charged.steps)? {
         writes.usage(&metric, line)?;
@@ -455,6 +462,7 @@ struct Writes {
     decreases: Vec<(i64, DateTime<Utc>, Decimal, Decimal, DecreasePolicy)>,
     gaps: Vec<(i64, DateTime<Utc>, DateTime<Utc>)>,
     cursors: Vec<(i64, DateTime<Utc>, Decimal)>,
+    guard: super::held::GuardWrites,
 }
 
 impl Writes {
@@ -471,6 +479,7 @@ impl Writes {
             decreases: Vec::new(),
             gaps: Vec::new(),
             cursors: Vec::new(),
+            guard: super::held::GuardWrites::default(),
         }
     }
 
@@ -516,6 +525,14 @@ async fn apply(
         gaps.extend(w.gaps.iter().cloned());
         cursors.extend(w.cursors.iter().cloned());
     }
+    super::held::GuardWrites::apply(
+        tx,
+        writes
+            .iter()
+            .map(|(p, w)| (p.as_str(), &w.guard, &w.decreases)),
+        now,
+    )
+    .await?;
     if !ledger.project.is_empty() {
         tx.execute(
             &tx.prepare_cached(

@@ -30,11 +30,7 @@ impl IngestContext {
     /// The context for one target.
     pub fn new(settings: &Settings, target_labels: BTreeMap<String, String>) -> Self {
         Self {
-            billed: settings
-                .metrics_to_bill
-                .keys()
-                .map(|m| m.as_str().to_owned())
-                .collect(),
+            billed: settings.rules.metric_names().map(str::to_owned).collect(),
             project_label: settings.project_label.clone(),
             whitelist: settings.project_whitelist.clone(),
             target_labels,

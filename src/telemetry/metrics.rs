@@ -129,6 +129,14 @@ fn describe() {
         "Time to the response head by method and route template."
     );
     describe_counter!(
+        "os_credits_charges_held_total",
+        "Counter steps the jump guard held for review instead of billing."
+    );
+    describe_counter!(
+        "os_credits_held_charges_decided_total",
+        "Held charges decided, by decision (approved, rejected) and by (operator, counter_drop)."
+    );
+    describe_counter!(
         "os_credits_notification_attempts_total",
         "Delivery attempts of notifications by channel (email, webhook) and outcome."
     );
@@ -265,5 +273,23 @@ pub fn http_request(method: &str, route: Option<String>, status: u16, duration: 
 /// database are reported at render time anyway.
 pub fn notification_attempt(channel: &'static str, outcome: &'static str) {
     counter!("os_credits_notification_attempts_total", "channel" => channel, "outcome" => outcome)
+        .increment(1);
+}
+
+/// A billing transaction held `held` counter steps and rejected `rejected` held
+/// charges because their counters dropped back.
+pub fn charges_held(held: u64, rejected: u64) {
+    if held > 0 {
+        counter!("os_credits_charges_held_total").increment(held);
+    }
+    if rejected > 0 {
+        counter!("os_credits_held_charges_decided_total", "decision" => "rejected", "by" => "counter_drop")
+            .increment(rejected);
+    }
+}
+
+/// An operator approved or rejected a held charge (`decision` is `approved` or `rejected`).
+pub fn held_charge_decided(decision: &'static str) {
+    counter!("os_credits_held_charges_decided_total", "decision" => decision, "by" => "operator")
         .increment(1);
 }
