@@ -7,6 +7,7 @@
 pub mod account;
 pub mod charge;
 pub mod engine;
+pub mod history;
 pub mod money;
 pub mod portal;
 pub mod rules;
