@@ -84,9 +84,17 @@ pub async fn current_credits(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let project = ProjectName::parse(path.into_inner())?;
-    let client = state.client().await?;
-    let balance = account::balance(&client, project.as_str())
-        .await?
+    let read = state.memo.begin(project.as_str()).await;
+    let balance = match state.memo.balance(&read, project.as_str()) {
+        Some(held) => held,
+        None => {
+            let client = state.client().await?;
+            let balance = account::balance(&client, project.as_str()).await?;
+            state.memo.keep_balance(&read, project.as_str(), &balance);
+            balance
+        }
+    };
+    let balance = balance
         .ok_or_else(|| ApiError::NotFound(format!("No credits found for {}.", project.as_str())))?;
     let precision = state.settings.precision;
     Ok(HttpResponse::Ok().json(serde_json::json!({

@@ -4,10 +4,13 @@
 
 use super::errors::ErrorBody;
 use super::input::{credits_number, ProjectName};
+use super::memo::HistoryAnswer;
 use super::{ApiError, AppState};
 use crate::billing::history::{self, Point};
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
+use anyhow::Context;
+use bytes::Bytes;
 use chrono::{DateTime, Duration, NaiveDateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -97,20 +100,43 @@ pub async fn credits_history(
     };
     let csv = wants_csv(non_empty(query.format.as_deref()), &req)?;
 
-    let client = state.client().await?;
-    let points = history::read(&client, project.as_str(), start, end, step).await?;
-    if points.is_empty() {
+    let key = format!(
+        "{start:?}|{end:?}|{:?}|{charges}|{csv}",
+        step.map(|s| s.num_seconds())
+    );
+    let read = state.memo.begin(project.as_str()).await;
+    let answer = match state.memo.history(&read, project.as_str(), &key) {
+        Some(held) => held,
+        None => {
+            let client = state.client().await?;
+            let points = history::read(&client, project.as_str(), start, end, step).await?;
+            let body = match (points.is_empty(), csv) {
+                (true, _) => None,
+                (false, true) => Some(Bytes::from(to_csv(&points))),
+                (false, false) => Some(Bytes::from(
+                    serde_json::to_vec(&to_json(&points, charges, state.settings.precision))
+                        .context("encoding the history")?,
+                )),
+            };
+            let answer = HistoryAnswer { csv, body };
+            state
+                .memo
+                .keep_history(&read, project.as_str(), &key, answer.clone());
+            answer
+        }
+    };
+    let Some(body) = answer.body else {
         return Err(ApiError::NotFound(
             "No data available for given parameters.".into(),
         ));
-    }
-    Ok(if csv {
-        HttpResponse::Ok()
-            .content_type("text/csv; charset=utf-8")
-            .body(to_csv(&points))
-    } else {
-        HttpResponse::Ok().json(to_json(&points, charges, state.settings.precision))
-    })
+    };
+    Ok(HttpResponse::Ok()
+        .content_type(if answer.csv {
+            "text/csv; charset=utf-8"
+        } else {
+            "application/json"
+        })
+        .body(body))
 }
 
 fn non_empty(value: Option<&str>) -> Option<&str> {

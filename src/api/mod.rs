@@ -7,6 +7,7 @@ mod errors;
 mod health;
 mod history;
 mod input;
+pub mod memo;
 mod notifications;
 mod openapi;
 mod ops;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub logs: Option<LogHandle>,
     /// When the service started.
     pub started_at: chrono::DateTime<chrono::Utc>,
+    /// Answers from memory, kept fresh by change notifications.
+    pub memo: Arc<memo::Memo>,
 }
 
 impl AppState {
@@ -53,6 +56,7 @@ impl AppState {
             settings,
             logs,
             started_at: chrono::Utc::now(),
+            memo: Arc::default(),
         }
     }
 }

@@ -285,6 +285,9 @@ pub struct Detail {
     pub balance: Balance,
     /// Exact credits charged by usage in the forecast window before `now`.
     pub charged_in_window: Decimal,
+    /// Until when `charged_in_window` holds without a new commit: when the oldest
+    /// row in the window leaves it or the next future-dated row enters it.
+    pub charged_until: Option<DateTime<Utc>>,
     /// Per metric, how far billing has come.
     pub cursors: Vec<MetricCursor>,
     /// The latest [`DETAIL_EVENTS`] decreases, newest first.
@@ -307,8 +310,11 @@ pub async fn detail(
         async {
             client
                 .query_one(
-                    "SELECT coalesce(sum(used_delta), 0) FROM ledger
-                     WHERE project = $1 AND kind = 'usage' AND time > $2 AND time <= $3",
+                    "SELECT coalesce(sum(used_delta) FILTER (WHERE time <= $3), 0),
+                            min(time) FILTER (WHERE time <= $3),
+                            min(time) FILTER (WHERE time > $3)
+                     FROM ledger
+                     WHERE project = $1 AND kind = 'usage' AND time > $2",
                     &[&project, &since, &now],
                 )
                 .await
@@ -357,6 +363,13 @@ pub async fn detail(
     Ok(Some(Detail {
         balance,
         charged_in_window: charged.get(0),
+        charged_until: {
+            let leaves = charged
+                .get::<_, Option<DateTime<Utc>>>(1)
+                .and_then(|oldest| oldest.checked_add_signed(window));
+            let enters: Option<DateTime<Utc>> = charged.get(2);
+            leaves.into_iter().chain(enters).min()
+        },
         cursors: cursors
             .iter()
             .map(|r| MetricCursor {
