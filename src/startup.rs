@@ -98,9 +98,19 @@ impl Application {
             true => None,
             false => Some(Arc::new(Notifier::new(pool.clone(), settings.clone())?)),
         };
+        let cancel = CancellationToken::new();
         let state =
             AppState::new(pool.clone(), mode, settings.clone(), logs).with_storage(storage.clone());
         let workers = state.workers.clone();
+        // Balances are answered from memory while this listens (see api::memo).
+        let memo = state.memo.clone();
+        let mut listen_config = store::pg_config(&settings.database);
+        listen_config.application_name(store::changes::APPLICATION_NAME);
+        state.memo.attach(store::changes::Listener::spawn(
+            listen_config,
+            Arc::new(move |change| memo.on_change(change)),
+            cancel.clone(),
+        ));
         let server = api::server(state, listener)?;
         tracing::info!(port, "listening");
         Ok(Self {
@@ -112,7 +122,7 @@ impl Application {
             scraper,
             notifier,
             settings,
-            cancel: CancellationToken::new(),
+            cancel,
             workers,
         })
     }

@@ -8,6 +8,7 @@ mod health;
 mod held;
 mod history;
 mod input;
+pub mod memo;
 mod notifications;
 mod openapi;
 mod ops;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub storage: crate::store::storage::SharedReport,
     /// The background workers' states (empty while none run).
     pub workers: crate::workers::Workers,
+    /// Answers from memory, kept fresh by change notifications.
+    pub memo: Arc<memo::Memo>,
 }
 
 impl AppState {
@@ -60,6 +63,7 @@ impl AppState {
             started_at: chrono::Utc::now(),
             storage: Default::default(),
             workers: crate::workers::Workers::new(),
+            memo: Arc::default(),
         }
     }
 

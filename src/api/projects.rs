@@ -13,6 +13,7 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// Who grants and adjustments made through the API are booked to.
 const ACTOR: &str = "api";
@@ -138,11 +139,25 @@ pub async fn detail(
     let settings = &state.settings;
     let window = chrono::Duration::from_std(settings.forecast_window)
         .context("forecast window out of range")?;
+    let read = state.memo.begin(project.as_str()).await;
     let now = Utc::now();
-    let client = state.client().await?;
-    let detail = account::detail(&client, project.as_str(), window, now)
-        .await?
-        .ok_or_else(|| unknown(&project))?;
+    let detail = match state.memo.detail(&read, project.as_str(), now) {
+        Some(held) => held,
+        None => {
+            let client = state.client().await?;
+            let detail = Arc::new(
+                account::detail(&client, project.as_str(), window, now)
+                    .await?
+                    .ok_or_else(|| unknown(&project))?,
+            );
+            let until = detail.charged_until;
+            state
+                .memo
+                .keep_detail(&read, project.as_str(), detail.clone(), until);
+            detail
+        }
+    };
+    let detail = Arc::unwrap_or_clone(detail);
     let balance = &detail.balance;
     let (held_list, (_, held_open)) = futures::try_join!(
         crate::billing::held::list(&client, project.as_str(), account::DETAIL_EVENTS),

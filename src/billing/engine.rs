@@ -534,15 +534,20 @@ async fn apply(
     )
     .await?;
     if !ledger.project.is_empty() {
+        // The day rollup of these rows is written by the same statement (see
+        // `crate::store::rollup`), not row by row by the ledger trigger.
+        tx.execute(crate::store::rollup::BULK, &[])
+            .await
+            .context("taking over the ledger rollup")?;
         tx.execute(
-            &tx.prepare_cached(
+            &tx.prepare_cached(&crate::store::rollup::with_rollup(
                 "INSERT INTO ledger (project, time, kind, metric, usage_from, quantity, price,
                                      used_delta, used_after, granted_after)
                  SELECT p, t, 'usage', m, f, q, pr, a, u, g
                  FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::timestamptz[], $5::numeric[],
                              $6::numeric[], $7::numeric[], $8::numeric[], $9::numeric[])
                       AS x(p, t, m, f, q, pr, a, u, g)",
-            )
+            ))
             .await?,
             &[
                 &ledger.project,

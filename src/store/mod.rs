@@ -1,6 +1,8 @@
 //! PostgreSQL/TimescaleDB: the pool, migrations, and the storage mode.
 
+pub mod changes;
 pub mod migrations;
+pub mod rollup;
 pub mod samples;
 pub mod series;
 pub mod storage;
@@ -22,9 +24,8 @@ pub enum StorageMode {
     Postgresql,
 }
 
-/// Builds the connection pool. Connections are verified before reuse: the fast
-/// recycling method can hand out a connection to a server that went away.
-pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
+/// Where and how to connect (the pool's connections and the change listener's).
+pub fn pg_config(settings: &DatabaseSettings) -> tokio_postgres::Config {
     let mut config = tokio_postgres::Config::new();
     config
         .host(&settings.host)
@@ -36,6 +37,13 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
     if !settings.password.is_empty() {
         config.password(settings.password.expose());
     }
+    config
+}
+
+/// Builds the connection pool. Connections are verified before reuse: the fast
+/// recycling method can hand out a connection to a server that went away.
+pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
+    let config = pg_config(settings);
     let manager = Manager::from_config(
         config,
         tokio_postgres::NoTls,

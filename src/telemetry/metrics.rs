@@ -73,6 +73,10 @@ pub fn render() -> String {
 
 fn describe() {
     describe_counter!(
+        "os_credits_change_listener_failures_total",
+        "Failures of the connection listening for project changes (balances are read from the database until it listens again)."
+    );
+    describe_counter!(
         "os_credits_scrapes_total",
         "Scrape attempts by target and outcome (success, unreachable, bad_status, too_large, not_utf8, unparseable, store_failed)."
     );
@@ -292,4 +296,10 @@ pub fn charges_held(held: u64, rejected: u64) {
 pub fn held_charge_decided(decision: &'static str) {
     counter!("os_credits_held_charges_decided_total", "decision" => decision, "by" => "operator")
         .increment(1);
+}
+
+/// The connection listening for project changes failed (answers come from the
+/// database until it listens again).
+pub fn listener_failed() {
+    counter!("os_credits_change_listener_failures_total").increment(1);
 }
