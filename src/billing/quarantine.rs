@@ -13,7 +13,6 @@ use super::rules::Rule;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;
-use std::collections::BTreeMap;
 
 /// A sample billing passed without charging it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -57,16 +56,20 @@ impl Totals {
 }
 
 /// Charges `samples` (time order) after `cursor` by `rule`, quarantining what cannot
-/// be billed.
-pub fn charge_series(
+/// be billed. `charge` charges exact points after a cursor (the plain charge, or the
+/// jump guard's) and threads its own `state` (e.g. the guard's rate and held steps):
+/// the usual case charges everything at once; when something cannot be billed,
+/// sample by sample.
+pub fn charge_series<S: Clone>(
     rule: &Rule,
-    labels: &BTreeMap<String, String>,
     cursor: Option<Point>,
     samples: &[(DateTime<Utc>, f64)],
     totals: Totals,
-) -> Result<Billed, charge::ChargeError> {
+    state: S,
+    charge: impl Fn(Option<Point>, &[Point], S) -> Result<(SeriesCharge, S), charge::ChargeError>,
+) -> Result<(Billed, S), charge::ChargeError> {
     let Some(&(last_time, _)) = samples.last() else {
-        return Ok(Billed::default());
+        return Ok((Billed::default(), state));
     };
     // The usual case: every value exact, every sum in range.
     if let Some(points) = samples
@@ -79,19 +82,20 @@ pub fn charge_series(
         })
         .collect::<Option<Vec<_>>>()
     {
-        if let Ok(charged) = charge::charge_series(rule, labels, cursor, &points) {
+        if let Ok((charged, after)) = charge(cursor, &points, state.clone()) {
             if let Ok(lines) = charge::summarize(&rule.metric, &charged.steps) {
                 let total = lines
                     .iter()
                     .try_fold(Decimal::ZERO, |sum, line| sum.checked_add(line.amount));
                 if total.is_some_and(|total| totals.hold(total)) {
                     let cursor = charged.new_cursor.map(|p| (p.time, Some(p.value)));
-                    return Ok(Billed {
+                    let billed = Billed {
                         charge: charged,
                         lines,
                         quarantined: Vec::new(),
                         cursor,
-                    });
+                    };
+                    return Ok((billed, after));
                 }
             }
         }
@@ -100,9 +104,10 @@ pub fn charge_series(
     // one starts anew.
     let mut out = Billed::default();
     let (mut previous, mut amount, mut quantity) = (cursor, Decimal::ZERO, Decimal::ZERO);
+    let mut state = state;
     for &(time, value) in samples {
         let billed = exact(value).and_then(|value| {
-            let step = charge::charge_series(rule, labels, previous, &[Point { time, value }])
+            let (step, after) = charge(previous, &[Point { time, value }], state.clone())
                 .map_err(|e| e.to_string())?;
             let sum = |start: Decimal, part: fn(&ChargeLine) -> Decimal| {
                 step.steps
@@ -110,13 +115,13 @@ pub fn charge_series(
                     .try_fold(start, |sum, s| sum.checked_add(part(s)))
             };
             match (sum(amount, |s| s.amount), sum(quantity, |s| s.quantity)) {
-                (Some(a), Some(q)) if totals.hold(a) => Ok((step, a, q)),
+                (Some(a), Some(q)) if totals.hold(a) => Ok((step, after, a, q)),
                 _ => Err("its charge leaves the exact decimal range".to_owned()),
             }
         });
         match billed {
-            Ok((step, a, q)) => {
-                (amount, quantity) = (a, q);
+            Ok((step, after, a, q)) => {
+                (amount, quantity, state) = (a, q, after);
                 previous = step.new_cursor;
                 out.charge.steps.extend(step.steps);
                 out.charge.decreases.extend(step.decreases);
@@ -137,7 +142,7 @@ pub fn charge_series(
         Some(p) if p.time == last_time => (p.time, Some(p.value)),
         _ => (last_time, None),
     });
-    Ok(out)
+    Ok((out, state))
 }
 
 /// A stored sample value as an exact decimal; magnitudes below what a decimal can
@@ -206,6 +211,7 @@ mod tests {
     use super::*;
     use crate::billing::rules::Rules;
     use chrono::TimeZone;
+    use std::collections::BTreeMap;
 
     fn rule(body: &str) -> Rule {
         let file = format!("[metrics.m]\n{body}");
@@ -232,8 +238,12 @@ mod tests {
             .enumerate()
             .map(|(i, v)| (minute(i as i64 + 1), *v))
             .collect();
-        charge_series(rule, &BTreeMap::new(), cursor, &samples, totals)
+        let plain = |cursor, points: &[Point], ()| {
+            charge::charge_series(rule, &BTreeMap::new(), cursor, points).map(|c| (c, ()))
+        };
+        charge_series(rule, cursor, &samples, totals, (), plain)
             .unwrap_or_else(|e| panic!("{values:?}: {e}"))
+            .0
     }
 
     fn total(b: &Billed) -> Decimal {

@@ -96,6 +96,22 @@ impl TestDb {
         Self { name, server }
     }
 
+    /// A database that stays on plain tables even where the server preloads
+    /// TimescaleDB (`os_credits.timescaledb = off`, read by the first migration).
+    pub async fn create_plain() -> Self {
+        let db = Self::create().await;
+        db.server
+            .admin()
+            .await
+            .batch_execute(&format!(
+                "ALTER DATABASE {} SET os_credits.timescaledb = off",
+                db.name
+            ))
+            .await
+            .expect("keep the test database plain");
+        db
+    }
+
     /// Settings pointing at this database, the service on a free loopback port.
     pub fn vars(&self) -> Vec<(String, String)> {
         let mut vars = vec![
@@ -314,6 +330,18 @@ pub async fn insert_samples(
     }
 }
 
+/// A loopback port held for the caller: bound but not listening, so connecting to it
+/// is refused, and no other program can take it until the socket is dropped or
+/// `listen`ed on (a server "coming back" on the same port, without a race for it).
+pub fn reserved_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind");
+    let port = socket.local_addr().expect("address").port();
+    (socket, port)
+}
+
 /// Polls `check` until it returns `Some`, failing after `deadline`.
 pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
 where
@@ -327,5 +355,123 @@ where
         }
         assert!(started.elapsed() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether the test server can create TimescaleDB (installed and preloaded).
+pub async fn server_has_timescaledb(server: &PgServer) -> bool {
+    server
+        .admin()
+        .await
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')
+                AND coalesce(current_setting('shared_preload_libraries', true), '') LIKE '%timescaledb%'",
+            &[],
+        )
+        .await
+        .expect("read the server's TimescaleDB state")
+        .get(0)
+}
+
+/// The storage this test run is for: `TEST_STORAGE` (`make test` sets it), else
+/// what the server offers.
+pub async fn expected_storage() -> os_credits::store::StorageMode {
+    use os_credits::store::StorageMode;
+    match std::env::var("TEST_STORAGE").as_deref() {
+        Ok("timescaledb") => StorageMode::Timescaledb,
+        Ok("postgresql") => StorageMode::Postgresql,
+        _ if server_has_timescaledb(&PgServer::from_env()).await => StorageMode::Timescaledb,
+        _ => StorageMode::Postgresql,
+    }
+}
+
+/// For a test that needs a server preloading TimescaleDB: true when it has one. In
+/// a run for plain PostgreSQL (`TEST_STORAGE=postgresql`) the test belongs to the
+/// other run and returns false; otherwise a missing TimescaleDB skips the test, or
+/// fails it under `CI=true` (CI must run every test).
+pub async fn needs_timescaledb(test: &str) -> bool {
+    if std::env::var("TEST_STORAGE").as_deref() == Ok("postgresql") {
+        eprintln!("{test}: runs in the TEST_STORAGE=timescaledb run, not in this one");
+        return false;
+    }
+    let server = PgServer::from_env();
+    if server_has_timescaledb(&server).await {
+        return true;
+    }
+    let why = format!(
+        "{test} needs a server preloading TimescaleDB, but {}:{} does not (TEST_STORAGE=timescaledb make test starts one)",
+        server.host, server.port
+    );
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+    eprintln!("skipped: {why}");
+    false
+}
+
+/// Holds back every transaction that updates the `projects` row named `project`
+/// (billing does, when it commits a batch holding it) until [`ProjectGate::open`]:
+/// a trigger takes an advisory lock this gate's own session holds. Lets a test stop
+/// a run in its middle for certain, instead of hoping to catch it there.
+pub struct ProjectGate {
+    client: tokio_postgres::Client,
+}
+
+const GATE_LOCK: i64 = 0x05c_9a7e;
+
+impl ProjectGate {
+    pub async fn close(db: &TestDb, project: &str) -> Self {
+        let client = db.connect().await;
+        let project = project.replace('\'', "''");
+        client
+            .batch_execute(&format!(
+                "CREATE OR REPLACE FUNCTION osc_test_gate() RETURNS trigger LANGUAGE plpgsql AS $f$
+                 BEGIN
+                     IF NEW.name = '{project}' THEN PERFORM pg_advisory_xact_lock({GATE_LOCK}); END IF;
+                     RETURN NEW;
+                 END $f$;
+                 CREATE TRIGGER osc_test_gate BEFORE UPDATE ON projects
+                     FOR EACH ROW EXECUTE FUNCTION osc_test_gate();"
+            ))
+            .await
+            .expect("gate trigger");
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&GATE_LOCK])
+            .await
+            .expect("gate lock");
+        Self { client }
+    }
+
+    /// Waits until a transaction is held at the gate.
+    pub async fn until_someone_waits(&self) {
+        eventually(
+            Duration::from_secs(60),
+            "a transaction at the gate",
+            || async {
+                let waiting: i64 = self
+                    .client
+                    .query_one(
+                        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                     WHERE l.locktype = 'advisory' AND NOT l.granted AND l.objid::bigint = $1
+                       AND a.datname = current_database()",
+                        &[&GATE_LOCK],
+                    )
+                    .await
+                    .expect("pg_locks")
+                    .get(0);
+                (waiting > 0).then_some(())
+            },
+        )
+        .await
+    }
+
+    /// Lets the held transactions go on and removes the trigger.
+    pub async fn open(self) {
+        self.client
+            .execute("SELECT pg_advisory_unlock($1)", &[&GATE_LOCK])
+            .await
+            .expect("gate unlock");
+        self.client
+            .batch_execute("DROP TRIGGER osc_test_gate ON projects; DROP FUNCTION osc_test_gate();")
+            .await
+            .expect("remove the gate");
     }
 }
