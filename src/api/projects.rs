@@ -159,6 +159,8 @@ pub async fn detail(
     };
     let detail = Arc::unwrap_or_clone(detail);
     let balance = &detail.balance;
+    // Held charges are not part of the memo: read them now.
+    let client = state.client().await?;
     let (held_list, (_, held_open)) = futures::try_join!(
         crate::billing::held::list(&client, project.as_str(), account::DETAIL_EVENTS),
         crate::billing::held::open_total(&client, project.as_str()),
