@@ -246,7 +246,7 @@ impl Application {
             let http = crate::outbound::portal_client()?;
             handles.push(self.workers.spawn(
                 "grant_sync",
-                settings.billing_interval,
+                settings.api_contact_sync_interval,
                 backoff,
                 cancel.clone(),
                 move || billing::worker::sync_grants(pool.clone(), s.clone(), http.clone()),
