@@ -403,6 +403,7 @@ async fn a_webhook_answered_with_a_redirect_is_not_sent_and_the_key_stays_home()
         error.contains("302") && error.contains(&target),
         "names the Location: {error}"
     );
+    common::invariants::assert_invariants(&world.app.db.connect().await).await;
 }
 
 #[tokio::test]
@@ -472,6 +473,7 @@ async fn a_scrape_follows_redirects_but_carries_credentials_only_within_the_orig
         "the token went to another origin: {}",
         stranger[0]
     );
+    common::invariants::assert_invariants(&app.db.connect().await).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -516,6 +518,7 @@ async fn a_final_smtp_reply_after_the_timeout_is_awaited_and_the_mail_sent_once(
         .filter(|d| d.0 == "email")
         .collect();
     assert_eq!(email[0].1, "sent", "{email:?}");
+    common::invariants::assert_invariants(&world.app.db.connect().await).await;
 }
 
 #[tokio::test]
@@ -546,6 +549,7 @@ async fn a_missing_final_smtp_reply_makes_the_mail_unknown_and_it_is_never_resen
         .collect();
     assert_eq!(email[0].1, "unknown", "{email:?}");
     assert!(email[0].2.contains("resend it by hand"), "{email:?}");
+    common::invariants::assert_invariants(&world.app.db.connect().await).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -685,6 +689,7 @@ async fn a_project_name_with_line_breaks_cannot_forge_text_log_lines() {
         logged.iter().any(|l| l.contains("Evil\\n1999-01-01")),
         "escaped, still readable: {logged:#?}"
     );
+    common::invariants::assert_invariants(&db.connect().await).await;
 }
 
 #[tokio::test]
@@ -720,6 +725,7 @@ async fn a_project_name_with_line_breaks_cannot_forge_json_log_lines() {
             .any(|e| e["fields"]["project"] == evil.as_str()),
         "the project is logged, whole: {lines:#?}"
     );
+    common::invariants::assert_invariants(&db.connect().await).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -781,4 +787,73 @@ async fn samples_that_cannot_be_stored_or_served_are_dropped_counted_and_the_res
     };
     assert_eq!(dropped("nul_label").as_deref(), Some("2"), "{metrics}");
     assert_eq!(dropped("bad_project").as_deref(), Some("6"), "{metrics}");
+    common::invariants::assert_invariants(&app.db.connect().await).await;
+}
+
+// ---------------------------------------------------------------------------
+// 7. A slow target delays only itself.
+
+/// A slow-loris exporter: answers every request with a head promising a body, then
+/// one byte a second.
+async fn slow_loris() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/metrics", listener.local_addr().expect("address"));
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                    .await;
+                while stream.write_all(b"#").await.is_ok() {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn a_slow_target_delays_only_itself() {
+    let healthy = Peer::start(&[(
+        "/metrics",
+        Reply::ok("project_vcpu_usage{project_name=\"Alpha\"} 1\n"),
+    )])
+    .await;
+    let targets = json!([
+        {"url": slow_loris().await, "name": "slow"},
+        {"url": format!("{}/metrics", healthy.base), "name": "healthy"},
+    ])
+    .to_string();
+    let app = common::spawn_app_on(
+        common::TestDb::create().await,
+        &[
+            ("SCRAPE_TARGETS", &targets),
+            ("SCRAPE_INTERVAL", "0.5"),
+            ("SCRAPE_TIMEOUT", "3"),
+            ("OS_CREDITS_WORKERS", "1"),
+        ],
+        true,
+    )
+    .await;
+
+    // Two slow attempts take at least two timeouts: 12 intervals of the healthy one.
+    common::eventually(Duration::from_secs(60), "two slow scrapes", || async {
+        let slow = app.target_status("slow").await;
+        (slow["scrapes_total"].as_i64() >= Some(2)).then_some(())
+    })
+    .await;
+    let healthy_samples = app.sample_count().await;
+
+    assert!(
+        healthy_samples >= 6,
+        "the healthy target kept its own schedule: {healthy_samples} samples while the slow one timed out twice (one per slow scrape would mean it waited)"
+    );
+    assert_eq!(app.target_status("slow").await["up"], false);
+    let db = app.shutdown().await;
+    common::invariants::assert_invariants(&db.connect().await).await;
 }
