@@ -201,18 +201,21 @@ impl Application {
         let (settings, pool, cancel) = (&self.settings, &self.pool, &self.cancel);
         let backoff = Backoff::default();
         let mut handles = Vec::new();
-        if let Some(scraper) = self.scraper.clone() {
+        // Each target on its own schedule, as Prometheus does: a slow target delays
+        // only itself.
+        for index in 0..self.scraper.as_ref().map_or(0, |s| s.target_count()) {
+            let Some(scraper) = self.scraper.clone() else {
+                break;
+            };
+            let name = format!("scrape:{}", scraper.target_name(index).unwrap_or_default());
             handles.push(self.workers.spawn(
-                "scrape",
+                name,
                 settings.scrape_interval,
                 backoff,
                 cancel.clone(),
                 move || {
                     let scraper = scraper.clone();
-                    async move {
-                        scraper.scrape_all().await;
-                        Ok(())
-                    }
+                    async move { scraper.scrape_one(index).await.map(|_| ()) }
                 },
             ));
         }
