@@ -89,6 +89,9 @@ pub struct DetailView {
     held_credits: String,
     /// The latest 100 held charges (open and decided), newest first.
     held_charges: Vec<super::held::HeldView>,
+    /// Series a target returned once and no longer returns: their usage is not
+    /// billed while they are missing.
+    stale_series: Vec<crate::scrape::completeness::StaleSeries>,
 }
 
 /// How far billing has come for one metric.
@@ -144,9 +147,10 @@ pub async fn detail(
         .await?
         .ok_or_else(|| unknown(&project))?;
     let balance = &detail.balance;
-    let (held_list, (_, held_open)) = futures::try_join!(
+    let (held_list, (_, held_open), stale_series) = futures::try_join!(
         crate::billing::held::list(&client, project.as_str(), account::DETAIL_EVENTS),
         crate::billing::held::open_total(&client, project.as_str()),
+        crate::scrape::completeness::of_project(&client, project.as_str()),
     )?;
     let covered = account::covered(window, now, detail.first_usage);
     let burn_rate = account::burn_rate_per_hour(detail.charged_in_window, covered);
@@ -202,6 +206,7 @@ pub async fn detail(
             .into_iter()
             .map(|h| super::held::HeldView::new(h, settings.precision))
             .collect(),
+        stale_series,
     };
     Ok(HttpResponse::Ok().json(view))
 }

@@ -124,6 +124,10 @@ fn describe() {
         metrics::Unit::Seconds,
         "Time to the response head by method and route template."
     );
+    describe_gauge!(
+        "os_credits_stale_series",
+        "Billed series a target returned once and no longer returns (billing for them has stopped), by target."
+    );
     describe_counter!(
         "os_credits_charges_held_total",
         "Counter steps the jump guard held for review instead of billing."
@@ -282,4 +286,9 @@ pub fn charges_held(held: u64, rejected: u64) {
 pub fn held_charge_decided(decision: &'static str) {
     counter!("os_credits_held_charges_decided_total", "decision" => decision, "by" => "operator")
         .increment(1);
+}
+
+/// A target's stale series after its last scrape (see `crate::scrape::completeness`).
+pub fn stale_series(target: &str, count: i64) {
+    gauge!("os_credits_stale_series", "target" => target.to_owned()).set(count as f64);
 }
