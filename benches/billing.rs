@@ -1,10 +1,12 @@
 //! Billing and API benchmarks, each against a baseline measured in the same run:
 //! - billing throughput of a backlog (10,000 projects × 2 metrics × 100 samples)
 //!   against PostgreSQL merely streaming the same samples in series/time order;
-//! - `credits_history` latency (p50/p99) for a project with a year of 5-minute
+//! - `credits_history` latency (p50/p99 of BENCH_LATENCY_REQUESTS, default 1,000) for a project with a year of 5-minute
 //!   ledger rows among 1,000 projects, with `step=1d` and without;
 //! - requests/s and p99 of `GET /api/current_credits/{p}` against `GET /ping`
 //!   under 32 concurrent connections on loopback.
+//!
+//! Every latency percentile comes from at least 1,000 requests after a warm-up.
 //!
 //! Sizes: BENCH_PROJECTS, BENCH_SAMPLES, BENCH_HISTORY_PROJECTS, BENCH_HTTP_SECONDS.
 
@@ -25,6 +27,9 @@ async fn main() -> anyhow::Result<()> {
     let samples = env_num("BENCH_SAMPLES", 100);
     let history_projects = env_num("BENCH_HISTORY_PROJECTS", 1_000);
     let http_seconds = env_num("BENCH_HTTP_SECONDS", 5);
+    // latency percentiles come from this many requests, after `warm_up` not counted
+    let requests = env_num("BENCH_LATENCY_REQUESTS", 1_000);
+    let warm_up = 20;
     let database = BenchDb::create("billing").await?;
     let pool = database.pool()?;
     let mut client = pool.get().await?;
@@ -48,19 +53,35 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     support::checkpoint(&pool).await?;
 
+    // The baseline reads the same samples with the parallelism billing uses
+    // (`OS_CREDITS_WORKERS` connections at once, each its share of the series in
+    // series/time order), so the ratio compares like with like.
+    let parallel = settings.workers.max(1);
     let clock = Instant::now();
-    let client = pool.get().await?;
-    let rows = client
-        .query_raw(
-            "SELECT series_id, time, value FROM usage_samples ORDER BY series_id, time",
-            std::iter::empty::<i32>(),
-        )
-        .await?;
-    let streamed = rows
-        .fold(0u64, |n, row| async move { n + u64::from(row.is_ok()) })
-        .await;
+    let streams = (0..parallel).map(|part| {
+        let pool = pool.clone();
+        async move {
+            let client = pool.get().await?;
+            let rows = client
+                .query_raw(
+                    "SELECT series_id, time, value FROM usage_samples
+                     WHERE series_id % $1 = $2 ORDER BY series_id, time",
+                    [parallel as i64, part as i64],
+                )
+                .await?;
+            Ok::<u64, anyhow::Error>(
+                rows.fold(0u64, |n, row| async move { n + u64::from(row.is_ok()) })
+                    .await,
+            )
+        }
+    });
+    let streamed: u64 = futures::future::try_join_all(streams).await?.iter().sum();
     let read = clock.elapsed();
-    drop(client);
+    let expected = projects * 2 * samples;
+    anyhow::ensure!(
+        streamed == expected,
+        "the baseline read {streamed} samples, not {expected}"
+    );
 
     let clock = Instant::now();
     let summary = engine::run(&pool, &settings, Utc::now()).await?;
@@ -81,10 +102,15 @@ async fn main() -> anyhow::Result<()> {
         summary.projects_billed,
         summary.ledger_rows
     );
-    println!(
-        "ratio billing / read:     {:.2}  (target >= 0.25)",
-        bill_rate / read_rate
+    println!("ratio billing / read:     {:.2}", bill_rate / read_rate);
+    let mut report = support::Summary::new("billing");
+    report.at_least(
+        &format!("billing / parallel read ({parallel} connections), samples/s"),
+        bill_rate / read_rate,
+        "",
+        0.25,
     );
+    report.info("billing a backlog", bill_rate / 1e3, "k samples/s");
 
     println!("== history: one project with a year of 5-minute ledger rows among {history_projects} projects");
     pool.get()
@@ -125,12 +151,14 @@ async fn main() -> anyhow::Result<()> {
         let url = format!("{base}/api/credits_history/history-year?{query}");
         let mut latencies = Vec::new();
         let mut points = 0;
-        for _ in 0..30 {
+        for round in 0..warm_up + requests {
             let clock = Instant::now();
             let response = http.get(&url).send().await?;
             let status = response.status();
             let body: serde_json::Value = response.json().await?;
-            latencies.push(clock.elapsed());
+            if round >= warm_up {
+                latencies.push(clock.elapsed());
+            }
             anyhow::ensure!(
                 status.is_success(),
                 "credits_history answered {status}: {body}"
@@ -138,11 +166,16 @@ async fn main() -> anyhow::Result<()> {
             points = body["timestamps"].as_array().map_or(0, Vec::len);
         }
         latencies.sort();
-        println!(
-            "credits_history {label:8} {points:>7} points   p50 {:>8.1} ms   p99 {:>8.1} ms",
+        let (p50, p99) = (
             percentile(&latencies, 50.0).as_secs_f64() * 1e3,
-            percentile(&latencies, 99.0).as_secs_f64() * 1e3
+            percentile(&latencies, 99.0).as_secs_f64() * 1e3,
         );
+        println!(
+            "credits_history {label:8} {points:>7} points   p50 {p50:>8.1} ms   p99 {p99:>8.1} ms   ({} requests after {warm_up} not counted)",
+            latencies.len()
+        );
+        report.info(&format!("credits_history {label}, p50"), p50, "ms");
+        report.info(&format!("credits_history {label}, p99"), p99, "ms");
     }
 
     println!("== HTTP: 32 concurrent connections, {http_seconds} s per endpoint");
@@ -169,12 +202,14 @@ async fn main() -> anyhow::Result<()> {
             "{label:30} {rps:>9.0} req/s   p99 {:>6.2} ms{ratio}",
             p99.as_secs_f64() * 1e3
         );
+        report.info(&format!("{label}, 32 connections"), rps, "req/s");
+        report.info(&format!("{label}, p99"), p99.as_secs_f64() * 1e3, "ms");
     }
     stop.stop().await;
     server.await??;
     drop(pool);
-    println!("peak memory (VmHWM):      {}", support::peak_memory());
     database.drop_database().await?;
+    report.finish();
     Ok(())
 }
 
@@ -185,7 +220,9 @@ async fn load(
     connections: usize,
     duration: Duration,
 ) -> anyhow::Result<(f64, Duration)> {
-    let deadline = Instant::now() + duration;
+    // one second of the same load first, not counted: connections and caches warm
+    let warm_up = Instant::now() + Duration::from_secs(1);
+    let deadline = warm_up + duration;
     let tasks: Vec<_> = (0..connections)
         .map(|_| {
             let (http, url) = (http.clone(), url.to_owned());
@@ -200,19 +237,25 @@ async fn load(
                         response.status()
                     );
                     response.bytes().await?;
-                    latencies.push(clock.elapsed());
+                    if clock > warm_up {
+                        latencies.push(clock.elapsed());
+                    }
                 }
                 Ok::<_, anyhow::Error>(latencies)
             })
         })
         .collect();
-    let started = Instant::now();
     let mut all = Vec::new();
     for task in tasks {
         all.extend(task.await??);
     }
-    let elapsed = started.elapsed();
     all.sort();
+    anyhow::ensure!(
+        all.len() >= 1_000,
+        "only {} requests to {url} in {duration:?}: a p99 needs at least 1,000 (raise BENCH_HTTP_SECONDS)",
+        all.len()
+    );
+    let elapsed = duration;
     Ok((
         all.len() as f64 / elapsed.as_secs_f64(),
         percentile(&all, 99.0),

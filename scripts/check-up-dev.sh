@@ -19,7 +19,10 @@ health=$(curl -sS --max-time 10 -w '\n%{http_code}' "$SERVICE_URL/health")
 code=${health##*$'\n'}
 body=${health%$'\n'*}
 [[ $code == 200 ]] || die "/health answered $code: $body"
-[[ $body == *'"status"'* && $body == *'"database"'* ]] || die "/health body lacks status/database: $body"
+# The service answers compact JSON with `status` as its first field: it must be "ok"
+# (a target that failed its scrape makes it "degraded"), and the database reachable.
+[[ $body =~ ^\{\"status\":\"ok\" ]] || die "/health status is not \"ok\": $body"
+[[ $body =~ \"database\":\{[^}]*\"reachable\":true ]] || die "/health says the database is not reachable: $body"
 
 log "checking $DEMO_METRICS_URL"
 metrics=$(curl -fsS --max-time 10 "$DEMO_METRICS_URL")

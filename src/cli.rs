@@ -15,6 +15,10 @@ pub struct Cli {
     /// Port to bind (overrides CREDITS_PORT; demo-exporter: default 9100).
     #[arg(long, global = true)]
     pub port: Option<u16>,
+    /// After binding, write the bound port (one line) to this file, so a supervisor
+    /// or test that asked for port 0 can read it (serve and demo-exporter).
+    #[arg(long, global = true)]
+    pub port_file: Option<std::path::PathBuf>,
     /// What to do (default: serve).
     #[command(subcommand)]
     pub command: Option<Command>,

@@ -23,7 +23,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         telemetry::init(LogFormat::Text)?;
         let config = args.config().map_err(anyhow::Error::msg)?;
         let host = cli.host.as_deref().unwrap_or("127.0.0.1");
-        return startup::run_demo_exporter(config, host, cli.port.unwrap_or(9100)).await;
+        return startup::run_demo_exporter(
+            config,
+            host,
+            cli.port.unwrap_or(9100),
+            cli.port_file.as_deref(),
+        )
+        .await;
     }
     let mut settings = Settings::from_env()?;
     if let Some(host) = cli.host {
@@ -41,10 +47,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         _ => {
-            Application::build(settings, Some(logs))
-                .await?
-                .run_until_stopped()
-                .await
+            let app = Application::build(settings, Some(logs)).await?;
+            if let Some(path) = &cli.port_file {
+                startup::write_port_file(path, app.port())?;
+            }
+            app.run_until_stopped().await
         }
     }
 }

@@ -1,16 +1,19 @@
 //! Wiring: pool, migrations, HTTP server and background workers, and their shutdown.
 
 use crate::api::{self, AppState};
+use crate::billing;
 use crate::config::Settings;
 use crate::demo_exporter::{self, DemoConfig};
-use crate::notify::Notifier;
+use crate::notify::{self, Notifier};
 use crate::scrape::Scraper;
 use crate::store::{self, series::SeriesCache, StorageMode};
 use crate::telemetry::LogHandle;
+use crate::workers::{Backoff, Workers};
 use actix_web::dev::{Server, ServerHandle};
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use std::net::TcpListener;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -25,6 +28,9 @@ const DATABASE_WAIT: Duration = Duration::from_secs(30);
 /// open; the next start bills it. Keeps a stop within about 25 s.
 const WORKER_GRACE: Duration = Duration::from_secs(15);
 
+/// How often old samples are deleted when `SAMPLES_RETENTION_DAYS` is set.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// A built service: listening, migrated, with workers ready to run.
 pub struct Application {
     port: u16,
@@ -35,6 +41,7 @@ pub struct Application {
     notifier: Option<Arc<Notifier>>,
     settings: Arc<Settings>,
     cancel: CancellationToken,
+    workers: Workers,
 }
 
 impl Application {
@@ -72,7 +79,7 @@ impl Application {
                 None
             }
             (false, false) => {
-                let scraper = Scraper::new(&settings, pool.clone(), cache, mode)?;
+                let scraper = Scraper::new(&settings, pool.clone(), cache)?;
                 scraper
                     .register()
                     .await
@@ -97,15 +104,29 @@ impl Application {
         };
         let cancel = CancellationToken::new();
         let state = AppState::new(pool.clone(), mode, settings.clone(), logs);
-        // Balances are answered from memory while this listens (see api::memo).
+        // Balances are answered from memory while this listens (see api::memo); it
+        // runs with or without the other workers, supervised like them.
         let memo = state.memo.clone();
+        let on_change: store::changes::OnChange = Arc::new(move |change| memo.on_change(change));
         let mut listen_config = store::pg_config(&settings.database);
         listen_config.application_name(store::changes::APPLICATION_NAME);
-        state.memo.attach(store::changes::Listener::spawn(
-            listen_config,
-            Arc::new(move |change| memo.on_change(change)),
+        let change_listener = store::changes::Listener::new();
+        state.memo.attach(change_listener.clone());
+        let listen_cancel = cancel.clone();
+        state.workers.spawn(
+            "change_listener",
+            Duration::ZERO,
+            Backoff::default(),
             cancel.clone(),
-        ));
+            move || {
+                change_listener.clone().run(
+                    listen_config.clone(),
+                    on_change.clone(),
+                    listen_cancel.clone(),
+                )
+            },
+        );
+        let workers = state.workers.clone();
         let server = api::server(state, listener)?;
         tracing::info!(port, "listening");
         Ok(Self {
@@ -117,6 +138,7 @@ impl Application {
             notifier,
             settings,
             cancel,
+            workers,
         })
     }
 
@@ -163,23 +185,10 @@ impl Application {
 
     async fn run(self, with_workers: bool) -> anyhow::Result<()> {
         let stop = self.stop_handle();
-        let mut workers: Vec<JoinHandle<()>> = Vec::new();
-        if let (true, Some(scraper)) = (with_workers, self.scraper.clone()) {
-            workers.push(tokio::spawn(scraper.run(self.cancel.clone())));
-        }
-        if with_workers && !self.settings.endpoints_only {
-            workers.push(tokio::spawn(crate::billing::worker::run(
-                self.pool.clone(),
-                self.settings.clone(),
-                self.cancel.clone(),
-            )));
-        }
-        if let (true, Some(notifier)) = (with_workers, self.notifier.clone()) {
-            workers.push(tokio::spawn(crate::notify::worker::run(
-                notifier,
-                self.cancel.clone(),
-            )));
-        }
+        let workers = match with_workers {
+            true => self.spawn_workers()?,
+            false => Vec::new(),
+        };
         let signals = tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("shutdown requested");
@@ -198,6 +207,84 @@ impl Application {
         }
         tracing::info!("stopped");
         served.context("HTTP server failed")
+    }
+}
+
+impl Application {
+    /// Starts every background worker under supervision ([`crate::workers`]).
+    fn spawn_workers(&self) -> anyhow::Result<Vec<JoinHandle<()>>> {
+        let (settings, pool, cancel) = (&self.settings, &self.pool, &self.cancel);
+        let backoff = Backoff::default();
+        let mut handles = Vec::new();
+        if let Some(scraper) = self.scraper.clone() {
+            handles.push(self.workers.spawn(
+                "scrape",
+                settings.scrape_interval,
+                backoff,
+                cancel.clone(),
+                move || {
+                    let scraper = scraper.clone();
+                    async move {
+                        scraper.scrape_all().await;
+                        Ok(())
+                    }
+                },
+            ));
+        }
+        // TimescaleDB applies its retention policy itself.
+        if settings.samples_retention_days > 0
+            && !settings.endpoints_only
+            && self.mode == StorageMode::Postgresql
+        {
+            let (pool, mode, days) = (pool.clone(), self.mode, settings.samples_retention_days);
+            handles.push(self.workers.spawn(
+                "retention",
+                RETENTION_INTERVAL,
+                backoff,
+                cancel.clone(),
+                move || {
+                    let pool = pool.clone();
+                    async move {
+                        let client = pool.get().await?;
+                        let deleted = store::apply_retention(&client, mode, days).await?;
+                        tracing::info!(deleted, "applied sample retention");
+                        Ok(())
+                    }
+                },
+            ));
+        }
+        if !settings.endpoints_only {
+            let (pool, s) = (pool.clone(), settings.clone());
+            handles.push(self.workers.spawn(
+                "billing",
+                settings.billing_interval,
+                backoff,
+                cancel.clone(),
+                move || billing::worker::bill(pool.clone(), s.clone()),
+            ));
+        }
+        if !settings.endpoints_only && settings.api_contact_base_url.is_some() {
+            let (pool, s) = (pool.clone(), settings.clone());
+            let http = reqwest::Client::builder().build()?;
+            handles.push(self.workers.spawn(
+                "grant_sync",
+                settings.billing_interval,
+                backoff,
+                cancel.clone(),
+                move || billing::worker::sync_grants(pool.clone(), s.clone(), http.clone()),
+            ));
+        }
+        if let Some(notifier) = self.notifier.clone() {
+            let token = cancel.clone();
+            handles.push(self.workers.spawn(
+                "notifications",
+                notify::worker::POLL,
+                backoff,
+                cancel.clone(),
+                move || notify::worker::send_pending(notifier.clone(), token.clone()),
+            ));
+        }
+        Ok(handles)
     }
 }
 
@@ -274,11 +361,29 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes `port` and a newline to `path` (`--port-file`): to a temporary file first,
+/// then renamed, so a reader polling for the file never sees it half written.
+pub fn write_port_file(path: &Path, port: u16) -> anyhow::Result<()> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    std::fs::write(&temporary, format!("{port}\n"))
+        .and_then(|()| std::fs::rename(&temporary, path))
+        .with_context(|| format!("writing the bound port to {} (--port-file)", path.display()))
+}
+
 /// `os-credits demo-exporter`: serve synthetic usage until SIGTERM/SIGINT.
-pub async fn run_demo_exporter(config: DemoConfig, host: &str, port: u16) -> anyhow::Result<()> {
+pub async fn run_demo_exporter(
+    config: DemoConfig,
+    host: &str,
+    port: u16,
+    port_file: Option<&Path>,
+) -> anyhow::Result<()> {
     let listener =
         TcpListener::bind((host, port)).with_context(|| format!("binding {host}:{port}"))?;
     let address = listener.local_addr()?;
+    if let Some(path) = port_file {
+        write_port_file(path, address.port())?;
+    }
     tracing::info!(%address, projects = config.projects, seed = config.seed, "demo exporter serving /metrics");
     let server = demo_exporter::server(config, listener)?;
     let handle = server.handle();

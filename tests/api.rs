@@ -1466,8 +1466,21 @@ async fn rules_lists_every_metric_with_its_prices() {
         .filter_map(|r| r["metric"].as_str())
         .collect();
     assert_eq!(metrics, ["project_mb_usage", "project_vcpu_usage"]);
-    assert_eq!(rules[0]["kind"], "counter");
-    assert_eq!(rules[0]["prices"][0]["default"], "0.3");
+    let rule = |metric: &str, price: &str| {
+        json!({
+            "metric": metric, "kind": "counter", "decrease_policy": "rebase",
+            "max_gap_seconds": 900, "friendly_name": null, "description": null, "unit": null,
+            "prices": [{"default": price, "by_label": {}, "label": null, "valid_from": null}],
+        })
+    };
+    assert_eq!(
+        rules,
+        json!([
+            rule("project_mb_usage", "0.3"),
+            rule("project_vcpu_usage", "1")
+        ]),
+        "every rule in full, not only the first"
+    );
 }
 
 // ---------------------------------------------------------------- billing run

@@ -396,6 +396,17 @@ async fn seed_backlog(app: &TestApp, projects: i32, samples: i32) -> BTreeMap<St
     expected
 }
 
+/// The text a one-row, one-column query answers.
+async fn count_text(app: &TestApp, sql: &str) -> String {
+    app.db
+        .connect()
+        .await
+        .query_one(sql, &[])
+        .await
+        .expect("query")
+        .get(0)
+}
+
 async fn balances(app: &TestApp) -> BTreeMap<String, Decimal> {
     app.db
         .connect()
@@ -426,11 +437,31 @@ async fn two_replicas_billing_one_backlog_bill_exactly_what_one_would() {
         settings_for(&twin, &[("OS_CREDITS_WORKERS", "4")]),
     );
 
-    let (a, b) = tokio::join!(
-        engine::run(&app.app_pool, &a_settings, Utc::now()),
-        engine::run(&twin.app_pool, &b_settings, Utc::now())
+    // Replica a takes every project (one batch) and is held at the gate before it
+    // commits; replica b runs meanwhile: the two runs overlap for certain.
+    let last = count_text(&app, "SELECT max(name) FROM projects").await;
+    let gate = common::ProjectGate::close(&app.db, &last).await;
+    let a = tokio::spawn({
+        let pool = app.app_pool.clone();
+        async move { engine::run(&pool, &a_settings, Utc::now()).await }
+    });
+    gate.until_someone_waits().await;
+    let b = tokio::time::timeout(
+        Duration::from_secs(30),
+        engine::run(&twin.app_pool, &b_settings, Utc::now()),
+    )
+    .await
+    .expect("replica b does not wait for the projects replica a holds")
+    .expect("replica b");
+    gate.open().await;
+    let a = a.await.expect("task").expect("replica a");
+
+    assert_eq!(
+        (b.projects_skipped, b.samples_billed),
+        (60, 0),
+        "replica b skipped every project replica a held"
     );
-    let (a, b) = (a.expect("replica a"), b.expect("replica b"));
+    assert_eq!((a.projects_billed, a.projects_skipped), (60, 0));
     let again = bill(&app, &[]).await;
     assert_eq!(
         again.samples_billed, 0,
@@ -453,6 +484,10 @@ async fn a_service_killed_while_billing_loses_nothing_and_bills_nothing_twice() 
     let expected = seed_backlog(&app, 1500, 40).await;
     let total_projects = expected.len() as i64;
 
+    // The batch holding the last project (in billing's order) cannot commit until
+    // the gate opens: the kill lands while earlier batches are committed and it is not.
+    let last = count_text(&app, "SELECT max(name) FROM projects").await;
+    let gate = common::ProjectGate::close(&app.db, &last).await;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_os-credits"))
         .arg("serve")
         .envs(app.db.vars())
@@ -463,24 +498,31 @@ async fn a_service_killed_while_billing_loses_nothing_and_bills_nothing_twice() 
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start the service");
-    let billed_before_kill = common::eventually(
+    gate.until_someone_waits().await;
+    common::eventually(
         Duration::from_secs(60),
-        "the service to bill some projects",
+        "the service to commit some projects",
         || async {
             let billed = count(
                 &app,
                 "SELECT count(*) FROM projects WHERE last_billed_at IS NOT NULL",
             )
             .await;
-            (billed > 0).then_some(billed)
+            (billed > 0).then_some(())
         },
     )
     .await;
     child.kill().expect("SIGKILL");
     child.wait().expect("reaped");
+    gate.open().await;
+    let billed_at_kill = count(
+        &app,
+        "SELECT count(*) FROM projects WHERE last_billed_at IS NOT NULL",
+    )
+    .await;
     assert!(
-        billed_before_kill < total_projects,
-        "the kill landed mid-run ({billed_before_kill} of {total_projects} billed)"
+        0 < billed_at_kill && billed_at_kill < total_projects,
+        "the kill landed mid-run ({billed_at_kill} of {total_projects} billed)"
     );
 
     bill(&app, &[]).await;

@@ -91,12 +91,22 @@ struct SmtpServer {
 
 impl SmtpServer {
     fn start() -> Self {
-        Self::start_on(0)
+        Self::serve(std::net::TcpListener::bind("127.0.0.1:0").expect("bind SMTP"))
     }
 
-    /// Serves on `port` (0: a free one) from a thread for the rest of the test run.
-    fn start_on(port: u16) -> Self {
-        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind SMTP");
+    /// Starts listening on a port held by `common::reserved_port` (the server coming
+    /// up where connections were refused until now).
+    fn start_on(socket: tokio::net::TcpSocket) -> Self {
+        let listener = socket
+            .listen(64)
+            .and_then(|listener| listener.into_std())
+            .expect("listen SMTP");
+        listener.set_nonblocking(false).expect("blocking listener");
+        Self::serve(listener)
+    }
+
+    /// Serves `listener` from a thread for the rest of the test run.
+    fn serve(listener: std::net::TcpListener) -> Self {
         let port = listener.local_addr().expect("address").port();
         let sink = Sink::default();
         let mails = sink.mails.clone();
@@ -114,12 +124,6 @@ impl SmtpServer {
     fn mails(&self) -> Vec<Mail> {
         self.mails.lock().expect("lock").clone()
     }
-}
-
-/// A port nothing listens on (yet).
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address").port()
 }
 
 fn parse_mail(raw: &str, envelope_to: Vec<String>) -> Mail {
@@ -701,7 +705,7 @@ async fn notification_to_overwrite_redirects_every_recipient() {
 
 #[tokio::test]
 async fn mail_waits_while_the_smtp_server_is_down_and_is_delivered_once_when_it_is_back() {
-    let port = free_port();
+    let (socket, port) = common::reserved_port();
     let world = World::start(port, &[]).await;
     let t = now();
     project_at(&world, "Alpha", 60.0, t).await;
@@ -728,7 +732,7 @@ async fn mail_waits_while_the_smtp_server_is_down_and_is_delivered_once_when_it_
         "not before"
     );
 
-    let smtp = SmtpServer::start_on(port);
+    let smtp = SmtpServer::start_on(socket);
     let back = send(&notifier, t + ChronoDuration::minutes(1)).await;
 
     assert_eq!(back.sent, 1);
@@ -1154,7 +1158,8 @@ async fn send_test_email_delivers_or_says_what_to_fix() {
     let sent = os_credits::notify::email::send_test(&mail(smtp.port), "admin@example.org")
         .await
         .expect("sent");
-    let refused = os_credits::notify::email::send_test(&mail(free_port()), "admin@example.org")
+    let (_held, refused_port) = common::reserved_port();
+    let refused = os_credits::notify::email::send_test(&mail(refused_port), "admin@example.org")
         .await
         .expect_err("nothing listens");
     let bad = os_credits::notify::email::send_test(&mail(smtp.port), "not an address").await;

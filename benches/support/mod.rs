@@ -13,16 +13,34 @@ pub fn env_num(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// Peak resident memory of this process.
-pub fn peak_memory() -> String {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM"))
-                .map(|l| l.trim_start_matches("VmHWM:").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into())
+/// Peak resident memory (VmHWM, KiB) of process `pid`.
+pub fn peak_memory_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmHWM in /proc/{pid}/status"))
+}
+
+/// A child process stopped (SIGTERM, then SIGKILL after 30 s) when dropped.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Flushes dirty buffers so one phase's writes do not slow the next (best effort:
@@ -115,4 +133,153 @@ impl BenchDb {
             .await?;
         Ok(())
     }
+}
+
+/// What a figure is judged against (the README's targets, in `## Benchmarks`).
+#[derive(Clone, Copy, Debug)]
+pub enum Target {
+    /// Met when measured >= this.
+    AtLeast(f64),
+    /// Met when measured <= this.
+    AtMost(f64),
+    /// Shown for information; no target.
+    None,
+}
+
+struct Row {
+    figure: String,
+    measured: String,
+    target: String,
+    verdict: &'static str,
+}
+
+/// The table every bench ends with: figure, measured, target, met/missed.
+///
+/// ```ignore
+/// let mut summary = support::Summary::new("ingest");
+/// summary.at_least("ingest / raw COPY", ratio, "", 0.70);
+/// summary.at_most("p99 GET /x", p99_ms, "ms", 50.0);
+/// summary.info("peak memory of the service", mib, "MiB");
+/// summary.finish();
+/// ```
+///
+/// `finish` prints the bench's table and, when `BENCH_SUMMARY` names a file (as
+/// `make bench` does), appends the rows there so `make bench` ends with one table of
+/// all benches.
+pub struct Summary {
+    bench: String,
+    rows: Vec<Row>,
+}
+
+impl Summary {
+    pub fn new(bench: &str) -> Self {
+        Self {
+            bench: bench.to_owned(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// A figure that meets its target when it is at least `target`.
+    pub fn at_least(&mut self, figure: &str, measured: f64, unit: &str, target: f64) {
+        self.add(figure, measured, unit, Target::AtLeast(target));
+    }
+
+    /// A figure that meets its target when it is at most `target`.
+    pub fn at_most(&mut self, figure: &str, measured: f64, unit: &str, target: f64) {
+        self.add(figure, measured, unit, Target::AtMost(target));
+    }
+
+    /// A figure shown without a target.
+    pub fn info(&mut self, figure: &str, measured: f64, unit: &str) {
+        self.add(figure, measured, unit, Target::None);
+    }
+
+    pub fn add(&mut self, figure: &str, measured: f64, unit: &str, target: Target) {
+        let show = |value: f64| {
+            let digits = if value.abs() >= 100.0 {
+                0
+            } else if value.abs() >= 10.0 {
+                1
+            } else {
+                2
+            };
+            format!(
+                "{value:.digits$}{}{unit}",
+                if unit.is_empty() { "" } else { " " }
+            )
+        };
+        let (target, verdict) = match target {
+            Target::AtLeast(t) => (
+                format!(">= {}", show(t)),
+                if measured >= t { "met" } else { "MISSED" },
+            ),
+            Target::AtMost(t) => (
+                format!("<= {}", show(t)),
+                if measured <= t { "met" } else { "MISSED" },
+            ),
+            Target::None => ("-".to_owned(), "-"),
+        };
+        self.rows.push(Row {
+            figure: figure.to_owned(),
+            measured: show(measured),
+            target,
+            verdict,
+        });
+    }
+
+    /// Prints the table (and appends it to `$BENCH_SUMMARY`).
+    pub fn finish(self) {
+        let lines: Vec<[String; 5]> = self
+            .rows
+            .iter()
+            .map(|r| {
+                [
+                    self.bench.clone(),
+                    r.figure.clone(),
+                    r.measured.clone(),
+                    r.target.clone(),
+                    r.verdict.to_owned(),
+                ]
+            })
+            .collect();
+        println!("== summary: {}", self.bench);
+        print!("{}", table(&lines));
+        if let Ok(path) = std::env::var("BENCH_SUMMARY") {
+            use std::io::Write;
+            let written = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .and_then(|mut file| {
+                    lines
+                        .iter()
+                        .try_for_each(|line| writeln!(file, "{}", line.join("\t")))
+                });
+            if let Err(e) = written {
+                eprintln!("cannot append the summary to {path}: {e}");
+            }
+        }
+    }
+}
+
+/// Rows of (bench, figure, measured, target, verdict) as an aligned text table.
+pub fn table(lines: &[[String; 5]]) -> String {
+    let header = ["bench", "figure", "measured", "target", "met?"].map(String::from);
+    let mut widths = [0usize; 5];
+    for line in std::iter::once(&header).chain(lines) {
+        for (width, cell) in widths.iter_mut().zip(line) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for line in std::iter::once(&header).chain(lines) {
+        let cells: Vec<String> = line
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:width$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }

@@ -40,6 +40,8 @@ pub struct AppState {
     pub started_at: chrono::DateTime<chrono::Utc>,
     /// Answers from memory, kept fresh by change notifications.
     pub memo: Arc<memo::Memo>,
+    /// The background workers' states (empty while none run).
+    pub workers: crate::workers::Workers,
 }
 
 impl AppState {
@@ -57,6 +59,7 @@ impl AppState {
             logs,
             started_at: chrono::Utc::now(),
             memo: Arc::default(),
+            workers: crate::workers::Workers::new(),
         }
     }
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod exporter;
+pub mod invariants;
 
 use os_credits::config::Settings;
 use os_credits::scrape::Scraper;
@@ -313,6 +314,18 @@ pub async fn insert_samples(
     }
 }
 
+/// A loopback port held for the caller: bound but not listening, so connecting to it
+/// is refused, and no other program can take it until the socket is dropped or
+/// `listen`ed on (a server "coming back" on the same port, without a race for it).
+pub fn reserved_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind");
+    let port = socket.local_addr().expect("address").port();
+    (socket, port)
+}
+
 /// Polls `check` until it returns `Some`, failing after `deadline`.
 pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
 where
@@ -326,5 +339,74 @@ where
         }
         assert!(started.elapsed() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Holds back every transaction that updates the `projects` row named `project`
+/// (billing does, when it commits a batch holding it) until [`ProjectGate::open`]:
+/// a trigger takes an advisory lock this gate's own session holds. Lets a test stop
+/// a run in its middle for certain, instead of hoping to catch it there.
+pub struct ProjectGate {
+    client: tokio_postgres::Client,
+}
+
+const GATE_LOCK: i64 = 0x05c_9a7e;
+
+impl ProjectGate {
+    pub async fn close(db: &TestDb, project: &str) -> Self {
+        let client = db.connect().await;
+        let project = project.replace('\'', "''");
+        client
+            .batch_execute(&format!(
+                "CREATE OR REPLACE FUNCTION osc_test_gate() RETURNS trigger LANGUAGE plpgsql AS $f$
+                 BEGIN
+                     IF NEW.name = '{project}' THEN PERFORM pg_advisory_xact_lock({GATE_LOCK}); END IF;
+                     RETURN NEW;
+                 END $f$;
+                 CREATE TRIGGER osc_test_gate BEFORE UPDATE ON projects
+                     FOR EACH ROW EXECUTE FUNCTION osc_test_gate();"
+            ))
+            .await
+            .expect("gate trigger");
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&GATE_LOCK])
+            .await
+            .expect("gate lock");
+        Self { client }
+    }
+
+    /// Waits until a transaction is held at the gate.
+    pub async fn until_someone_waits(&self) {
+        eventually(
+            Duration::from_secs(60),
+            "a transaction at the gate",
+            || async {
+                let waiting: i64 = self
+                    .client
+                    .query_one(
+                        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                     WHERE l.locktype = 'advisory' AND NOT l.granted AND l.objid::bigint = $1
+                       AND a.datname = current_database()",
+                        &[&GATE_LOCK],
+                    )
+                    .await
+                    .expect("pg_locks")
+                    .get(0);
+                (waiting > 0).then_some(())
+            },
+        )
+        .await
+    }
+
+    /// Lets the held transactions go on and removes the trigger.
+    pub async fn open(self) {
+        self.client
+            .execute("SELECT pg_advisory_unlock($1)", &[&GATE_LOCK])
+            .await
+            .expect("gate unlock");
+        self.client
+            .batch_execute("DROP TRIGGER osc_test_gate ON projects; DROP FUNCTION osc_test_gate();")
+            .await
+            .expect("remove the gate");
     }
 }
