@@ -101,16 +101,29 @@ impl Application {
         let cancel = CancellationToken::new();
         let state =
             AppState::new(pool.clone(), mode, settings.clone(), logs).with_storage(storage.clone());
-        let workers = state.workers.clone();
-        // Balances are answered from memory while this listens (see api::memo).
+        // Balances are answered from memory while this listens (see api::memo); it
+        // runs with or without the other workers, supervised like them.
         let memo = state.memo.clone();
+        let on_change: store::changes::OnChange = Arc::new(move |change| memo.on_change(change));
         let mut listen_config = store::pg_config(&settings.database);
         listen_config.application_name(store::changes::APPLICATION_NAME);
-        state.memo.attach(store::changes::Listener::spawn(
-            listen_config,
-            Arc::new(move |change| memo.on_change(change)),
+        let change_listener = store::changes::Listener::new();
+        state.memo.attach(change_listener.clone());
+        let listen_cancel = cancel.clone();
+        state.workers.spawn(
+            "change_listener",
+            Duration::ZERO,
+            Backoff::default(),
             cancel.clone(),
-        ));
+            move || {
+                change_listener.clone().run(
+                    listen_config.clone(),
+                    on_change.clone(),
+                    listen_cancel.clone(),
+                )
+            },
+        );
+        let workers = state.workers.clone();
         let server = api::server(state, listener)?;
         tracing::info!(port, "listening");
         Ok(Self {
