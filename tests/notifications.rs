@@ -52,6 +52,16 @@ struct Sink {
     mails: Arc<Mutex<Vec<Mail>>>,
     envelope: Vec<String>,
     data: Vec<u8>,
+    hold: Arc<Hold>,
+}
+
+/// Holds the next message at the end of DATA (before the server answers) until
+/// released: a sender is certainly in the middle of a delivery.
+#[derive(Default)]
+struct Hold {
+    /// (hold the next message, a message is held)
+    state: Mutex<(bool, bool)>,
+    released: std::sync::Condvar,
 }
 
 impl Handler for Sink {
@@ -77,6 +87,14 @@ impl Handler for Sink {
     }
 
     fn data_end(&mut self) -> Response {
+        let mut state = self.hold.state.lock().expect("lock");
+        if state.0 {
+            *state = (false, true);
+            while state.1 {
+                state = self.hold.released.wait(state).expect("lock");
+            }
+        }
+        drop(state);
         let raw = String::from_utf8_lossy(&self.data).into_owned();
         let mail = parse_mail(&raw, std::mem::take(&mut self.envelope));
         self.mails.lock().expect("lock").push(mail);
@@ -87,6 +105,7 @@ impl Handler for Sink {
 struct SmtpServer {
     port: u16,
     mails: Arc<Mutex<Vec<Mail>>>,
+    hold: Arc<Hold>,
 }
 
 impl SmtpServer {
@@ -109,7 +128,7 @@ impl SmtpServer {
     fn serve(listener: std::net::TcpListener) -> Self {
         let port = listener.local_addr().expect("address").port();
         let sink = Sink::default();
-        let mails = sink.mails.clone();
+        let (mails, hold) = (sink.mails.clone(), sink.hold.clone());
         let mut server = Server::new(sink);
         server
             .with_name("smtp.test")
@@ -118,11 +137,25 @@ impl SmtpServer {
         std::thread::spawn(move || {
             let _ = server.serve();
         });
-        Self { port, mails }
+        Self { port, mails, hold }
     }
 
     fn mails(&self) -> Vec<Mail> {
         self.mails.lock().expect("lock").clone()
+    }
+
+    /// The next message is held at the end of DATA until `release`.
+    fn hold_next(&self) {
+        self.hold.state.lock().expect("lock").0 = true;
+    }
+
+    fn holds_one(&self) -> bool {
+        self.hold.state.lock().expect("lock").1
+    }
+
+    fn release(&self) {
+        self.hold.state.lock().expect("lock").1 = false;
+        self.hold.released.notify_all();
     }
 }
 
@@ -605,9 +638,25 @@ async fn a_restarted_service_or_a_second_replica_sends_nothing_again() {
     };
     let (a, b) = tokio::join!(world.bill(t), twin.bill(t));
     assert_eq!(a.projects_billed + b.projects_billed, 6);
+    // Replica one is held in the middle of its first delivery; the other sends
+    // meanwhile: the two senders overlap for certain.
     let (one, other) = (world.notifier(), twin.notifier());
-    let (a, b) = tokio::join!(send(&one, t), send(&other, t));
-    assert_eq!(a.sent + b.sent, 6, "each crossing sent by one replica");
+    smtp.hold_next();
+    let a = tokio::spawn(async move { send(&one, t).await });
+    eventually(
+        Duration::from_secs(30),
+        "a delivery held by the server",
+        || async { smtp.holds_one().then_some(()) },
+    )
+    .await;
+    let b = send(&other, t).await;
+    smtp.release();
+    let a = a.await.expect("task");
+    assert_eq!(
+        (a.sent, b.sent),
+        (1, 5),
+        "each crossing sent by one replica; the one in flight is not sent twice"
+    );
     std::mem::forget(twin.app.db);
 
     // A restart: a new service on the same database bills and sends again.
