@@ -1,12 +1,14 @@
 //! Wiring: pool, migrations, HTTP server and background workers, and their shutdown.
 
 use crate::api::{self, AppState};
+use crate::billing;
 use crate::config::Settings;
 use crate::demo_exporter::{self, DemoConfig};
-use crate::notify::Notifier;
+use crate::notify::{self, Notifier};
 use crate::scrape::Scraper;
 use crate::store::{self, series::SeriesCache, StorageMode};
 use crate::telemetry::LogHandle;
+use crate::workers::{Backoff, Workers};
 use actix_web::dev::{Server, ServerHandle};
 use anyhow::Context;
 use deadpool_postgres::Pool;
@@ -26,6 +28,9 @@ const DATABASE_WAIT: Duration = Duration::from_secs(30);
 /// open; the next start bills it. Keeps a stop within about 25 s.
 const WORKER_GRACE: Duration = Duration::from_secs(15);
 
+/// How often old samples are deleted when `SAMPLES_RETENTION_DAYS` is set.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// A built service: listening, migrated, with workers ready to run.
 pub struct Application {
     port: u16,
@@ -36,6 +41,7 @@ pub struct Application {
     notifier: Option<Arc<Notifier>>,
     settings: Arc<Settings>,
     cancel: CancellationToken,
+    workers: Workers,
 }
 
 impl Application {
@@ -73,7 +79,7 @@ impl Application {
                 None
             }
             (false, false) => {
-                let scraper = Scraper::new(&settings, pool.clone(), cache, mode)?;
+                let scraper = Scraper::new(&settings, pool.clone(), cache)?;
                 scraper
                     .register()
                     .await
@@ -97,6 +103,7 @@ impl Application {
             false => Some(Arc::new(Notifier::new(pool.clone(), settings.clone())?)),
         };
         let state = AppState::new(pool.clone(), mode, settings.clone(), logs);
+        let workers = state.workers.clone();
         let server = api::server(state, listener)?;
         tracing::info!(port, "listening");
         Ok(Self {
@@ -108,6 +115,7 @@ impl Application {
             notifier,
             settings,
             cancel: CancellationToken::new(),
+            workers,
         })
     }
 
@@ -154,23 +162,10 @@ impl Application {
 
     async fn run(self, with_workers: bool) -> anyhow::Result<()> {
         let stop = self.stop_handle();
-        let mut workers: Vec<JoinHandle<()>> = Vec::new();
-        if let (true, Some(scraper)) = (with_workers, self.scraper.clone()) {
-            workers.push(tokio::spawn(scraper.run(self.cancel.clone())));
-        }
-        if with_workers && !self.settings.endpoints_only {
-            workers.push(tokio::spawn(crate::billing::worker::run(
-                self.pool.clone(),
-                self.settings.clone(),
-                self.cancel.clone(),
-            )));
-        }
-        if let (true, Some(notifier)) = (with_workers, self.notifier.clone()) {
-            workers.push(tokio::spawn(crate::notify::worker::run(
-                notifier,
-                self.cancel.clone(),
-            )));
-        }
+        let workers = match with_workers {
+            true => self.spawn_workers()?,
+            false => Vec::new(),
+        };
         let signals = tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("shutdown requested");
@@ -189,6 +184,84 @@ impl Application {
         }
         tracing::info!("stopped");
         served.context("HTTP server failed")
+    }
+}
+
+impl Application {
+    /// Starts every background worker under supervision ([`crate::workers`]).
+    fn spawn_workers(&self) -> anyhow::Result<Vec<JoinHandle<()>>> {
+        let (settings, pool, cancel) = (&self.settings, &self.pool, &self.cancel);
+        let backoff = Backoff::default();
+        let mut handles = Vec::new();
+        if let Some(scraper) = self.scraper.clone() {
+            handles.push(self.workers.spawn(
+                "scrape",
+                settings.scrape_interval,
+                backoff,
+                cancel.clone(),
+                move || {
+                    let scraper = scraper.clone();
+                    async move {
+                        scraper.scrape_all().await;
+                        Ok(())
+                    }
+                },
+            ));
+        }
+        // TimescaleDB applies its retention policy itself.
+        if settings.samples_retention_days > 0
+            && !settings.endpoints_only
+            && self.mode == StorageMode::Postgresql
+        {
+            let (pool, mode, days) = (pool.clone(), self.mode, settings.samples_retention_days);
+            handles.push(self.workers.spawn(
+                "retention",
+                RETENTION_INTERVAL,
+                backoff,
+                cancel.clone(),
+                move || {
+                    let pool = pool.clone();
+                    async move {
+                        let client = pool.get().await?;
+                        let deleted = store::apply_retention(&client, mode, days).await?;
+                        tracing::info!(deleted, "applied sample retention");
+                        Ok(())
+                    }
+                },
+            ));
+        }
+        if !settings.endpoints_only {
+            let (pool, s) = (pool.clone(), settings.clone());
+            handles.push(self.workers.spawn(
+                "billing",
+                settings.billing_interval,
+                backoff,
+                cancel.clone(),
+                move || billing::worker::bill(pool.clone(), s.clone()),
+            ));
+        }
+        if !settings.endpoints_only && settings.api_contact_base_url.is_some() {
+            let (pool, s) = (pool.clone(), settings.clone());
+            let http = reqwest::Client::builder().build()?;
+            handles.push(self.workers.spawn(
+                "grant_sync",
+                settings.billing_interval,
+                backoff,
+                cancel.clone(),
+                move || billing::worker::sync_grants(pool.clone(), s.clone(), http.clone()),
+            ));
+        }
+        if let Some(notifier) = self.notifier.clone() {
+            let token = cancel.clone();
+            handles.push(self.workers.spawn(
+                "notifications",
+                notify::worker::POLL,
+                backoff,
+                cancel.clone(),
+                move || notify::worker::send_pending(notifier.clone(), token.clone()),
+            ));
+        }
+        Ok(handles)
     }
 }
 

@@ -2,8 +2,11 @@
 
 use super::AppState;
 use crate::store::targets::{self, TargetStatus};
+use crate::workers::WorkerStatus;
 use actix_web::{web, HttpResponse};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 #[derive(Serialize)]
@@ -13,6 +16,7 @@ struct Health {
     storage_mode: crate::store::StorageMode,
     endpoints_only: bool,
     targets: Vec<TargetStatus>,
+    workers: BTreeMap<String, WorkerStatus>,
 }
 
 #[derive(Serialize)]
@@ -22,11 +26,13 @@ struct Database {
     error: Option<String>,
 }
 
-/// 200 with `status` `ok` (or `degraded` when a target's last scrape failed) while
-/// the database answers; 503 with `unavailable` when it does not.
+/// 200 with `status` `ok` (or `degraded` when a target's last scrape failed, a
+/// worker's last step failed, or billing has not completed a run for 2 ×
+/// `BILLING_INTERVAL`) while the database answers; 503 with `unavailable` when it
+/// does not.
 #[utoipa::path(get, path = "/health", tag = "service",
     responses(
-        (status = 200, description = "The database answers: status ok or degraded, storage mode, per-target scrape status", body = Object),
+        (status = 200, description = "The database answers: status ok or degraded, storage mode, per-target scrape status, per-worker state and last success", body = Object),
         (status = 503, description = "The database does not answer", body = Object)))]
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let probe = tokio::time::timeout(Duration::from_secs(3), async {
@@ -52,9 +58,11 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
             Vec::new(),
         ),
     };
+    let workers = state.workers.snapshot();
     let status = match (
         database.reachable,
-        targets.iter().all(|t| t.up || t.last_attempt_at.is_none()),
+        targets.iter().all(|t| t.up || t.last_attempt_at.is_none())
+            && workers_healthy(&workers, state.settings.billing_interval, Utc::now()),
     ) {
         (false, _) => "unavailable",
         (true, false) => "degraded",
@@ -66,10 +74,26 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         storage_mode: state.mode,
         endpoints_only: state.settings.endpoints_only,
         targets,
+        workers,
     };
     if body.database.reachable {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable().json(body)
     }
+}
+
+/// No worker's last step failed, and billing (when it runs here) completed a run
+/// within 2 × `BILLING_INTERVAL` (counted from the start before its first).
+fn workers_healthy(
+    workers: &BTreeMap<String, WorkerStatus>,
+    billing_interval: Duration,
+    now: DateTime<Utc>,
+) -> bool {
+    let stale_after =
+        chrono::Duration::from_std(billing_interval * 2).unwrap_or(chrono::Duration::MAX);
+    let billing_current = workers
+        .get("billing")
+        .is_none_or(|billing| now - billing.last_progress_at() <= stale_after);
+    billing_current && workers.values().all(|w| w.consecutive_failures == 0)
 }

@@ -37,6 +37,8 @@ pub struct AppState {
     pub logs: Option<LogHandle>,
     /// When the service started.
     pub started_at: chrono::DateTime<chrono::Utc>,
+    /// The background workers' states (empty while none run).
+    pub workers: crate::workers::Workers,
 }
 
 impl AppState {
@@ -53,6 +55,7 @@ impl AppState {
             settings,
             logs,
             started_at: chrono::Utc::now(),
+            workers: crate::workers::Workers::new(),
         }
     }
 }

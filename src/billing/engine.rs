@@ -44,6 +44,9 @@ pub struct BillingSummary {
     /// Exact credits charged in this run.
     #[serde(with = "rust_decimal::serde::str")]
     pub credits_billed: Decimal,
+    /// Why the first failed project failed (the billing worker shows it).
+    #[serde(skip)]
+    pub first_error: Option<String>,
 }
 
 /// What billing one project did.
@@ -105,6 +108,7 @@ pub async fn run(
             Err(e) => {
                 tracing::error!(projects = names.len(), error = %format!("{e:#}"), "billing a batch of projects failed; retried next run");
                 summary.projects_failed += names.len() as u64;
+                summary.first_error.get_or_insert_with(|| format!("{e:#}"));
                 continue;
             }
         };
@@ -114,12 +118,26 @@ pub async fn run(
                     summary.projects_billed += 1;
                     summary.samples_billed += billed.samples;
                     summary.ledger_rows += billed.ledger_rows;
-                    summary.credits_billed += billed.credits;
+                    // A statistic: at the edge of the decimal range it saturates,
+                    // and says so, rather than stopping the run.
+                    summary.credits_billed = match summary
+                        .credits_billed
+                        .checked_add(billed.credits)
+                    {
+                        Some(sum) => sum,
+                        None => {
+                            tracing::warn!("the credits billed in this run exceed the decimal range; the run's total saturates");
+                            Decimal::MAX
+                        }
+                    };
                 }
                 Outcome::Skipped => summary.projects_skipped += 1,
                 Outcome::Failed(e) => {
                     summary.projects_failed += 1;
                     tracing::error!(%project, error = %format!("{e:#}"), "billing the project failed; it is retried next run");
+                    summary
+                        .first_error
+                        .get_or_insert_with(|| format!("{project}: {e:#}"));
                 }
             }
         }

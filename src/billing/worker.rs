@@ -1,40 +1,42 @@
-//! The billing loop: a run at start-up, then every `BILLING_INTERVAL`; each run first
-//! fetches grants from the portal when `API_CONTACT_BASE_URL` is set.
+//! The billing worker's and the grant sync worker's steps; [`crate::workers`] runs
+//! them (billing every `BILLING_INTERVAL`, at start-up first).
 
 use super::{engine, portal};
 use crate::config::Settings;
 use chrono::Utc;
 use deadpool_postgres::Pool;
 use std::sync::Arc;
-use tokio_util::sync::CancellationToken;
 
-/// Bills until `cancel` fires; a run in progress is finished first (each project is
-/// its own transaction, so stopping between runs loses nothing).
-pub async fn run(pool: Pool, settings: Arc<Settings>, cancel: CancellationToken) {
-    let http = reqwest::Client::new();
-    let mut ticker = tokio::time::interval(settings.billing_interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = ticker.tick() => {}
-        }
-        match portal::sync_grants(&pool, &settings, &http).await {
-            Ok(synced) if synced.changed + synced.failed > 0 => {
-                tracing::info!(
-                    changed = synced.changed,
-                    failed = synced.failed,
-                    "synced grants from the portal"
-                )
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "could not sync grants from the portal")
-            }
-        }
-        if let Err(e) = engine::run(&pool, &settings, Utc::now()).await {
-            tracing::error!(error = %format!("{e:#}"), "billing run failed; retrying next interval");
-        }
+/// One billing run over every project. Each project is its own transaction, so
+/// stopping between runs loses nothing. A run that could not start, or could not
+/// bill some project (the others are billed), is a failed step: the worker shows it
+/// and tries again after a backoff.
+pub async fn bill(pool: Pool, settings: Arc<Settings>) -> anyhow::Result<()> {
+    let summary = engine::run(&pool, &settings, Utc::now()).await?;
+    match summary.first_error {
+        None => Ok(()),
+        Some(first) => anyhow::bail!(
+            "{} of {} projects could not be billed; the first: {first}",
+            summary.projects_failed,
+            summary.projects_failed + summary.projects_billed + summary.projects_skipped
+        ),
     }
-    tracing::info!("billing stopped");
+}
+
+/// One round of fetching grants from the portal (no-op without
+/// `API_CONTACT_BASE_URL`).
+pub async fn sync_grants(
+    pool: Pool,
+    settings: Arc<Settings>,
+    http: reqwest::Client,
+) -> anyhow::Result<()> {
+    let synced = portal::sync_grants(&pool, &settings, &http).await?;
+    if synced.changed + synced.failed > 0 {
+        tracing::info!(
+            changed = synced.changed,
+            failed = synced.failed,
+            "synced grants from the portal"
+        );
+    }
+    Ok(())
 }

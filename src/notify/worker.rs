@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 /// Deliveries one `send_due` call handles at most (the loop calls again at once).
 pub const BATCH: u64 = 50;
 /// How often the loop looks for due deliveries.
-const POLL: Duration = Duration::from_secs(10);
+pub const POLL: Duration = Duration::from_secs(10);
 /// Shortest lease of a claimed delivery; longer when the SMTP timeout is longer.
 const MIN_LEASE: Duration = Duration::from_secs(300);
 
@@ -279,28 +279,20 @@ async fn record(
     }
 }
 
-/// Sends due notifications every few seconds until `cancel` fires; a send in
+/// The notification worker's step (run every [`POLL`]): sends every due
+/// notification, batch after batch, until none is left or `cancel` fires; a send in
 /// progress finishes and is recorded first.
-pub async fn run(notifier: Arc<Notifier>, cancel: CancellationToken) {
-    let mut ticker = tokio::time::interval(POLL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = ticker.tick() => {}
-        }
-        loop {
-            match notifier.send_batch(Utc::now(), Some(&cancel)).await {
-                Ok(summary) if summary.claimed() >= BATCH => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "sending notifications failed; retrying");
-                    break;
-                }
-            }
+pub async fn send_pending(
+    notifier: Arc<Notifier>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    while !cancel.is_cancelled() {
+        let summary = notifier.send_batch(Utc::now(), Some(&cancel)).await?;
+        if summary.claimed() < BATCH {
+            break;
         }
     }
-    tracing::info!("notification sender stopped");
+    Ok(())
 }
 
 #[cfg(test)]

@@ -7,14 +7,12 @@ pub mod targets;
 use crate::config::{ScrapeTarget, Settings, TargetAuth};
 use crate::store::series::SeriesCache;
 use crate::store::targets::{self as target_store, Attempt};
-use crate::store::StorageMode;
 use chrono::Utc;
 use deadpool_postgres::Pool;
 use futures::StreamExt;
 use ingest::{IngestContext, IngestOutcome};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 /// Why one scrape failed. The text is what `/health` shows as the target's last error.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +37,8 @@ pub enum ScrapeError {
     Store(#[source] anyhow::Error),
 }
 
-/// Scrapes the configured targets every `SCRAPE_INTERVAL`.
+/// Scrapes the configured targets ([`Scraper::scrape_all`], run every
+/// `SCRAPE_INTERVAL` by a supervised worker).
 pub struct Scraper {
     http: reqwest::Client,
     pool: Pool,
@@ -50,18 +49,11 @@ pub struct Scraper {
     timeout: Duration,
     max_bytes: usize,
     concurrency: usize,
-    retention_days: u32,
-    mode: StorageMode,
 }
 
 impl Scraper {
     /// Prepares a scraper for the targets in `settings`.
-    pub fn new(
-        settings: &Settings,
-        pool: Pool,
-        cache: SeriesCache,
-        mode: StorageMode,
-    ) -> anyhow::Result<Self> {
+    pub fn new(settings: &Settings, pool: Pool, cache: SeriesCache) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .user_agent(concat!("os-credits/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(settings.scrape_timeout)
@@ -92,28 +84,7 @@ impl Scraper {
             timeout: settings.scrape_timeout,
             max_bytes: settings.scrape_max_bytes,
             concurrency: settings.workers,
-            retention_days: settings.samples_retention_days,
-            mode,
         })
-    }
-
-    /// Scrapes every interval until `cancel` fires, then releases its leases.
-    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
-        let mut ticker = tokio::time::interval(self.interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_retention = Instant::now();
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = ticker.tick() => {}
-            }
-            self.scrape_all().await;
-            if self.retention_days > 0 && last_retention.elapsed() > Duration::from_secs(3600) {
-                last_retention = Instant::now();
-                self.enforce_retention().await;
-            }
-        }
-        tracing::info!("scraper stopped");
     }
 
     /// Gives up this replica's leases (at shutdown) so another takes over at once.
@@ -135,18 +106,6 @@ impl Scraper {
             target_store::register(&client, &target.name, target.url.as_str()).await?;
         }
         Ok(())
-    }
-
-    async fn enforce_retention(&self) {
-        let result = async {
-            let client = self.pool.get().await?;
-            crate::store::apply_retention(&client, self.mode, self.retention_days).await
-        }
-        .await;
-        match result {
-            Ok(deleted) => tracing::info!(deleted, "applied sample retention"),
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "could not apply sample retention"),
-        }
     }
 
     /// One cycle: every target this replica can claim, `OS_CREDITS_WORKERS` at a time.

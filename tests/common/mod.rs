@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod exporter;
+pub mod invariants;
 
 use os_credits::config::Settings;
 use os_credits::scrape::Scraper;
