@@ -8,6 +8,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 export_test_postgres
 bash "$ROOT/scripts/ensure-chromium.sh"
+bash "$ROOT/scripts/ensure-aiosmtpd.sh"
 cd "$ROOT"
 log "cargo test (unit, integration and doc tests; benches run with make bench)"
 cargo test
