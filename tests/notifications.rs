@@ -725,6 +725,105 @@ async fn lowering_the_grant_below_the_usage_notifies() {
 }
 
 #[tokio::test]
+async fn a_positive_adjustment_that_crosses_a_threshold_notifies() {
+    let smtp = SmtpServer::start();
+    let world = World::start(smtp.port, &[]).await;
+    let t = now();
+    project_at(&world, "Alpha", 30.0, t).await;
+    world.bill(t).await;
+    let path = format!("/api/projects/{}/adjustments", encode("Alpha"));
+
+    let (status, body) = world
+        .call(
+            reqwest::Method::POST,
+            &path,
+            Some(json!({"credits": "25", "reason": "manual charge"})),
+        )
+        .await;
+    let sent = send(&world.notifier(), Utc::now()).await;
+
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(sent.sent, 1, "30 + 25 of 100 crosses half");
+    let listed = world.notifications("Alpha").await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["cause"], "adjustment");
+    assert_eq!(listed[0]["used_credits"], "55.00", "{listed:?}");
+    assert_eq!(
+        smtp.mails()[0].header("Subject"),
+        "Alpha: 50% of the granted credits used"
+    );
+}
+
+#[tokio::test]
+async fn a_grant_lowered_by_the_portal_sync_notifies() {
+    let smtp = SmtpServer::start();
+    let portal = FixtureExporter::start(Answer::ok("50\n")).await;
+    let base = portal.url.trim_end_matches("/metrics").to_owned();
+    let world = World::start(smtp.port, &[("API_CONTACT_BASE_URL", &base)]).await;
+    let t = now();
+    project_at(&world, "Alpha", 30.0, t).await;
+    world.bill(t).await;
+
+    let synced = os_credits::billing::portal::sync_grants(
+        &world.app.app_pool,
+        &world.settings(),
+        &reqwest::Client::new(),
+    )
+    .await
+    .expect("sync");
+    let sent = send(&world.notifier(), Utc::now()).await;
+
+    assert_eq!(synced.failed, 0, "{synced:?}");
+    assert_eq!(sent.sent, 1, "30 of the portal's 50 crosses half");
+    let listed = world.notifications("Alpha").await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["cause"], "grant");
+    assert_eq!(listed[0]["granted_credits"], "50.00");
+}
+
+#[tokio::test]
+async fn resending_while_the_mail_is_being_sent_is_refused_and_a_resent_mail_keeps_its_message_id()
+{
+    let smtp = SmtpServer::start();
+    let world = World::start(smtp.port, &[]).await;
+    let t = now();
+    project_at(&world, "Alpha", 60.0, t).await;
+    world.bill(t).await;
+    let id = world.notifications("Alpha").await[0]["id"]
+        .as_i64()
+        .expect("notification id");
+    let resend = format!("/api/notifications/{id}/resend?channel=email");
+
+    smtp.hold_next();
+    let notifier = world.notifier();
+    let sending = tokio::spawn(async move { send(&notifier, t).await });
+    eventually(
+        Duration::from_secs(30),
+        "the mail held mid-DATA",
+        || async { smtp.holds_one().then_some(()) },
+    )
+    .await;
+    let (while_sending, refusal) = world.call(reqwest::Method::POST, &resend, None).await;
+    smtp.release();
+    let first = sending.await.expect("task");
+    let (after, _) = world.call(reqwest::Method::POST, &resend, None).await;
+    let again = send(&world.notifier(), Utc::now()).await;
+
+    assert_eq!(while_sending, 409, "{refusal}");
+    assert!(refusal["error"].is_string(), "{refusal}");
+    assert_eq!((first.sent, after, again.sent), (1, 200, 1));
+    let mails = smtp.mails();
+    assert_eq!(mails.len(), 2, "sent, then resent by hand");
+    let expected = format!("<os-credits-notification-{id}@example.org>");
+    assert_eq!(mails[0].header("Message-ID"), expected);
+    assert_eq!(
+        mails[1].header("Message-ID"),
+        expected,
+        "a copy is recognisable as the same mail"
+    );
+}
+
+#[tokio::test]
 async fn notification_to_overwrite_redirects_every_recipient() {
     let smtp = SmtpServer::start();
     let world = World::start(
