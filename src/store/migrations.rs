@@ -48,16 +48,8 @@ const MIGRATION_LOCK_KEY: i64 = 0x6f73_6372_6564_6974;
 /// Applies every migration not applied yet; returns how many were applied now.
 #[tracing::instrument(skip_all, err)]
 pub async fn run(client: &mut tokio_postgres::Client) -> anyhow::Result<usize> {
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS os_credits_migrations (
-                version    integer PRIMARY KEY,
-                name       text NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now()
-            )",
-        )
-        .await
-        .context("creating the migrations table")?;
+    // The lock comes first: two replicas starting on an empty database would otherwise
+    // race on creating the bookkeeping table (a unique violation in the catalogue).
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
         .await
@@ -71,6 +63,16 @@ pub async fn run(client: &mut tokio_postgres::Client) -> anyhow::Result<usize> {
 }
 
 async fn apply_pending(client: &mut tokio_postgres::Client) -> anyhow::Result<usize> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS os_credits_migrations (
+                version    integer PRIMARY KEY,
+                name       text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )",
+        )
+        .await
+        .context("creating the migrations table")?;
     let applied: Vec<i32> = client
         .query("SELECT version FROM os_credits_migrations", &[])
         .await
