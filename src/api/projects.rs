@@ -94,6 +94,9 @@ pub struct DetailView {
     held_credits: String,
     /// The latest 100 held charges (open and decided), newest first.
     held_charges: Vec<super::held::HeldView>,
+    /// Series a target returned once and no longer returns: their usage is not
+    /// billed while they are missing.
+    stale_series: Vec<crate::scrape::completeness::StaleSeries>,
 }
 
 /// How far billing has come for one metric.
@@ -163,12 +166,14 @@ pub async fn detail(
     };
     let detail = Arc::unwrap_or_clone(detail);
     let balance = &detail.balance;
-    // Held charges and quarantined samples are not part of the memo: read them now.
+    // Held charges, quarantined samples and stale series are not part of the memo:
+    // read them now.
     let client = state.client().await?;
-    let (held_list, (_, held_open), quarantined) = futures::try_join!(
+    let (held_list, (_, held_open), quarantined, stale_series) = futures::try_join!(
         crate::billing::held::list(&client, project.as_str(), account::DETAIL_EVENTS),
         crate::billing::held::open_total(&client, project.as_str()),
         quarantine::latest(&client, project.as_str(), 100),
+        crate::scrape::completeness::of_project(&client, project.as_str()),
     )?;
     let covered = account::covered(window, now, detail.first_usage);
     let burn_rate = account::burn_rate_per_hour(detail.charged_in_window, covered);
@@ -225,6 +230,7 @@ pub async fn detail(
             .into_iter()
             .map(|h| super::held::HeldView::new(h, settings.precision))
             .collect(),
+        stale_series,
     };
     Ok(HttpResponse::Ok().json(view))
 }

@@ -75,16 +75,8 @@ pub async fn run(client: &mut tokio_postgres::Client) -> anyhow::Result<usize> {
         .batch_execute("SET lock_timeout = 0; SET statement_timeout = 0")
         .await
         .context("lifting the time limits for migrations")?;
-    client
-        .batch_execute(
-            "CREATE TABLE IF NOT EXISTS os_credits_migrations (
-                version    integer PRIMARY KEY,
-                name       text NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now()
-            )",
-        )
-        .await
-        .context("creating the migrations table")?;
+    // The lock comes first: two replicas starting on an empty database would otherwise
+    // race on creating the bookkeeping table (a unique violation in the catalogue).
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
         .await
@@ -102,6 +94,16 @@ pub async fn run(client: &mut tokio_postgres::Client) -> anyhow::Result<usize> {
 }
 
 async fn apply_pending(client: &mut tokio_postgres::Client) -> anyhow::Result<usize> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS os_credits_migrations (
+                version    integer PRIMARY KEY,
+                name       text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )",
+        )
+        .await
+        .context("creating the migrations table")?;
     let applied: Vec<i32> = client
         .query("SELECT version FROM os_credits_migrations", &[])
         .await
