@@ -216,7 +216,7 @@ impl Workers {
             };
         }
         self.update(&name, |s| s.state = WorkerState::Stopped);
-        tracing::info!(worker = %name, "{name} stopped");
+        tracing::info!(worker = %name, "worker stopped");
     }
 
     fn update(&self, name: &str, change: impl FnOnce(&mut WorkerStatus)) {
