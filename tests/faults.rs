@@ -360,8 +360,9 @@ async fn billing_goes_on_while_the_portal_fails(portal: &str, cause: &str, idle:
     app.db
         .connect()
         .await
-        .batch_execute(
-            "INSERT INTO projects (name) SELECT 'idle' || i FROM generate_series(1, 100) i",
+        .execute(
+            "INSERT INTO projects (name) SELECT 'idle' || i FROM generate_series(1, $1) i",
+            &[&idle],
         )
         .await
         .expect("projects");

@@ -261,6 +261,10 @@ impl ProjectBilled {
     }
 }
 
+/// Each project's outcome, and the projects with more samples waiting than one pass
+/// read.
+type PassOutcome = (Vec<(String, Outcome)>, Vec<String>);
+
 /// One pass over the given projects in one transaction: locks those no other replica
 /// holds, charges each one's next samples (at most `max_samples` in all, shared
 /// evenly by their series) in memory, then writes everything in a few statements
@@ -274,7 +278,7 @@ async fn bill_pass(
     names: &[String],
     now: DateTime<Utc>,
     max_samples: usize,
-) -> anyhow::Result<(Vec<(String, Outcome)>, Vec<String>)> {
+) -> anyhow::Result<PassOutcome> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let locked = tx
