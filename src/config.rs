@@ -73,6 +73,17 @@ pub struct DatabaseSettings {
     pub database: String,
     /// `POSTGRES_POOL_SIZE`: connections the service keeps at most.
     pub pool_size: usize,
+    /// `POSTGRES_POOL_TIMEOUT`: how long a request or worker waits for a free
+    /// connection before giving up (HTTP 503), so a full pool never hangs callers.
+    pub pool_timeout: Duration,
+    /// `POSTGRES_LOCK_TIMEOUT`: longest wait for a lock (a project another replica or
+    /// request holds); the API answers 503 with `Retry-After` instead of hanging.
+    pub lock_timeout: Duration,
+    /// `POSTGRES_STATEMENT_TIMEOUT`: longest run of one statement.
+    pub statement_timeout: Duration,
+    /// `POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT`: the server ends a session idle inside
+    /// a transaction this long, freeing the locks of a frozen or stopped holder.
+    pub idle_in_transaction_timeout: Duration,
 }
 
 /// Credentials a scrape sends.
@@ -177,8 +188,11 @@ pub struct Settings {
     pub scrape_max_bytes: usize,
     /// `PROJECT_LABEL`: the label whose value names the project.
     pub project_label: String,
-    /// `SAMPLES_RETENTION_DAYS`: TimescaleDB drops older sample chunks (0 keeps all).
+    /// `SAMPLES_RETENTION_DAYS`: samples older than this and already billed are removed
+    /// (0 keeps all); `os-credits migrate` applies a change.
     pub samples_retention_days: u32,
+    /// `MAINTENANCE_INTERVAL`: time between two maintenance rounds (retention, drift check).
+    pub maintenance_interval: Duration,
     /// `LOG_FORMAT`: `text` or `json`.
     pub log_format: LogFormat,
     /// Billing rules: `METRICS_TO_BILL` plus the optional `BILLING_RULES_FILE`.
@@ -187,12 +201,21 @@ pub struct Settings {
     pub billing_rules_file: Option<PathBuf>,
     /// `BILLING_INTERVAL`: time between two billing runs.
     pub billing_interval: Duration,
+    /// `BILLING_BATCH_SAMPLES`: samples one billing transaction reads at most, so memory
+    /// stays flat whatever the backlog (a backlog is billed in several passes).
+    pub billing_batch_samples: usize,
     /// `FORECAST_WINDOW_HOURS`: how far back the burn rate for the run-out forecast looks.
     pub forecast_window: Duration,
     /// `API_CONTACT_BASE_URL`: the portal's API; when set, granted credits are fetched from it.
     pub api_contact_base_url: Option<url::Url>,
     /// `API_CONTACT_KEY`: `X-Api-Key` sent to the portal.
     pub api_contact_key: Secret,
+    /// `API_CONTACT_SYNC_INTERVAL`: time between two rounds of fetching grants from
+    /// the portal (its own worker: billing never waits for the portal).
+    pub api_contact_sync_interval: Duration,
+    /// `API_CONTACT_SYNC_DEADLINE`: longest time one round of fetching grants may
+    /// take; a hung portal fails the round, not billing.
+    pub api_contact_sync_deadline: Duration,
     /// `NOTIFICATION_THRESHOLDS`: fractions of the grant used that notify, ascending.
     pub notification_thresholds: Vec<Threshold>,
     /// Email and portal notifications (`MAIL_*`, `NOTIFICATION_TO_OVERWRITE`,
@@ -222,6 +245,10 @@ pub const SETTINGS: &[&str] = &[
     "POSTGRES_PASSWORD",
     "POSTGRES_DB",
     "POSTGRES_POOL_SIZE",
+    "POSTGRES_POOL_TIMEOUT",
+    "POSTGRES_LOCK_TIMEOUT",
+    "POSTGRES_STATEMENT_TIMEOUT",
+    "POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT",
     "CREDITS_HOST",
     "CREDITS_PORT",
     "API_KEY",
@@ -236,11 +263,15 @@ pub const SETTINGS: &[&str] = &[
     "SCRAPE_MAX_BYTES",
     "PROJECT_LABEL",
     "SAMPLES_RETENTION_DAYS",
+    "MAINTENANCE_INTERVAL",
     "BILLING_INTERVAL",
+    "BILLING_BATCH_SAMPLES",
     "BILLING_RULES_FILE",
     "FORECAST_WINDOW_HOURS",
     "API_CONTACT_BASE_URL",
     "API_CONTACT_KEY",
+    "API_CONTACT_SYNC_INTERVAL",
+    "API_CONTACT_SYNC_DEADLINE",
     "NOTIFICATION_THRESHOLDS",
     "MAIL_SMTP_SERVER",
     "MAIL_SMTP_PORT",
@@ -285,6 +316,11 @@ impl Settings {
                 password: Secret::new(env.string("POSTGRES_PASSWORD", "password")),
                 database: env.string("POSTGRES_DB", "credits_db"),
                 pool_size: env.positive("POSTGRES_POOL_SIZE", 16)?,
+                pool_timeout: env.seconds("POSTGRES_POOL_TIMEOUT", 10)?,
+                lock_timeout: env.seconds("POSTGRES_LOCK_TIMEOUT", 2)?,
+                statement_timeout: env.seconds("POSTGRES_STATEMENT_TIMEOUT", 300)?,
+                idle_in_transaction_timeout: env
+                    .seconds("POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT", 60)?,
             },
             host: env.string("CREDITS_HOST", "0.0.0.0"),
             port: env.parse("CREDITS_PORT", 8000, "a port number (0-65535)")?,
@@ -309,7 +345,12 @@ impl Settings {
                 0,
                 "a whole number of days (0 keeps samples forever)",
             )?,
+            maintenance_interval: env.seconds("MAINTENANCE_INTERVAL", 3600)?,
             billing_interval: env.seconds("BILLING_INTERVAL", 300)?,
+            billing_batch_samples: env.positive(
+                "BILLING_BATCH_SAMPLES",
+                crate::billing::engine::DEFAULT_BATCH_SAMPLES,
+            )?,
             forecast_window: Duration::from_secs(
                 env.parse::<u64>("FORECAST_WINDOW_HOURS", 24, "a whole number of hours")?
                     .max(1)
@@ -330,6 +371,8 @@ impl Settings {
                 ),
             },
             api_contact_key: Secret::new(env.string("API_CONTACT_KEY", "")),
+            api_contact_sync_interval: env.seconds("API_CONTACT_SYNC_INTERVAL", 300)?,
+            api_contact_sync_deadline: env.seconds("API_CONTACT_SYNC_DEADLINE", 60)?,
             notification_thresholds: thresholds::parse_list(
                 &env.string("NOTIFICATION_THRESHOLDS", "0.5,1.0"),
             )

@@ -14,6 +14,8 @@ struct Health {
     status: &'static str,
     database: Database,
     storage_mode: crate::store::StorageMode,
+    /// Why that mode, what to do, and policy drift.
+    storage: crate::store::storage::StorageReport,
     endpoints_only: bool,
     targets: Vec<TargetStatus>,
     workers: BTreeMap<String, WorkerStatus>,
@@ -26,7 +28,8 @@ struct Database {
     error: Option<String>,
 }
 
-/// 200 with `status` `ok` (or `degraded` when a target's last scrape failed, a
+/// 200 with `status` `ok` (or `degraded` when a target's last scrape failed or it
+/// returns no billed series although it did before, a
 /// worker's last step failed, or billing has not completed a run for 2 ×
 /// `BILLING_INTERVAL`) while the database answers; 503 with `unavailable` when it
 /// does not.
@@ -67,7 +70,9 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let workers = state.workers.snapshot();
     let status = match (
         database.reachable,
-        targets.iter().all(|t| t.up || t.last_attempt_at.is_none())
+        targets
+            .iter()
+            .all(|t| (t.up || t.last_attempt_at.is_none()) && t.problem.is_none())
             && workers_healthy(&workers, state.settings.billing_interval, Utc::now()),
     ) {
         (false, _) => "unavailable",
@@ -78,6 +83,7 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         status,
         database,
         storage_mode: state.mode,
+        storage: state.storage.read().map(|r| r.clone()).unwrap_or_default(),
         endpoints_only: state.settings.endpoints_only,
         targets,
         workers,

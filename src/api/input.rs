@@ -118,9 +118,11 @@ pub struct ProjectName(String);
 impl ProjectName {
     /// Checks a decoded path segment.
     pub fn parse(raw: String) -> Result<Self, ApiError> {
-        if raw.trim().is_empty() {
+        // `{project_name}` is what Swagger UI sends when no name was filled in; the
+        // old service refused it with the same reason.
+        if raw.trim().is_empty() || raw == "{project_name}" {
             return Err(ApiError::BadRequest(
-                "No non-empty project_name provided".into(),
+                "No non-empty ``project_name`` provided".into(),
             ));
         }
         if raw.len() > PROJECT_NAME_MAX {

@@ -5,8 +5,10 @@ mod billing_run;
 mod credits;
 mod errors;
 mod health;
+mod held;
 mod history;
 mod input;
+pub mod memo;
 mod notifications;
 mod openapi;
 mod ops;
@@ -37,8 +39,12 @@ pub struct AppState {
     pub logs: Option<LogHandle>,
     /// When the service started.
     pub started_at: chrono::DateTime<chrono::Utc>,
+    /// What the storage is, refreshed by the maintenance worker.
+    pub storage: crate::store::storage::SharedReport,
     /// The background workers' states (empty while none run).
     pub workers: crate::workers::Workers,
+    /// Answers from memory, kept fresh by change notifications.
+    pub memo: Arc<memo::Memo>,
 }
 
 impl AppState {
@@ -55,8 +61,16 @@ impl AppState {
             settings,
             logs,
             started_at: chrono::Utc::now(),
+            storage: Default::default(),
             workers: crate::workers::Workers::new(),
+            memo: Arc::default(),
         }
+    }
+
+    /// Shares the storage report start-up made (and the maintenance worker refreshes).
+    pub fn with_storage(mut self, storage: crate::store::storage::SharedReport) -> Self {
+        self.storage = storage;
+        self
     }
 }
 
@@ -114,6 +128,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .get(notifications::get_contacts),
         )
         .service(resource("/api/projects/{project_name}/notifications").get(notifications::list))
+        .service(resource("/api/projects/{project_name}/held").get(held::list))
+        .service(resource("/api/held/{id}/approve").post(held::approve))
+        .service(resource("/api/held/{id}/reject").post(held::reject))
         .service(resource("/api/notifications/{id}/resend").post(notifications::resend))
         .service(resource("/api/billing/run").post(billing_run::run))
         .configure(ops::routes)

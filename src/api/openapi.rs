@@ -2,7 +2,7 @@
 //! annotations, and the interactive page (`/api/doc`, Swagger UI served from the
 //! binary).
 
-use super::{billing_run, credits, errors, history, notifications, ops, projects};
+use super::{billing_run, credits, errors, held, history, notifications, ops, projects};
 use actix_web::{web, HttpResponse};
 use std::collections::BTreeMap;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
@@ -28,6 +28,9 @@ use utoipa_swagger_ui::SwaggerUi;
         projects::detail,
         projects::grant,
         projects::adjust,
+        held::list,
+        held::approve,
+        held::reject,
         notifications::set_contacts,
         notifications::get_contacts,
         notifications::list,

@@ -199,6 +199,8 @@ pub struct Claimed {
     pub contacts: Vec<String>,
     /// Usage credits charged in the forecast window before the crossing.
     pub charged_in_window: Decimal,
+    /// Start of the project's first billed usage.
+    pub first_usage: Option<DateTime<Utc>>,
 }
 
 /// Marks deliveries whose sender vanished mid-send (lease expired) as `unknown`:
@@ -254,7 +256,10 @@ pub async fn claim(
                     (SELECT coalesce(sum(l.used_delta), 0) FROM ledger l
                      WHERE l.project = n.project AND l.kind = 'usage'
                        AND l.time > n.crossed_at - make_interval(secs => $3)
-                       AND l.time <= n.crossed_at)
+                       AND l.time <= n.crossed_at),
+                    (SELECT coalesce(l.usage_from, l.time) FROM ledger l
+                     WHERE l.project = n.project AND l.kind = 'usage'
+                     ORDER BY l.time LIMIT 1)
              FROM claimed c
              JOIN notifications n ON n.id = c.notification_id
              LEFT JOIN project_contacts pc ON pc.project = n.project",
@@ -280,6 +285,7 @@ fn claimed_from(row: &Row) -> anyhow::Result<Claimed> {
         crossed_at: row.get(7),
         contacts: row.get(8),
         charged_in_window: row.get(9),
+        first_usage: row.get(10),
     })
 }
 

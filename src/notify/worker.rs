@@ -198,7 +198,8 @@ impl Notifier {
         let level = claimed.level;
         let remaining = level.granted.saturating_sub(level.used);
         let window = chrono::Duration::from_std(settings.forecast_window).unwrap_or_default();
-        let burn_rate = account::burn_rate_per_hour(claimed.charged_in_window, window);
+        let covered = account::covered(window, claimed.crossed_at, claimed.first_usage);
+        let burn_rate = account::burn_rate_per_hour(claimed.charged_in_window, covered);
         let run_out = account::run_out_at(claimed.crossed_at, level.granted, remaining, burn_rate);
         MailValues {
             project: claimed.project.clone(),
@@ -213,6 +214,7 @@ impl Notifier {
             limit_type: claimed.threshold.limit_type(),
             forecast_run_out: run_out.map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string()),
             forecast_window_hours: settings.forecast_window.as_secs() / 3600,
+            forecast_basis: account::describe_span(covered),
             history_url: history_url(settings.public_base_url.as_ref(), &claimed.project),
         }
     }

@@ -30,11 +30,7 @@ impl IngestContext {
     /// The context for one target.
     pub fn new(settings: &Settings, target_labels: BTreeMap<String, String>) -> Self {
         Self {
-            billed: settings
-                .metrics_to_bill
-                .keys()
-                .map(|m| m.as_str().to_owned())
-                .collect(),
+            billed: settings.rules.metric_names().map(str::to_owned).collect(),
             project_label: settings.project_label.clone(),
             whitelist: settings.project_whitelist.clone(),
             target_labels,
@@ -100,7 +96,7 @@ pub struct Prepared {
 }
 
 /// What one ingest did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IngestOutcome {
     /// Samples written.
     pub stored: u64,
@@ -108,6 +104,8 @@ pub struct IngestOutcome {
     pub duplicates: u64,
     /// Samples not kept.
     pub skipped: Skipped,
+    /// The billed series the body held (for completeness: see `super::completeness`).
+    pub series: Vec<i64>,
 }
 
 /// Longest series identity that can be indexed (see `sql/0001_series_and_samples.sql`).
@@ -366,10 +364,22 @@ async fn store_stream(
             .new_series_rows(&resolved)
             .map_err(ScrapeError::Store)?,
     );
+    let series = collected
+        .rows
+        .iter()
+        .map(|r| r.series_id)
+        .chain(
+            collected
+                .new_series
+                .iter()
+                .filter_map(|s| resolved.ids.get(&s.key).copied()),
+        )
+        .collect();
     Ok(IngestOutcome {
         stored,
         duplicates: collected.total() - stored,
         skipped: collected.skipped,
+        series,
     })
 }
 

@@ -1,5 +1,6 @@
 //! Scraping: fetch each exporter, parse its exposition, keep the billed samples, store.
 
+pub mod completeness;
 pub mod ingest;
 pub mod parse;
 pub mod targets;
@@ -50,6 +51,7 @@ pub struct Scraper {
     timeout: Duration,
     max_bytes: usize,
     concurrency: usize,
+    completeness: completeness::Completeness,
 }
 
 impl Scraper {
@@ -82,6 +84,7 @@ impl Scraper {
             timeout: settings.scrape_timeout,
             max_bytes: settings.scrape_max_bytes,
             concurrency: settings.workers,
+            completeness: completeness::Completeness::default(),
         })
     }
 
@@ -184,6 +187,8 @@ impl Scraper {
                         "dropped samples that cannot be stored or served (a project name that is blank, over 255 bytes or holds a NUL; a label value with a NUL); the rest was stored"
                     );
                 }
+                self.check_completeness(&target.name, started_at, outcome.series)
+                    .await;
                 Ok(outcome.stored)
             }
             Err(e) => {
@@ -195,6 +200,25 @@ impl Scraper {
             started_at,
             duration,
             result,
+        }
+    }
+}
+
+impl Scraper {
+    /// Records which billed series a target returned (see [`completeness`]); a
+    /// failure is logged, the scrape itself stands.
+    async fn check_completeness(&self, target: &str, at: chrono::DateTime<Utc>, series: Vec<i64>) {
+        let change = self.completeness.observe(target, at, series);
+        let result = async {
+            let client = self.pool.get().await?;
+            completeness::record(&client, target, at, &change).await
+        }
+        .await;
+        match result {
+            Ok(stale) => crate::telemetry::metrics::stale_series(target, stale),
+            Err(e) => {
+                tracing::warn!(%target, error = %format!("{e:#}"), "could not record the target's billed series")
+            }
         }
     }
 }

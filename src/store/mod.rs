@@ -1,8 +1,11 @@
 //! PostgreSQL/TimescaleDB: the pool, migrations, and the storage mode.
 
+pub mod changes;
 pub mod migrations;
+pub mod rollup;
 pub mod samples;
 pub mod series;
+pub mod storage;
 pub mod targets;
 
 use crate::config::DatabaseSettings;
@@ -15,15 +18,14 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StorageMode {
-    /// The `timescaledb` extension is installed: hypertables, compression, retention.
+    /// `usage_samples` is a hypertable (see [`storage::inspect`]).
     Timescaledb,
     /// Plain PostgreSQL tables with the same schema.
     Postgresql,
 }
 
-/// Builds the connection pool. Connections are verified before reuse: the fast
-/// recycling method can hand out a connection to a server that went away.
-pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
+/// Where and how to connect (the pool's connections and the change listener's).
+pub fn pg_config(settings: &DatabaseSettings) -> tokio_postgres::Config {
     let mut config = tokio_postgres::Config::new();
     config
         .host(&settings.host)
@@ -31,10 +33,26 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
         .user(&settings.user)
         .dbname(&settings.database)
         .application_name("os-credits")
-        .connect_timeout(Duration::from_secs(5));
+        .connect_timeout(Duration::from_secs(5))
+        // Every wait bounded on the server side too: a lock wait (the API answers 503
+        // instead of hanging), a statement, and a session idle inside a transaction
+        // (a frozen replica's locks are freed).
+        .options(&format!(
+            "-c lock_timeout={} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+            millis(settings.lock_timeout),
+            millis(settings.statement_timeout),
+            millis(settings.idle_in_transaction_timeout)
+        ));
     if !settings.password.is_empty() {
         config.password(settings.password.expose());
     }
+    config
+}
+
+/// Builds the connection pool. Connections are verified before reuse: the fast
+/// recycling method can hand out a connection to a server that went away.
+pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
+    let config = pg_config(settings);
     let manager = Manager::from_config(
         config,
         tokio_postgres::NoTls,
@@ -44,12 +62,18 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
     );
     Pool::builder(manager)
         .max_size(settings.pool_size)
-        .wait_timeout(Some(Duration::from_secs(10)))
+        .wait_timeout(Some(settings.pool_timeout))
         .create_timeout(Some(Duration::from_secs(5)))
         .recycle_timeout(Some(Duration::from_secs(5)))
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
         .context("building the PostgreSQL connection pool")
+}
+
+/// A duration as whole milliseconds for a PostgreSQL setting (at least 1: 0 would
+/// mean no limit).
+fn millis(d: Duration) -> u128 {
+    d.as_millis().max(1)
 }
 
 /// Waits until the database answers, for at most `deadline` (the database may start
@@ -70,61 +94,7 @@ pub async fn wait_until_reachable(pool: &Pool, deadline: Duration) -> anyhow::Re
     }
 }
 
-/// Reads which mode the schema runs in.
+/// Reads which mode the schema runs in: from what the tables are.
 pub async fn storage_mode(client: &tokio_postgres::Client) -> anyhow::Result<StorageMode> {
-    let row = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')",
-            &[],
-        )
-        .await
-        .context("reading the storage mode")?;
-    Ok(if row.get::<_, bool>(0) {
-        StorageMode::Timescaledb
-    } else {
-        StorageMode::Postgresql
-    })
-}
-
-/// Keeps samples for `days` (0 keeps them all): a TimescaleDB retention policy (it
-/// drops whole chunks: keep it well above any billing lag), or on plain PostgreSQL a
-/// delete of older, already billed rows (called hourly by the scraper).
-pub async fn apply_retention(
-    client: &tokio_postgres::Client,
-    mode: StorageMode,
-    days: u32,
-) -> anyhow::Result<u64> {
-    let days = i32::try_from(days).context("retention days out of range")?;
-    match mode {
-        StorageMode::Timescaledb => {
-            client
-                .execute(
-                    "SELECT remove_retention_policy('usage_samples', if_exists => true)",
-                    &[],
-                )
-                .await
-                .context("removing the old retention policy")?;
-            if days > 0 {
-                client
-                    .execute(
-                        "SELECT add_retention_policy('usage_samples', drop_after => make_interval(days => $1))",
-                        &[&days],
-                    )
-                    .await
-                    .context("adding the retention policy")?;
-            }
-            Ok(0)
-        }
-        StorageMode::Postgresql if days > 0 => client
-            .execute(
-                // never a sample billing has not consumed yet
-                "DELETE FROM usage_samples u USING billing_cursors c
-                 WHERE u.series_id = c.series_id AND u.time < c.last_time
-                   AND u.time < now() - make_interval(days => $1)",
-                &[&days],
-            )
-            .await
-            .context("deleting samples past retention"),
-        StorageMode::Postgresql => Ok(0),
-    }
+    Ok(storage::inspect(client).await?.mode)
 }
