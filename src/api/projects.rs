@@ -4,7 +4,7 @@
 
 use super::auth::ApiKey;
 use super::errors::ErrorBody;
-use super::input::{credits_text, decimal_from_json, ProjectName};
+use super::input::{credits_text, decimal_from_json, no_nul, ProjectName};
 use super::{ApiError, AppState};
 use crate::billing::account::{self, AdjustError, Balance};
 use crate::billing::money::round_credits;
@@ -13,6 +13,7 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// Who grants and adjustments made through the API are booked to.
 const ACTOR: &str = "api";
@@ -141,12 +142,28 @@ pub async fn detail(
     let settings = &state.settings;
     let window = chrono::Duration::from_std(settings.forecast_window)
         .context("forecast window out of range")?;
+    let read = state.memo.begin(project.as_str()).await;
     let now = Utc::now();
-    let client = state.client().await?;
-    let detail = account::detail(&client, project.as_str(), window, now)
-        .await?
-        .ok_or_else(|| unknown(&project))?;
+    let detail = match state.memo.detail(&read, project.as_str(), now) {
+        Some(held) => held,
+        None => {
+            let client = state.client().await?;
+            let detail = Arc::new(
+                account::detail(&client, project.as_str(), window, now)
+                    .await?
+                    .ok_or_else(|| unknown(&project))?,
+            );
+            let until = detail.charged_until;
+            state
+                .memo
+                .keep_detail(&read, project.as_str(), detail.clone(), until);
+            detail
+        }
+    };
+    let detail = Arc::unwrap_or_clone(detail);
     let balance = &detail.balance;
+    // Held charges and stale series are not part of the memo: read them now.
+    let client = state.client().await?;
     let (held_list, (_, held_open), stale_series) = futures::try_join!(
         crate::billing::held::list(&client, project.as_str(), account::DETAIL_EVENTS),
         crate::billing::held::open_total(&client, project.as_str()),
@@ -218,7 +235,7 @@ pub struct GrantBody {
     /// The new total grant: a number or a decimal string, zero or more, at most the
     /// precision's decimal places.
     #[schema(value_type = f64, example = 1000)]
-    granted_credits: serde_json::Value,
+    granted_credits: Box<serde_json::value::RawValue>,
     /// Why (optional), kept in the ledger.
     reason: Option<String>,
 }
@@ -254,6 +271,9 @@ pub async fn grant(
         .as_deref()
         .map(str::trim)
         .filter(|r| !r.is_empty());
+    if let Some(reason) = reason {
+        no_nul(reason, "reason")?;
+    }
     let mut client = state.client().await?;
     let tx = client
         .transaction()
@@ -288,7 +308,7 @@ pub struct AdjustmentBody {
     /// Change of used credits, non-zero, a decimal string or a number: positive
     /// charges the project, negative gives credits back.
     #[schema(value_type = String, example = "-5.00")]
-    credits: serde_json::Value,
+    credits: Box<serde_json::value::RawValue>,
     /// Why; required, not blank.
     #[schema(value_type = String, required = true, example = "outage refund")]
     reason: Option<String>,
@@ -337,6 +357,7 @@ pub async fn adjust(
         .map(str::trim)
         .filter(|r| !r.is_empty())
         .ok_or_else(|| ApiError::BadRequest("reason is required and must not be empty".into()))?;
+    no_nul(reason, "reason")?;
     let mut client = state.client().await?;
     let tx = client
         .transaction()
@@ -372,7 +393,11 @@ pub async fn adjust(
 
 /// An amount of credits from a body: a decimal with at most the precision's places,
 /// so what is booked is what is shown.
-fn amount(value: &serde_json::Value, field: &str, precision: Decimal) -> Result<Decimal, ApiError> {
+fn amount(
+    value: &serde_json::value::RawValue,
+    field: &str,
+    precision: Decimal,
+) -> Result<Decimal, ApiError> {
     let amount = decimal_from_json(value, field)?;
     if amount.scale() > precision.scale() {
         return Err(ApiError::BadRequest(format!(

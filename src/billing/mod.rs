@@ -9,6 +9,7 @@ pub mod charge;
 pub mod engine;
 pub mod guard;
 pub mod held;
+pub mod history;
 pub mod money;
 pub mod portal;
 pub mod rules;

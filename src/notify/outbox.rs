@@ -300,6 +300,8 @@ pub enum Outcome {
     Failed(String),
     /// Nothing to do, for the given reason.
     Skipped(String),
+    /// Handed over without an answer: may have arrived, never resent automatically.
+    Unknown(String),
 }
 
 /// Records the outcome of a claimed delivery. It matches only while the delivery
@@ -316,6 +318,7 @@ pub async fn finish(
         Outcome::Retry(..) => "pending",
         Outcome::Failed(_) => "failed",
         Outcome::Skipped(_) => "skipped",
+        Outcome::Unknown(_) => "unknown",
     };
     let (next, recipients) = match outcome {
         Outcome::Retry(_, at) => (Some(*at), None),
@@ -324,9 +327,10 @@ pub async fn finish(
     };
     let error = match outcome {
         Outcome::Sent(_) => None,
-        Outcome::Retry(error, _) | Outcome::Failed(error) | Outcome::Skipped(error) => {
-            Some(error.as_str())
-        }
+        Outcome::Retry(error, _)
+        | Outcome::Failed(error)
+        | Outcome::Skipped(error)
+        | Outcome::Unknown(error) => Some(error.as_str()),
     };
     let sent_at = matches!(outcome, Outcome::Sent(_)).then_some(now);
     let updated = client

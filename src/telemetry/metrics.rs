@@ -73,6 +73,10 @@ pub fn render() -> String {
 
 fn describe() {
     describe_counter!(
+        "os_credits_change_listener_failures_total",
+        "Failures of the connection listening for project changes (balances are read from the database until it listens again)."
+    );
+    describe_counter!(
         "os_credits_scrapes_total",
         "Scrape attempts by target and outcome (success, unreachable, bad_status, too_large, not_utf8, unparseable, store_failed)."
     );
@@ -84,6 +88,10 @@ fn describe() {
     describe_counter!(
         "os_credits_samples_stored_total",
         "Samples stored by target."
+    );
+    describe_counter!(
+        "os_credits_samples_dropped_total",
+        "Billed samples scraped but not stored, by target and reason (no_project, not_whitelisted, not_finite, too_long, bad_project: blank, over 255 bytes or NUL; nul_label: a NUL in a label value)."
     );
     describe_counter!(
         "os_credits_samples_duplicate_total",
@@ -155,6 +163,12 @@ pub fn scrape_finished(
                 .increment(ingested.stored);
             counter!("os_credits_samples_duplicate_total", "target" => target.clone())
                 .increment(ingested.duplicates);
+            for (reason, dropped) in ingested.skipped.by_reason() {
+                if dropped > 0 {
+                    counter!("os_credits_samples_dropped_total", "target" => target.clone(), "reason" => reason)
+                        .increment(dropped);
+                }
+            }
             "success"
         }
         Err(e) => scrape_failure(e),
@@ -291,4 +305,10 @@ pub fn held_charge_decided(decision: &'static str) {
 /// A target's stale series after its last scrape (see `crate::scrape::completeness`).
 pub fn stale_series(target: &str, count: i64) {
     gauge!("os_credits_stale_series", "target" => target.to_owned()).set(count as f64);
+}
+
+/// The connection listening for project changes failed (answers come from the
+/// database until it listens again).
+pub fn listener_failed() {
+    counter!("os_credits_change_listener_failures_total").increment(1);
 }
