@@ -525,14 +525,6 @@ async fn apply(
         gaps.extend(w.gaps.iter().cloned());
         cursors.extend(w.cursors.iter().cloned());
     }
-    super::held::GuardWrites::apply(
-        tx,
-        writes
-            .iter()
-            .map(|(p, w)| (p.as_str(), &w.guard, &w.decreases)),
-        now,
-    )
-    .await?;
     if !ledger.project.is_empty() {
         // The day rollup of these rows is written by the same statement (see
         // `crate::store::rollup`), not row by row by the ledger trigger.
@@ -635,6 +627,15 @@ async fn apply(
         .await
         .context("updating project balances")?;
     }
+    // After the new totals, so a held charge's announcement carries them.
+    super::held::GuardWrites::apply(
+        tx,
+        writes
+            .iter()
+            .map(|(p, w)| (p.as_str(), &w.guard, &w.decreases)),
+        now,
+    )
+    .await?;
     let crossings: Vec<_> = writes
         .iter()
         .flat_map(|(project, w)| {
