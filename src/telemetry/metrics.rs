@@ -302,13 +302,13 @@ pub fn held_charge_decided(decision: &'static str) {
         .increment(1);
 }
 
-/// A target's stale series after its last scrape (see `crate::scrape::completeness`).
-pub fn stale_series(target: &str, count: i64) {
-    gauge!("os_credits_stale_series", "target" => target.to_owned()).set(count as f64);
-}
-
 /// The connection listening for project changes failed (answers come from the
 /// database until it listens again).
 pub fn listener_failed() {
     counter!("os_credits_change_listener_failures_total").increment(1);
+}
+
+/// A target's stale series after its last scrape (see `crate::scrape::completeness`).
+pub fn stale_series(target: &str, count: i64) {
+    gauge!("os_credits_stale_series", "target" => target.to_owned()).set(count as f64);
 }
