@@ -543,14 +543,6 @@ async fn apply(
         .await
         .context("recording quarantined samples")?;
     }
-    super::held::GuardWrites::apply(
-        tx,
-        writes
-            .iter()
-            .map(|(p, w)| (p.as_str(), &w.guard, &w.decreases)),
-        now,
-    )
-    .await?;
     if !ledger.project.is_empty() {
         // The day rollup of these rows is written by the same statement (see
         // `crate::store::rollup`), not row by row by the ledger trigger.
@@ -653,6 +645,15 @@ async fn apply(
         .await
         .context("updating project balances")?;
     }
+    // After the new totals, so a held charge's announcement carries them.
+    super::held::GuardWrites::apply(
+        tx,
+        writes
+            .iter()
+            .map(|(p, w)| (p.as_str(), &w.guard, &w.decreases)),
+        now,
+    )
+    .await?;
     let crossings: Vec<_> = writes
         .iter()
         .flat_map(|(project, w)| {
