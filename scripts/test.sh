@@ -22,6 +22,7 @@ timescaledb | postgresql | auto) runs=("$storage") ;;
 esac
 
 bash "$ROOT/scripts/ensure-chromium.sh"
+bash "$ROOT/scripts/ensure-aiosmtpd.sh"
 cd "$ROOT"
 for run in "${runs[@]}"; do
     export_test_postgres "$run"

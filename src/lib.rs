@@ -9,6 +9,7 @@ pub mod demo_exporter;
 pub mod domain;
 pub mod maintenance;
 pub mod notify;
+pub mod outbound;
 pub mod scrape;
 pub mod startup;
 pub mod store;

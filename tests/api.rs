@@ -161,6 +161,11 @@ async fn costs_per_hour_is_the_sum_of_units_times_price_rounded_to_the_precision
             json!(2.5),
         ),
         ("nothing costs nothing", "{}", json!(0.0)),
+        (
+            "each metric's cost is rounded before the sum (0.015 + 0.015 → 0.02 + 0.02)",
+            r#"{"project_mb_usage": 0.05, "project_vcpu_usage": 0.015}"#,
+            json!(0.04),
+        ),
     ];
     for (case, body, expected) in cases {
         let answer = call(&app, Method::POST, "/api/costs_per_hour", None, Some(body)).await;
@@ -274,19 +279,36 @@ async fn current_credits_refuses_unknown_and_malformed_project_names() {
     let app = app().await;
     let long = "x".repeat(256);
     let cases = [
+        // The old service's reasons, word for word.
         (
             "an unknown project",
             "Nobody".to_owned(),
             404,
-            "Unknown project",
+            "No credits found for Nobody.",
         ),
-        ("a blank name", "%20%20".to_owned(), 400, "non-empty"),
-        ("a name over 255 bytes", long, 400, "255 bytes"),
+        (
+            "a blank name",
+            "%20%20".to_owned(),
+            400,
+            "No non-empty ``project_name`` provided",
+        ),
+        (
+            "what Swagger UI sends without a name",
+            "%7Bproject_name%7D".to_owned(),
+            400,
+            "No non-empty ``project_name`` provided",
+        ),
+        (
+            "a name over 255 bytes",
+            long,
+            400,
+            "project_name is longer than 255 bytes",
+        ),
     ];
     for (case, name, status, reason) in cases {
         let answer = get(&app, &format!("/api/current_credits/{name}")).await;
         assert_eq!(answer.status, status, "{case}: {}", answer.body);
-        assert!(answer.reason().contains(reason), "{case}: {}", answer.body);
+        assert_eq!(answer.json(), json!({ "error": reason }), "{case}");
     }
 }
 
@@ -323,8 +345,45 @@ async fn seed_usage(app: &TestApp, project: &str, rows: &[(&str, &str, &str, &st
     }
 }
 
+/// The golden ledger: rows with hand-computed running totals of used credits.
+///
+/// | time (UTC)            | kind       | metric | delta | used after | granted after |
+/// |-----------------------|------------|--------|-------|------------|---------------|
+/// | 11-20 09:00:00        | usage      | vcpu   | 0.125 | 0.125      | 0             |
+/// | 11-20 10:00:00        | usage      | vcpu   | 0.135 | 0.26       | 0             |
+/// | 11-20 10:00:00        | usage      | mb     | 1.5   | 1.76       | 0             |
+/// | 11-20 10:30:00        | grant      |        | +100  | 1.76       | 100           |
+/// | 11-20 10:31:00        | adjustment |        | -1    | 0.76       | 100           |
+/// | 11-20 11:00:00.250    | usage      | mb     | 2     | 2.76       | 100           |
+/// | 11-21 00:00:00        | usage      | vcpu   | 0.005 | 2.765      | 100           |
+///
+/// Rows are inserted as single statements (as a portal sync or an operator would),
+/// so the day rollup is kept by the ledger trigger; `used_after` is deliberately
+/// wrong in the stored rows, since the history counts in time order itself.
+async fn seed_golden_ledger(app: &TestApp) {
+    sql(
+        app,
+        "INSERT INTO ledger (project, time, kind, metric, used_delta, used_after, granted_after) VALUES
+           ('Alpha', '2026-11-20T09:00:00Z', 'usage', 'project_vcpu_usage', 0.125, 0, 0),
+           ('Alpha', '2026-11-20T10:00:00Z', 'usage', 'project_vcpu_usage', 0.135, 0, 0),
+           ('Alpha', '2026-11-20T10:00:00Z', 'usage', 'project_mb_usage', 1.5, 0, 0);
+         INSERT INTO ledger (project, time, kind, granted_delta, used_after, granted_after, actor)
+         VALUES ('Alpha', '2026-11-20T10:30:00Z', 'grant', 100, 0, 100, 'api');
+         INSERT INTO ledger (project, time, kind, used_delta, used_after, granted_after, reason, actor)
+         VALUES ('Alpha', '2026-11-20T10:31:00Z', 'adjustment', -1, 0, 100, 'refund', 'api');
+         INSERT INTO ledger (project, time, kind, metric, used_delta, used_after, granted_after) VALUES
+           ('Alpha', '2026-11-20T11:00:00.250Z', 'usage', 'project_mb_usage', 2, 0, 100),
+           ('Alpha', '2026-11-21T00:00:00Z', 'usage', 'project_vcpu_usage', 0.005, 0, 100);
+         -- another project's rows never count
+         INSERT INTO ledger (project, time, kind, metric, used_delta, used_after, granted_after)
+         VALUES ('Beta', '2026-11-20T08:00:00Z', 'usage', 'project_vcpu_usage', 7, 7, 0)",
+    )
+    .await;
+}
+
 #[tokio::test]
-async fn credits_history_lists_usage_rows_newest_first_with_friendly_names() {
+async fn credits_history_answers_what_the_old_service_answered_for_the_golden_ledger() {
+    // A friendly name in the rules: the old service listed metric names all the same.
     let rules = std::env::temp_dir().join(format!("osc-api-rules-{}.toml", std::process::id()));
     std::fs::write(
         &rules,
@@ -333,60 +392,111 @@ async fn credits_history_lists_usage_rows_newest_first_with_friendly_names() {
     .expect("write rules file");
     let rules_path = rules.to_string_lossy().into_owned();
     let app = spawn_app(&[("API_KEY", KEY), ("BILLING_RULES_FILE", &rules_path)]).await;
-    seed_usage(
-        &app,
-        "Alpha",
-        &[
-            (
-                "2026-11-20T09:00:00Z",
-                "project_vcpu_usage",
-                "0.125",
-                "0.125",
-            ),
-            (
-                "2026-11-20T10:00:00Z",
-                "project_vcpu_usage",
-                "0.135",
-                "0.26",
-            ),
-            ("2026-11-20T10:00:00Z", "project_mb_usage", "1.5", "1.76"),
-            ("2026-11-20T11:00:00.250Z", "project_mb_usage", "2", "3.76"),
-        ],
-    )
-    .await;
-    // Grants and adjustments are not usage history.
-    sql(
-        &app,
-        "INSERT INTO ledger (project, time, kind, granted_delta, used_after, granted_after, actor)
-         VALUES ('Alpha', '2026-11-20T10:30:00Z', 'grant', 100, 0.26, 100, 'api');
-         INSERT INTO ledger (project, time, kind, used_delta, used_after, granted_after, reason, actor)
-         VALUES ('Alpha', '2026-11-20T10:31:00Z', 'adjustment', -1, 2.76, 100, 'refund', 'api')",
-    )
-    .await;
+    seed_golden_ledger(&app).await;
+    let vcpu = "project_vcpu_usage";
+    let mb = "project_mb_usage";
 
-    let all = get(&app, "/api/credits_history/Alpha").await;
-    let ranged = get(
+    // (case, query, exact JSON the old code gives for these rows)
+    let cases = [
+        (
+            "everything: oldest first, used total after each row, rounded half to even",
+            "",
+            json!({
+                "timestamps": ["2026-11-20 09:00:00", "2026-11-20 10:00:00", "2026-11-20 10:00:00",
+                               "2026-11-20 11:00:00", "2026-11-21 00:00:00"],
+                "credits": [0.12, 0.26, 1.76, 2.76, 2.76],
+                "metrics": [vcpu, vcpu, mb, mb, vcpu],
+            }),
+        ),
+        (
+            "a range starting mid-history counts the rows before it; both ends inclusive",
+            "?start_date=2026-11-20+10:00:00&end_date=2026-11-20%2011:00:00",
+            json!({
+                "timestamps": ["2026-11-20 10:00:00", "2026-11-20 10:00:00"],
+                "credits": [0.26, 1.76],
+                "metrics": [vcpu, mb],
+            }),
+        ),
+        (
+            "a range after the adjustment starts from the adjusted total",
+            "?start_date=2026-11-20%2010:45:00",
+            json!({
+                "timestamps": ["2026-11-20 11:00:00", "2026-11-21 00:00:00"],
+                "credits": [2.76, 2.76],
+                "metrics": [mb, vcpu],
+            }),
+        ),
+        (
+            "the end instant itself is in the range",
+            "?start_date=2026-11-20%2012:00:00&end_date=2026-11-21%2000:00:00",
+            json!({
+                "timestamps": ["2026-11-21 00:00:00"],
+                "credits": [2.76],
+                "metrics": [vcpu],
+            }),
+        ),
+        (
+            "values=charges: each row's own charge",
+            "?values=charges",
+            json!({
+                "timestamps": ["2026-11-20 09:00:00", "2026-11-20 10:00:00", "2026-11-20 10:00:00",
+                               "2026-11-20 11:00:00", "2026-11-21 00:00:00"],
+                "credits": [0.12, 0.14, 1.5, 2.0, 0.0],
+                "metrics": [vcpu, vcpu, mb, mb, vcpu],
+            }),
+        ),
+        (
+            "step=1d: the used total at each bucket's end, per metric",
+            "?step=1d",
+            json!({
+                "timestamps": ["2026-11-20 00:00:00", "2026-11-20 00:00:00", "2026-11-21 00:00:00"],
+                "credits": [2.76, 2.76, 2.76],
+                "metrics": [mb, vcpu, vcpu],
+            }),
+        ),
+        (
+            "step=1d&values=charges: each metric's sum per bucket",
+            "?step=1d&values=charges",
+            json!({
+                "timestamps": ["2026-11-20 00:00:00", "2026-11-20 00:00:00", "2026-11-21 00:00:00"],
+                "credits": [3.5, 0.26, 0.0],
+                "metrics": [mb, vcpu, vcpu],
+            }),
+        ),
+        (
+            "step=1d from mid-day: the partial day from the ledger, whole days from the rollup",
+            "?step=1d&values=charges&start_date=2026-11-20%2010:45:00",
+            json!({
+                "timestamps": ["2026-11-20 00:00:00", "2026-11-21 00:00:00"],
+                "credits": [2.0, 0.0],
+                "metrics": [mb, vcpu],
+            }),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (case, query, expected) in cases {
+        let answer = get(&app, &format!("/api/credits_history/Alpha{query}")).await;
+        if answer.status != 200 || answer.json() != expected {
+            failures.push(format!(
+                "{case}: {} {}\n  expected {expected}",
+                answer.status, answer.body
+            ));
+        }
+    }
+    let csv = get(
         &app,
-        "/api/credits_history/Alpha?start_date=2026-11-20+10:00:00&end_date=2026-11-20%2011:00:00",
+        "/api/credits_history/Alpha?format=csv&start_date=2026-11-20%2010:45:00",
     )
     .await;
     let _ = std::fs::remove_file(&rules);
 
-    assert_eq!(all.status, 200, "{}", all.body);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert_eq!(
-        all.json(),
-        json!({
-            "timestamps": ["2026-11-20 11:00:00", "2026-11-20 10:00:00", "2026-11-20 10:00:00", "2026-11-20 09:00:00"],
-            "credits": [2.0, 1.5, 0.14, 0.12],
-            "metrics": ["project_mb_usage", "project_mb_usage", "vCPU hours", "vCPU hours"],
-        }),
-        "newest first, rounded half to even, friendly names where the rules have one"
-    );
-    assert_eq!(ranged.status, 200, "{}", ranged.body);
-    assert_eq!(
-        ranged.json()["timestamps"],
-        json!(["2026-11-20 10:00:00", "2026-11-20 10:00:00"]),
-        "start is inclusive; 11:00:00.25 is after the end"
+        normalize_csv(&csv.body),
+        "timestamp,metric,credits,used_after,granted_after\n\
+         2026-11-20 11:00:00,project_mb_usage,2,2.76,100\n\
+         2026-11-21 00:00:00,project_vcpu_usage,0.005,2.765,100\n",
+        "CSV: exact charges and totals"
     );
 }
 
@@ -439,6 +549,18 @@ async fn credits_history_refuses_bad_parameters_and_says_when_there_is_nothing()
         ),
         ("a zero step", "/api/credits_history/Alpha?step=0", 400, "step"),
         (
+            "unknown values",
+            "/api/credits_history/Alpha?values=total",
+            400,
+            "values",
+        ),
+        (
+            "what Swagger UI sends without a name",
+            "/api/credits_history/%7Bproject_name%7D",
+            400,
+            "No non-empty ``project_name``",
+        ),
+        (
             "an unknown format",
             "/api/credits_history/Alpha?format=xml",
             400,
@@ -484,27 +606,20 @@ fn row_delta(i: i64) -> Decimal {
     Decimal::from(i % 13) * dec("0.017")
 }
 
-/// Expected buckets of `seconds` from the seeded rows: (bucket index, metric) →
-/// (exact sum, used_after of the bucket's last row), sorted as the API sorts.
+/// Expected buckets of `seconds` from the seeded rows: (bucket index, metric, exact
+/// sum, used total at the bucket's end), oldest bucket first, metric names ascending.
 fn expected_buckets(seconds: i64) -> Vec<(i64, &'static str, Decimal, Decimal)> {
-    let mut buckets: std::collections::BTreeMap<(i64, &'static str), (Decimal, Decimal)> =
-        Default::default();
+    let mut sums: std::collections::BTreeMap<(i64, &'static str), Decimal> = Default::default();
+    let mut ends: std::collections::BTreeMap<i64, Decimal> = Default::default();
     let mut running = Decimal::ZERO;
     for i in 0..2000 {
         running += row_delta(i);
-        let entry = buckets
-            .entry((i * 300 / seconds, row_metric(i)))
-            .or_default();
-        entry.0 += row_delta(i);
-        entry.1 = running;
+        *sums.entry((i * 300 / seconds, row_metric(i))).or_default() += row_delta(i);
+        ends.insert(i * 300 / seconds, running);
     }
-    let mut list: Vec<_> = buckets
-        .into_iter()
-        .map(|((bucket, metric), (sum, after))| (bucket, metric, sum, after))
-        .collect();
-    // Newest bucket first, metric names ascending within one bucket.
-    list.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
-    list
+    sums.into_iter()
+        .map(|((bucket, metric), sum)| (bucket, metric, sum, ends[&bucket]))
+        .collect()
 }
 
 fn start_of_2026() -> DateTime<Utc> {
@@ -512,12 +627,17 @@ fn start_of_2026() -> DateTime<Utc> {
 }
 
 #[tokio::test]
-async fn credits_history_with_a_step_sums_each_metric_per_bucket_exactly() {
+async fn credits_history_with_a_step_gives_each_buckets_end_total_or_sum_exactly() {
     let app = app().await;
     seed_two_thousand_rows(&app).await;
 
     for (step, seconds, buckets) in [("1d", 86_400, 14), ("1h", 3600, 334), ("900", 900, 1334)] {
         let answer = get(&app, &format!("/api/credits_history/Alpha?step={step}")).await;
+        let charges = get(
+            &app,
+            &format!("/api/credits_history/Alpha?step={step}&values=charges"),
+        )
+        .await;
         assert_eq!(answer.status, 200, "step {step}: {}", answer.body);
         let body = answer.json();
         let expected = expected_buckets(seconds);
@@ -534,21 +654,30 @@ async fn credits_history_with_a_step_sums_each_metric_per_bucket_exactly() {
                     .to_string()
             })
             .collect();
-        let credits: Vec<Value> = expected
-            .iter()
-            .map(|(_, _, sum, _)| {
-                let rounded = sum
-                    .round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointNearestEven);
-                json!(rounded.to_string().parse::<f64>().expect("float"))
-            })
-            .collect();
+        let rounded = |value: &Decimal| {
+            let rounded = value
+                .round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointNearestEven);
+            json!(rounded.to_string().parse::<f64>().expect("float"))
+        };
+        let credits: Vec<Value> = expected.iter().map(|(_, _, sum, _)| rounded(sum)).collect();
+        let totals: Vec<Value> = expected.iter().map(|(.., end)| rounded(end)).collect();
         let metrics: Vec<&str> = expected.iter().map(|(_, metric, ..)| *metric).collect();
         assert_eq!(
             body["timestamps"],
             json!(timestamps),
             "step {step}: bucket starts"
         );
-        assert_eq!(body["credits"], json!(credits), "step {step}: rounded sums");
+        assert_eq!(
+            body["credits"],
+            json!(totals),
+            "step {step}: rounded used totals at each bucket's end"
+        );
+        assert_eq!(charges.status, 200, "step {step}: {}", charges.body);
+        assert_eq!(
+            charges.json()["credits"],
+            json!(credits),
+            "step {step}: rounded sums"
+        );
         assert_eq!(body["metrics"], json!(metrics), "step {step}: metrics");
     }
 
@@ -563,7 +692,7 @@ async fn credits_history_with_a_step_sums_each_metric_per_bucket_exactly() {
     for (bucket, metric, sum, after) in expected_buckets(86_400) {
         let day = start_of_2026() + Duration::days(bucket);
         expected_csv.push_str(&format!(
-            "{},{metric},{},{},1000\n",
+            "{},{metric},{},{},0\n",
             day.format("%Y-%m-%d %H:%M:%S"),
             sum.normalize(),
             after.normalize()
@@ -608,7 +737,7 @@ async fn a_stepped_range_includes_its_end_and_buckets_start_at_midnight_utc() {
 
     let answer = get(
         &app,
-        "/api/credits_history/Alpha?step=1d&start_date=2026-01-02%2000:00:00&end_date=2026-01-03%2000:00:00",
+        "/api/credits_history/Alpha?step=1d&values=charges&start_date=2026-01-02%2000:00:00&end_date=2026-01-03%2000:00:00",
     )
     .await;
 
@@ -617,23 +746,23 @@ async fn a_stepped_range_includes_its_end_and_buckets_start_at_midnight_utc() {
     assert_eq!(
         body["timestamps"],
         json!([
-            "2026-01-03 00:00:00",
             "2026-01-02 00:00:00",
-            "2026-01-02 00:00:00"
+            "2026-01-02 00:00:00",
+            "2026-01-03 00:00:00"
         ]),
         "the row at the end instant (i = 576, vCPU) is its own bucket"
     );
     assert_eq!(
         body["metrics"],
         json!([
-            "project_vcpu_usage",
             "project_mb_usage",
+            "project_vcpu_usage",
             "project_vcpu_usage"
         ])
     );
     assert_eq!(row_delta(576), dec("0.068"));
     assert_eq!(
-        body["credits"][0],
+        body["credits"][2],
         json!(0.07),
         "the end row alone, rounded to the precision"
     );
@@ -662,8 +791,8 @@ async fn credits_history_as_csv_has_exact_decimals_by_parameter_or_accept_header
     )
     .await;
     let expected = "timestamp,metric,credits,used_after,granted_after\n\
-                    2026-11-20 10:00:00,project_mb_usage,1.0000001,1.1250001,100\n\
-                    2026-11-20 09:00:00,project_vcpu_usage,0.125,0.125,100\n";
+                    2026-11-20 09:00:00,project_vcpu_usage,0.125,0.125,0\n\
+                    2026-11-20 10:00:00,project_mb_usage,1.0000001,1.1250001,0\n";
 
     let by_parameter = get(&app, "/api/credits_history/Alpha?format=csv").await;
     let by_header = app

@@ -623,3 +623,85 @@ async fn grants_are_fetched_from_the_portal_with_its_key_and_written_to_the_ledg
         "a failing portal is counted and retried next run, the grant stays"
     );
 }
+
+/// The day rollup against the ledger it sums: (project, day, metric) → (used, granted, rows).
+async fn rollup_and_ledger_sums(app: &TestApp) -> (Vec<String>, Vec<String>) {
+    let client = app.db.connect().await;
+    let read = |sql: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query(sql, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} {} {:?} used {} granted {} rows {}",
+                        r.get::<_, String>(0),
+                        r.get::<_, DateTime<Utc>>(1),
+                        r.get::<_, String>(2),
+                        r.get::<_, Decimal>(3).normalize(),
+                        r.get::<_, Decimal>(4).normalize(),
+                        r.get::<_, i64>(5)
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let rollup = read(
+        "SELECT project, day, metric, used_delta, granted_delta, rows FROM ledger_daily ORDER BY 1, 2, 3",
+    )
+    .await;
+    let ledger = read(
+        "SELECT project, date_bin('1 day', time, TIMESTAMPTZ '2001-01-01 00:00:00+00'),
+                coalesce(metric, ''), sum(used_delta), sum(granted_delta), count(*)
+         FROM ledger GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+    )
+    .await;
+    (rollup, ledger)
+}
+
+#[tokio::test]
+async fn the_day_rollup_sums_exactly_what_billing_grants_and_adjustments_wrote() {
+    let app = spawn_app(&[]).await;
+    // Two days of half-hourly samples, two metrics, two projects.
+    let samples: Vec<(i64, f64)> = (0..96).map(|i| (i * 1800, i as f64 * 0.37)).collect();
+    let client = app.db.connect().await;
+    let mut ids = Vec::new();
+    for project in ["p1", "p2"] {
+        for metric in ["project_vcpu_usage", "project_mb_usage"] {
+            ids.push(seed(&app, metric, &[("project_name", project)], &samples[..30]).await);
+        }
+    }
+    bill(&app, &[]).await;
+    // The second run adds to the day rows the first one started, the third starts
+    // the next day.
+    for range in [30..40, 40..96] {
+        for id in &ids {
+            common::insert_samples(&client, *id, &at_offsets(&samples[range.clone()])).await;
+        }
+        bill(&app, &[]).await;
+    }
+    // A grant and an adjustment, written row by row as the API writes them.
+    client
+        .batch_execute(
+            "INSERT INTO ledger (project, time, kind, granted_delta, used_after, granted_after, actor)
+             VALUES ('p1', '2026-03-01T12:00:00Z', 'grant', 50, 0, 50, 'api');
+             INSERT INTO ledger (project, time, kind, used_delta, used_after, granted_after, reason, actor)
+             VALUES ('p1', '2026-03-02T12:00:00Z', 'adjustment', -2.5, 0, 50, 'refund', 'api')",
+        )
+        .await
+        .expect("grant and adjustment");
+
+    let (rollup, ledger) = rollup_and_ledger_sums(&app).await;
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM ledger_daily WHERE rows > 1").await,
+        4,
+        "the second run added to each series' first day"
+    );
+    assert_eq!(
+        rollup, ledger,
+        "the rollup holds exactly the ledger's sums per project, day and metric"
+    );
+}

@@ -52,6 +52,16 @@ struct Sink {
     mails: Arc<Mutex<Vec<Mail>>>,
     envelope: Vec<String>,
     data: Vec<u8>,
+    hold: Arc<Hold>,
+}
+
+/// Holds the next message at the end of DATA (before the server answers) until
+/// released: a sender is certainly in the middle of a delivery.
+#[derive(Default)]
+struct Hold {
+    /// (hold the next message, a message is held)
+    state: Mutex<(bool, bool)>,
+    released: std::sync::Condvar,
 }
 
 impl Handler for Sink {
@@ -77,6 +87,14 @@ impl Handler for Sink {
     }
 
     fn data_end(&mut self) -> Response {
+        let mut state = self.hold.state.lock().expect("lock");
+        if state.0 {
+            *state = (false, true);
+            while state.1 {
+                state = self.hold.released.wait(state).expect("lock");
+            }
+        }
+        drop(state);
         let raw = String::from_utf8_lossy(&self.data).into_owned();
         let mail = parse_mail(&raw, std::mem::take(&mut self.envelope));
         self.mails.lock().expect("lock").push(mail);
@@ -87,6 +105,7 @@ impl Handler for Sink {
 struct SmtpServer {
     port: u16,
     mails: Arc<Mutex<Vec<Mail>>>,
+    hold: Arc<Hold>,
 }
 
 impl SmtpServer {
@@ -109,7 +128,7 @@ impl SmtpServer {
     fn serve(listener: std::net::TcpListener) -> Self {
         let port = listener.local_addr().expect("address").port();
         let sink = Sink::default();
-        let mails = sink.mails.clone();
+        let (mails, hold) = (sink.mails.clone(), sink.hold.clone());
         let mut server = Server::new(sink);
         server
             .with_name("smtp.test")
@@ -118,11 +137,25 @@ impl SmtpServer {
         std::thread::spawn(move || {
             let _ = server.serve();
         });
-        Self { port, mails }
+        Self { port, mails, hold }
     }
 
     fn mails(&self) -> Vec<Mail> {
         self.mails.lock().expect("lock").clone()
+    }
+
+    /// The next message is held at the end of DATA until `release`.
+    fn hold_next(&self) {
+        self.hold.state.lock().expect("lock").0 = true;
+    }
+
+    fn holds_one(&self) -> bool {
+        self.hold.state.lock().expect("lock").1
+    }
+
+    fn release(&self) {
+        self.hold.state.lock().expect("lock").1 = false;
+        self.hold.released.notify_all();
     }
 }
 
@@ -456,8 +489,12 @@ async fn crossing_half_the_grant_sends_one_mail_with_the_right_headers_and_value
             "{part}"
         );
     }
-    // 60 credits in the last 24 hours burn 2.5 per hour: 40 left last 16 hours.
-    let run_out = (t + hours(16)).format("%Y-%m-%d %H:%M UTC").to_string();
+    // 60 credits in the 2 hours since the project's first usage (not over the whole
+    // 24 h window) burn 30 per hour: 40 left last 1 h 20 min.
+    let run_out = (t + ChronoDuration::minutes(80))
+        .format("%Y-%m-%d %H:%M UTC")
+        .to_string();
+    assert!(mail.text.contains("the last 2 hours"), "{}", mail.text);
     assert!(
         mail.text.contains(&run_out),
         "forecast {run_out} in {}",
@@ -605,9 +642,25 @@ async fn a_restarted_service_or_a_second_replica_sends_nothing_again() {
     };
     let (a, b) = tokio::join!(world.bill(t), twin.bill(t));
     assert_eq!(a.projects_billed + b.projects_billed, 6);
+    // Replica one is held in the middle of its first delivery; the other sends
+    // meanwhile: the two senders overlap for certain.
     let (one, other) = (world.notifier(), twin.notifier());
-    let (a, b) = tokio::join!(send(&one, t), send(&other, t));
-    assert_eq!(a.sent + b.sent, 6, "each crossing sent by one replica");
+    smtp.hold_next();
+    let a = tokio::spawn(async move { send(&one, t).await });
+    eventually(
+        Duration::from_secs(30),
+        "a delivery held by the server",
+        || async { smtp.holds_one().then_some(()) },
+    )
+    .await;
+    let b = send(&other, t).await;
+    smtp.release();
+    let a = a.await.expect("task");
+    assert_eq!(
+        (a.sent, b.sent),
+        (1, 5),
+        "each crossing sent by one replica; the one in flight is not sent twice"
+    );
     std::mem::forget(twin.app.db);
 
     // A restart: a new service on the same database bills and sends again.
@@ -672,6 +725,105 @@ async fn lowering_the_grant_below_the_usage_notifies() {
     assert_eq!(
         smtp.mails()[0].header("Subject"),
         "Alpha: 50% of the granted credits used"
+    );
+}
+
+#[tokio::test]
+async fn a_positive_adjustment_that_crosses_a_threshold_notifies() {
+    let smtp = SmtpServer::start();
+    let world = World::start(smtp.port, &[]).await;
+    let t = now();
+    project_at(&world, "Alpha", 30.0, t).await;
+    world.bill(t).await;
+    let path = format!("/api/projects/{}/adjustments", encode("Alpha"));
+
+    let (status, body) = world
+        .call(
+            reqwest::Method::POST,
+            &path,
+            Some(json!({"credits": "25", "reason": "manual charge"})),
+        )
+        .await;
+    let sent = send(&world.notifier(), Utc::now()).await;
+
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(sent.sent, 1, "30 + 25 of 100 crosses half");
+    let listed = world.notifications("Alpha").await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["cause"], "adjustment");
+    assert_eq!(listed[0]["used_credits"], "55.00", "{listed:?}");
+    assert_eq!(
+        smtp.mails()[0].header("Subject"),
+        "Alpha: 50% of the granted credits used"
+    );
+}
+
+#[tokio::test]
+async fn a_grant_lowered_by_the_portal_sync_notifies() {
+    let smtp = SmtpServer::start();
+    let portal = FixtureExporter::start(Answer::ok("50\n")).await;
+    let base = portal.url.trim_end_matches("/metrics").to_owned();
+    let world = World::start(smtp.port, &[("API_CONTACT_BASE_URL", &base)]).await;
+    let t = now();
+    project_at(&world, "Alpha", 30.0, t).await;
+    world.bill(t).await;
+
+    let synced = os_credits::billing::portal::sync_grants(
+        &world.app.app_pool,
+        &world.settings(),
+        &reqwest::Client::new(),
+    )
+    .await
+    .expect("sync");
+    let sent = send(&world.notifier(), Utc::now()).await;
+
+    assert_eq!(synced.failed, 0, "{synced:?}");
+    assert_eq!(sent.sent, 1, "30 of the portal's 50 crosses half");
+    let listed = world.notifications("Alpha").await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["cause"], "grant");
+    assert_eq!(listed[0]["granted_credits"], "50.00");
+}
+
+#[tokio::test]
+async fn resending_while_the_mail_is_being_sent_is_refused_and_a_resent_mail_keeps_its_message_id()
+{
+    let smtp = SmtpServer::start();
+    let world = World::start(smtp.port, &[]).await;
+    let t = now();
+    project_at(&world, "Alpha", 60.0, t).await;
+    world.bill(t).await;
+    let id = world.notifications("Alpha").await[0]["id"]
+        .as_i64()
+        .expect("notification id");
+    let resend = format!("/api/notifications/{id}/resend?channel=email");
+
+    smtp.hold_next();
+    let notifier = world.notifier();
+    let sending = tokio::spawn(async move { send(&notifier, t).await });
+    eventually(
+        Duration::from_secs(30),
+        "the mail held mid-DATA",
+        || async { smtp.holds_one().then_some(()) },
+    )
+    .await;
+    let (while_sending, refusal) = world.call(reqwest::Method::POST, &resend, None).await;
+    smtp.release();
+    let first = sending.await.expect("task");
+    let (after, _) = world.call(reqwest::Method::POST, &resend, None).await;
+    let again = send(&world.notifier(), Utc::now()).await;
+
+    assert_eq!(while_sending, 409, "{refusal}");
+    assert!(refusal["error"].is_string(), "{refusal}");
+    assert_eq!((first.sent, after, again.sent), (1, 200, 1));
+    let mails = smtp.mails();
+    assert_eq!(mails.len(), 2, "sent, then resent by hand");
+    let expected = format!("<os-credits-notification-{id}@example.org>");
+    assert_eq!(mails[0].header("Message-ID"), expected);
+    assert_eq!(
+        mails[1].header("Message-ID"),
+        expected,
+        "a copy is recognisable as the same mail"
     );
 }
 

@@ -5,6 +5,7 @@ use super::errors::ErrorBody;
 use super::input::{credits_number, decimal_from_json, decimal_number, ProjectName};
 use super::{ApiError, AppState};
 use crate::billing::account;
+use crate::billing::money::round_credits;
 use actix_web::{web, HttpResponse};
 use chrono::Utc;
 use rust_decimal::Decimal;
@@ -31,7 +32,7 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 }
 
 /// `POST /api/costs_per_hour` with metric → units in use → credits per hour as a
-/// JSON number: Σ units × current default price, rounded to the precision.
+/// JSON number: Σ (units × current default price, rounded to the precision).
 #[utoipa::path(post, path = "/api/costs_per_hour", tag = "credits (old service)",
     request_body(content = BTreeMap<String, f64>, description = "Metric → units in use (numbers or numeric strings)",
         example = json!({"project_vcpu_usage": 16, "project_mb_usage": 32})),
@@ -42,7 +43,7 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         (status = 413, description = "Body over 64 KiB", body = ErrorBody)))]
 pub async fn costs_per_hour(
     state: web::Data<AppState>,
-    body: web::Json<serde_json::Map<String, serde_json::Value>>,
+    body: web::Json<BTreeMap<String, Box<serde_json::value::RawValue>>>,
 ) -> Result<HttpResponse, ApiError> {
     let settings = &state.settings;
     let now = Utc::now();
@@ -58,8 +59,10 @@ pub async fn costs_per_hour(
                 "Parameter {metric} must not be negative"
             )));
         }
+        // Each metric's cost is rounded before summing, as the old service did.
         total = amount
             .checked_mul(rule.price_at(now, &BTreeMap::new()).value())
+            .map(|cost| round_credits(cost, settings.precision))
             .and_then(|cost| total.checked_add(cost))
             .ok_or_else(|| ApiError::BadRequest("The costs are too large".into()))?;
     }
@@ -81,10 +84,18 @@ pub async fn current_credits(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let project = ProjectName::parse(path.into_inner())?;
-    let client = state.client().await?;
-    let balance = account::balance(&client, project.as_str())
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("Unknown project {:?}", project.as_str())))?;
+    let read = state.memo.begin(project.as_str()).await;
+    let balance = match state.memo.balance(&read, project.as_str()) {
+        Some(held) => held,
+        None => {
+            let client = state.client().await?;
+            let balance = account::balance(&client, project.as_str()).await?;
+            state.memo.keep_balance(&read, project.as_str(), &balance);
+            balance
+        }
+    };
+    let balance = balance
+        .ok_or_else(|| ApiError::NotFound(format!("No credits found for {}.", project.as_str())))?;
     let precision = state.settings.precision;
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "current_credits": credits_number(balance.used, precision),

@@ -28,7 +28,8 @@ struct Database {
     error: Option<String>,
 }
 
-/// 200 with `status` `ok` (or `degraded` when a target's last scrape failed, a
+/// 200 with `status` `ok` (or `degraded` when a target's last scrape failed or it
+/// returns no billed series although it did before, a
 /// worker's last step failed, or billing has not completed a run for 2 ×
 /// `BILLING_INTERVAL`) while the database answers; 503 with `unavailable` when it
 /// does not.
@@ -45,12 +46,18 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     .await
     .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")));
     let (database, targets) = match probe {
-        Ok(targets) => (
+        Ok(mut targets) => (
             Database {
                 reachable: true,
                 error: None,
             },
-            targets,
+            {
+                // A target removed from SCRAPE_TARGETS keeps its row (its history), but
+                // is no longer this service's concern.
+                let configured = &state.settings.scrape_targets;
+                targets.retain(|t| configured.iter().any(|c| c.name == t.name));
+                targets
+            },
         ),
         Err(e) => (
             Database {
@@ -63,7 +70,9 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let workers = state.workers.snapshot();
     let status = match (
         database.reachable,
-        targets.iter().all(|t| t.up || t.last_attempt_at.is_none())
+        targets
+            .iter()
+            .all(|t| (t.up || t.last_attempt_at.is_none()) && t.problem.is_none())
             && workers_healthy(&workers, state.settings.billing_interval, Utc::now()),
     ) {
         (false, _) => "unavailable",

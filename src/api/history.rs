@@ -1,17 +1,19 @@
-//! `GET /api/credits_history/{project_name}`: the usage ledger of a project as the
-//! old service's JSON (newest first), optionally summed into buckets (`step`), or as
-//! CSV with exact decimals.
+//! `GET /api/credits_history/{project_name}`: a project's usage history as the old
+//! service answered it (oldest first, `credits` = the used total after each row),
+//! and by name the row charges (`values=charges`), buckets (`step`) and CSV.
 
 use super::errors::ErrorBody;
 use super::input::{credits_number, ProjectName};
+use super::memo::HistoryAnswer;
 use super::{ApiError, AppState};
-use crate::billing::account::{self, HistoryPoint};
+use crate::billing::history::{self, Point};
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
+use anyhow::Context;
+use bytes::Bytes;
 use chrono::{DateTime, Duration, NaiveDateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::fmt::Write;
 
 /// The old service's date format, in UTC.
@@ -27,27 +29,33 @@ pub struct HistoryQuery {
     /// First instant, `%Y-%m-%d %H:%M:%S` UTC, inclusive (default: the epoch).
     #[param(example = "2026-11-01 00:00:00")]
     start_date: Option<String>,
-    /// Last instant, `%Y-%m-%d %H:%M:%S` UTC, inclusive (default: now).
+    /// Last instant, `%Y-%m-%d %H:%M:%S` UTC, inclusive (default: no end).
     #[param(example = "2026-11-22 00:00:00")]
     end_date: Option<String>,
-    /// Bucket length: seconds, or a count with `s`, `m`, `h`, `d`, `w`; sums per metric and bucket.
+    /// Bucket length: seconds, or a count with `s`, `m`, `h`, `d`, `w`; one point per
+    /// metric and bucket.
     #[param(example = "1d")]
     step: Option<String>,
+    /// What `credits` holds: `used` (default, as the old service: the project's used
+    /// credits after the row, or at the bucket's end) or `charges` (the row's own
+    /// charge, or the metric's sum in the bucket).
+    #[param(example = "charges")]
+    values: Option<String>,
     /// `json` (default) or `csv` (also chosen by `Accept: text/csv`).
     format: Option<String>,
 }
 
-/// The old service's history shape: three arrays of equal length, newest first.
+/// The old service's history shape: three arrays of equal length, oldest first.
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct HistoryBody {
     /// Row times or bucket starts, `%Y-%m-%d %H:%M:%S` UTC.
     #[schema(example = json!(["2026-11-22 10:00:00"]))]
     timestamps: Vec<String>,
-    /// Credits per row or bucket, rounded to the precision.
-    #[schema(example = json!([0.5]))]
+    /// Used credits after the row (or charges with `values=charges`), rounded.
+    #[schema(example = json!([12.5]))]
     credits: Vec<serde_json::Value>,
-    /// The rule's friendly name, else the metric.
-    #[schema(example = json!(["vCPU hours"]))]
+    /// The metric that caused the row.
+    #[schema(example = json!(["project_vcpu_usage"]))]
     metrics: Vec<String>,
 }
 
@@ -56,10 +64,10 @@ pub struct HistoryBody {
 #[utoipa::path(get, path = "/api/credits_history/{project_name}", tag = "credits (old service)",
     params(("project_name" = String, Path, description = "The project"), HistoryQuery),
     responses(
-        (status = 200, description = "The usage history, newest first",
+        (status = 200, description = "The usage history, oldest first",
             content((HistoryBody = "application/json"),
                     (String = "text/csv", example = "timestamp,metric,credits,used_after,granted_after\n2026-11-22 10:00:00,project_vcpu_usage,0.5,12.5,1000\n"))),
-        (status = 400, description = "Bad date, start_date >= end_date, bad step or format", body = ErrorBody),
+        (status = 400, description = "Bad date, start_date >= end_date, bad step, values or format", body = ErrorBody),
         (status = 404, description = "Nothing in the range", body = ErrorBody)))]
 pub async fn credits_history(
     state: web::Data<AppState>,
@@ -71,8 +79,8 @@ pub async fn credits_history(
     let query = query.into_inner();
     let start =
         parse_date(query.start_date.as_deref(), "start_date")?.unwrap_or(DateTime::UNIX_EPOCH);
-    let end = parse_date(query.end_date.as_deref(), "end_date")?.unwrap_or_else(Utc::now);
-    if start >= end {
+    let end = parse_date(query.end_date.as_deref(), "end_date")?;
+    if end.is_some_and(|end| start >= end) {
         return Err(ApiError::BadRequest(
             "``start_date`` must be older than ``end_date``.".into(),
         ));
@@ -81,22 +89,54 @@ pub async fn credits_history(
         None => None,
         Some(raw) => Some(parse_step(raw).map_err(ApiError::BadRequest)?),
     };
+    let charges = match non_empty(query.values.as_deref()) {
+        None | Some("used") => false,
+        Some("charges") => true,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "Invalid values {other:?}: expected used or charges"
+            )))
+        }
+    };
     let csv = wants_csv(non_empty(query.format.as_deref()), &req)?;
 
-    let client = state.client().await?;
-    let points = account::usage_history(&client, project.as_str(), start, end, step, csv).await?;
-    if points.is_empty() {
+    let key = format!(
+        "{start:?}|{end:?}|{:?}|{charges}|{csv}",
+        step.map(|s| s.num_seconds())
+    );
+    let read = state.memo.begin(project.as_str()).await;
+    let answer = match state.memo.history(&read, project.as_str(), &key) {
+        Some(held) => held,
+        None => {
+            let client = state.client().await?;
+            let points = history::read(&client, project.as_str(), start, end, step).await?;
+            let body = match (points.is_empty(), csv) {
+                (true, _) => None,
+                (false, true) => Some(Bytes::from(to_csv(&points))),
+                (false, false) => Some(Bytes::from(
+                    serde_json::to_vec(&to_json(&points, charges, state.settings.precision))
+                        .context("encoding the history")?,
+                )),
+            };
+            let answer = HistoryAnswer { csv, body };
+            state
+                .memo
+                .keep_history(&read, project.as_str(), &key, answer.clone());
+            answer
+        }
+    };
+    let Some(body) = answer.body else {
         return Err(ApiError::NotFound(
             "No data available for given parameters.".into(),
         ));
-    }
-    Ok(if csv {
-        HttpResponse::Ok()
-            .content_type("text/csv; charset=utf-8")
-            .body(to_csv(&points))
-    } else {
-        HttpResponse::Ok().json(to_json(&points, &state))
-    })
+    };
+    Ok(HttpResponse::Ok()
+        .content_type(if answer.csv {
+            "text/csv; charset=utf-8"
+        } else {
+            "application/json"
+        })
+        .body(body))
 }
 
 fn non_empty(value: Option<&str>) -> Option<&str> {
@@ -108,9 +148,13 @@ fn parse_date(raw: Option<&str>, name: &str) -> Result<Option<DateTime<Utc>>, Ap
     let Some(raw) = non_empty(raw) else {
         return Ok(None);
     };
+    // Years 1 to 9999 only: what the format's four digits show, and inside
+    // PostgreSQL's range (which starts in 4713 BC).
     NaiveDateTime::parse_from_str(raw, DATE_FORMAT)
+        .ok()
+        .filter(|naive| (1..=9999).contains(&chrono::Datelike::year(naive)))
         .map(|naive| Some(naive.and_utc()))
-        .map_err(|_| {
+        .ok_or_else(|| {
             ApiError::BadRequest(format!(
                 "Invalid content for ``{name}``: expected {DATE_FORMAT}, e.g. 2026-11-22 10:00:00"
             ))
@@ -158,52 +202,33 @@ fn wants_csv(format: Option<&str>, req: &HttpRequest) -> Result<bool, ApiError> 
     }
 }
 
-fn to_json(points: &[HistoryPoint], state: &AppState) -> HistoryBody {
-    let precision = state.settings.precision;
-    let names: HashMap<&str, &str> = state
-        .settings
-        .rules
-        .iter()
-        .filter_map(|rule| {
-            let name = rule.friendly_name.as_deref()?;
-            Some((rule.metric.as_str(), name))
-        })
-        .collect();
-    let mut timestamps = Vec::with_capacity(points.len());
-    let mut credits = Vec::with_capacity(points.len());
-    let mut metrics = Vec::with_capacity(points.len());
-    for point in points {
-        timestamps.push(point.time.format(DATE_FORMAT).to_string());
-        credits.push(credits_number(point.credits, precision));
-        metrics.push(
-            names
-                .get(point.metric.as_str())
-                .copied()
-                .unwrap_or(point.metric.as_str())
-                .to_owned(),
-        );
-    }
+fn to_json(points: &[Point], charges: bool, precision: Decimal) -> HistoryBody {
     HistoryBody {
-        timestamps,
-        credits,
-        metrics,
+        timestamps: points
+            .iter()
+            .map(|p| p.time.format(DATE_FORMAT).to_string())
+            .collect(),
+        credits: points
+            .iter()
+            .map(|p| credits_number(if charges { p.charge } else { p.used_after }, precision))
+            .collect(),
+        metrics: points.iter().map(|p| p.metric.clone()).collect(),
     }
 }
 
-fn to_csv(points: &[HistoryPoint]) -> String {
+fn to_csv(points: &[Point]) -> String {
     let mut out = String::with_capacity(64 * (points.len() + 1));
     out.push_str("timestamp,metric,credits,used_after,granted_after\n");
     for p in points {
-        let total = |value: Option<Decimal>| value.map(|v| v.to_string()).unwrap_or_default();
         // Writing to a String cannot fail.
         let _ = writeln!(
             out,
             "{},{},{},{},{}",
             p.time.format(DATE_FORMAT),
             csv_field(&p.metric),
-            p.credits,
-            total(p.used_after),
-            total(p.granted_after)
+            p.charge,
+            p.used_after,
+            p.granted_after
         );
     }
     out

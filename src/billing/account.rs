@@ -1,5 +1,5 @@
-//! Account operations on the database: project balances, grants, adjustments, the
-//! credits history and the burn-rate forecast.
+//! Account operations on the database: project balances, grants, adjustments and
+//! the burn-rate forecast (the credits history is [`super::history`]).
 //!
 //! Plain functions over a client or a transaction; the caller owns the transaction.
 //! Writes lock the project row (`FOR UPDATE`) so they serialise with the billing run,
@@ -129,7 +129,9 @@ pub async fn set_grant(
     let before = lock(tx, project)
         .await?
         .context("the project vanished while locked")?;
-    let delta = granted - before.granted;
+    let delta = granted
+        .checked_sub(before.granted)
+        .context("the grant's change leaves the decimal range")?;
     if delta.is_zero() {
         return Ok(GrantOutcome {
             balance: before,
@@ -239,91 +241,6 @@ pub async fn adjust(
     })
 }
 
-/// One point of a project's usage history: a usage ledger row, or with a step the
-/// sum of a metric's rows in one bucket.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HistoryPoint {
-    /// The row's time, or the bucket's start.
-    pub time: DateTime<Utc>,
-    /// The billed metric.
-    pub metric: String,
-    /// Exact credits charged (summed over the bucket).
-    pub credits: Decimal,
-    /// The project's used credits after the (bucket's last) row; `None` for buckets
-    /// read without totals.
-    pub used_after: Option<Decimal>,
-    /// The project's granted credits after the (bucket's last) row; `None` for
-    /// buckets read without totals.
-    pub granted_after: Option<Decimal>,
-}
-
-/// Buckets with the totals of each bucket's last row: the ordered aggregates make
-/// PostgreSQL sort every row, so only CSV asks for them.
-const BUCKETS_WITH_TOTALS: &str = "(array_agg(used_after ORDER BY time DESC, id DESC))[1],
-     (array_agg(granted_after ORDER BY time DESC, id DESC))[1]";
-/// Buckets with sums only, which PostgreSQL can hash-aggregate.
-const BUCKETS_WITHOUT_TOTALS: &str = "NULL::numeric, NULL::numeric";
-
-/// The usage ledger of a project with `from <= time <= to`, newest first (metric
-/// name order within one time). With `step`, rows are summed per metric into
-/// buckets of that length aligned to 2001-01-01T00:00Z (a Monday, so days start at
-/// midnight UTC and weeks on Mondays), in one query on `(project, time)`; bucket
-/// totals (`used_after`, `granted_after`) only `with_totals`.
-pub async fn usage_history(
-    client: &Client,
-    project: &str,
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
-    step: Option<Duration>,
-    with_totals: bool,
-) -> anyhow::Result<Vec<HistoryPoint>> {
-    let rows = match step {
-        None => client
-            .query(
-                "SELECT time, coalesce(metric, ''), used_delta, used_after, granted_after
-                 FROM ledger
-                 WHERE project = $1 AND kind = 'usage' AND time >= $2 AND time <= $3
-                 ORDER BY time DESC, metric, id DESC",
-                &[&project, &from, &to],
-            )
-            .await
-            .context("reading the credits history")?,
-        Some(step) => {
-            let totals = if with_totals {
-                BUCKETS_WITH_TOTALS
-            } else {
-                BUCKETS_WITHOUT_TOTALS
-            };
-            // Exact: steps are whole seconds, far below 2^53.
-            let seconds = step.num_seconds() as f64;
-            client
-                .query(
-                    &format!(
-                        "SELECT date_bin(make_interval(secs => $4), time, TIMESTAMPTZ '2001-01-01 00:00:00+00'),
-                                coalesce(metric, ''), sum(used_delta), {totals}
-                         FROM ledger
-                         WHERE project = $1 AND kind = 'usage' AND time >= $2 AND time <= $3
-                         GROUP BY 1, 2
-                         ORDER BY 1 DESC, 2"
-                    ),
-                    &[&project, &from, &to, &seconds],
-                )
-                .await
-                .context("reading the aggregated credits history")?
-        }
-    };
-    Ok(rows
-        .iter()
-        .map(|row| HistoryPoint {
-            time: row.get(0),
-            metric: row.get(1),
-            credits: row.get(2),
-            used_after: row.get(3),
-            granted_after: row.get(4),
-        })
-        .collect())
-}
-
 /// When a metric of the project was last billed up to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MetricCursor {
@@ -370,6 +287,11 @@ pub struct Detail {
     pub balance: Balance,
     /// Exact credits charged by usage in the forecast window before `now`.
     pub charged_in_window: Decimal,
+    /// Start of the project's first billed usage (`None`: none was).
+    pub first_usage: Option<DateTime<Utc>>,
+    /// Until when `charged_in_window` holds without a new commit: when the oldest
+    /// row in the window leaves it or the next future-dated row enters it.
+    pub charged_until: Option<DateTime<Utc>>,
     /// Per metric, how far billing has come.
     pub cursors: Vec<MetricCursor>,
     /// The latest [`DETAIL_EVENTS`] decreases, newest first.
@@ -392,8 +314,13 @@ pub async fn detail(
         async {
             client
                 .query_one(
-                    "SELECT coalesce(sum(used_delta), 0) FROM ledger
-                     WHERE project = $1 AND kind = 'usage' AND time > $2 AND time <= $3",
+                    "SELECT coalesce(sum(used_delta) FILTER (WHERE time <= $3), 0),
+                            min(time) FILTER (WHERE time <= $3),
+                            min(time) FILTER (WHERE time > $3),
+                            (SELECT coalesce(usage_from, time) FROM ledger
+                             WHERE project = $1 AND kind = 'usage' ORDER BY time LIMIT 1)
+                     FROM ledger
+                     WHERE project = $1 AND kind = 'usage' AND time > $2",
                     &[&project, &since, &now],
                 )
                 .await
@@ -442,6 +369,14 @@ pub async fn detail(
     Ok(Some(Detail {
         balance,
         charged_in_window: charged.get(0),
+        first_usage: charged.get(3),
+        charged_until: {
+            let leaves = charged
+                .get::<_, Option<DateTime<Utc>>>(1)
+                .and_then(|oldest| oldest.checked_add_signed(window));
+            let enters: Option<DateTime<Utc>> = charged.get(2);
+            leaves.into_iter().chain(enters).min()
+        },
         cursors: cursors
             .iter()
             .map(|r| MetricCursor {
@@ -470,6 +405,32 @@ pub async fn detail(
             })
             .collect(),
     }))
+}
+
+/// The time a burn rate over `window` before `now` actually covers: from the start of
+/// the project's first billed usage (a project billed for 6 minutes burns its
+/// credits of 6 minutes, not of the whole window), at most the window.
+pub fn covered(
+    window: Duration,
+    now: DateTime<Utc>,
+    first_usage: Option<DateTime<Utc>>,
+) -> Duration {
+    match first_usage {
+        Some(first) => (now - first).clamp(Duration::zero(), window),
+        None => window,
+    }
+}
+
+/// A span in words for people: `the last 24 hours`, `the last 6 minutes`.
+pub fn describe_span(span: Duration) -> String {
+    let (n, unit) = if span >= Duration::hours(2) {
+        (span.num_minutes().saturating_add(30) / 60, "hours")
+    } else if span >= Duration::minutes(2) {
+        (span.num_minutes(), "minutes")
+    } else {
+        (span.num_seconds(), "seconds")
+    };
+    format!("the last {n} {unit}")
 }
 
 /// Credits per hour when `charged` credits were used over `window`.
@@ -536,6 +497,33 @@ mod tests {
             let got = burn_rate_per_hour(dec(charged), Duration::seconds(seconds));
             assert_eq!(got, dec(expected), "{case}");
         }
+    }
+
+    #[test]
+    fn the_burn_rate_covers_the_time_since_the_first_usage_in_the_window() {
+        let day = Duration::hours(24);
+        let minutes = |m: i64| Some(now() - Duration::minutes(m));
+        let cases = [
+            ("billed for 6 minutes", minutes(6), Duration::minutes(6)),
+            ("billed for two days", minutes(48 * 60), day),
+            ("exactly the window", minutes(24 * 60), day),
+            ("nothing billed", None, day),
+            (
+                "usage after now",
+                Some(now() + Duration::minutes(5)),
+                Duration::zero(),
+            ),
+        ];
+        for (case, first, expected) in cases {
+            assert_eq!(covered(day, now(), first), expected, "{case}");
+        }
+        assert_eq!(describe_span(day), "the last 24 hours");
+        assert_eq!(describe_span(Duration::minutes(6)), "the last 6 minutes");
+        assert_eq!(describe_span(Duration::seconds(50)), "the last 50 seconds");
+        // The issue's young project: 1.36 credits in its first 6 minutes is 13.6 per
+        // hour, not 0.0567 (1.36 over 24 h).
+        let rate = burn_rate_per_hour(dec("1.36"), covered(day, now(), minutes(6)));
+        assert_eq!(rate, dec("13.6"));
     }
 
     #[test]

@@ -7,7 +7,11 @@
 pub mod account;
 pub mod charge;
 pub mod engine;
+pub mod guard;
+pub mod held;
+pub mod history;
 pub mod money;
 pub mod portal;
+pub mod quarantine;
 pub mod rules;
 pub mod worker;

@@ -41,9 +41,24 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/0005_notifications.sql"),
     },
     Migration {
+        version: 9,
+        name: "0009_quarantine.sql",
+        sql: include_str!("../../sql/0009_quarantine.sql"),
+    },
+    Migration {
+        version: 10,
+        name: "0010_held_charges.sql",
+        sql: include_str!("../../sql/0010_held_charges.sql"),
+    },
+    Migration {
         version: 11,
         name: "0011_policies.sql",
         sql: include_str!("../../sql/0011_policies.sql"),
+    },
+    Migration {
+        version: 12,
+        name: "0012_ledger_rollup_and_change_notifications.sql",
+        sql: include_str!("../../sql/0012_ledger_rollup_and_change_notifications.sql"),
     },
 ];
 
@@ -53,6 +68,32 @@ const MIGRATION_LOCK_KEY: i64 = 0x6f73_6372_6564_6974;
 /// Applies every migration not applied yet; returns how many were applied now.
 #[tracing::instrument(skip_all, err)]
 pub async fn run(client: &mut tokio_postgres::Client) -> anyhow::Result<usize> {
+    // Migrations may wait for another replica's migrations and take long on big
+    // tables: no lock or statement limit here (the session's own limits return
+    // afterwards, see below).
+    client
+        .batch_execute("SET lock_timeout = 0; SET statement_timeout = 0")
+        .await
+        .context("lifting the time limits for migrations")?;
+    // The lock comes first: two replicas starting on an empty database would otherwise
+    // race on creating the bookkeeping table (a unique violation in the catalogue).
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .context("taking the migration lock")?;
+    let result = apply_pending(client).await;
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .context("releasing the migration lock")?;
+    client
+        .batch_execute("RESET lock_timeout; RESET statement_timeout")
+        .await
+        .context("restoring the time limits after migrations")?;
+    result
+}
+
+async fn apply_pending(client: &mut tokio_postgres::Client) -> anyhow::Result<usize> {
     client
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS os_credits_migrations (
@@ -63,19 +104,6 @@ pub async fn run(client: &mut tokio_postgres::Client) -> anyhow::Result<usize> {
         )
         .await
         .context("creating the migrations table")?;
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
-        .await
-        .context("taking the migration lock")?;
-    let result = apply_pending(client).await;
-    client
-        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
-        .await
-        .context("releasing the migration lock")?;
-    result
-}
-
-async fn apply_pending(client: &mut tokio_postgres::Client) -> anyhow::Result<usize> {
     let applied: Vec<i32> = client
         .query("SELECT version FROM os_credits_migrations", &[])
         .await

@@ -73,6 +73,10 @@ pub fn render() -> String {
 
 fn describe() {
     describe_counter!(
+        "os_credits_change_listener_failures_total",
+        "Failures of the connection listening for project changes (balances are read from the database until it listens again)."
+    );
+    describe_counter!(
         "os_credits_scrapes_total",
         "Scrape attempts by target and outcome (success, unreachable, bad_status, too_large, not_utf8, unparseable, store_failed)."
     );
@@ -84,6 +88,10 @@ fn describe() {
     describe_counter!(
         "os_credits_samples_stored_total",
         "Samples stored by target."
+    );
+    describe_counter!(
+        "os_credits_samples_dropped_total",
+        "Billed samples scraped but not stored, by target and reason (no_project, not_whitelisted, not_finite, too_long, bad_project: blank, over 255 bytes or NUL; nul_label: a NUL in a label value)."
     );
     describe_counter!(
         "os_credits_samples_duplicate_total",
@@ -124,6 +132,18 @@ fn describe() {
         metrics::Unit::Seconds,
         "Time to the response head by method and route template."
     );
+    describe_gauge!(
+        "os_credits_stale_series",
+        "Billed series a target returned once and no longer returns (billing for them has stopped), by target."
+    );
+    describe_counter!(
+        "os_credits_charges_held_total",
+        "Counter steps the jump guard held for review instead of billing."
+    );
+    describe_counter!(
+        "os_credits_held_charges_decided_total",
+        "Held charges decided, by decision (approved, rejected) and by (operator, counter_drop)."
+    );
     describe_counter!(
         "os_credits_notification_attempts_total",
         "Delivery attempts of notifications by channel (email, webhook) and outcome."
@@ -143,6 +163,12 @@ pub fn scrape_finished(
                 .increment(ingested.stored);
             counter!("os_credits_samples_duplicate_total", "target" => target.clone())
                 .increment(ingested.duplicates);
+            for (reason, dropped) in ingested.skipped.by_reason() {
+                if dropped > 0 {
+                    counter!("os_credits_samples_dropped_total", "target" => target.clone(), "reason" => reason)
+                        .increment(dropped);
+                }
+            }
             "success"
         }
         Err(e) => scrape_failure(e),
@@ -256,4 +282,33 @@ pub fn http_request(method: &str, route: Option<String>, status: u16, duration: 
 pub fn notification_attempt(channel: &'static str, outcome: &'static str) {
     counter!("os_credits_notification_attempts_total", "channel" => channel, "outcome" => outcome)
         .increment(1);
+}
+
+/// A billing transaction held `held` counter steps and rejected `rejected` held
+/// charges because their counters dropped back.
+pub fn charges_held(held: u64, rejected: u64) {
+    if held > 0 {
+        counter!("os_credits_charges_held_total").increment(held);
+    }
+    if rejected > 0 {
+        counter!("os_credits_held_charges_decided_total", "decision" => "rejected", "by" => "counter_drop")
+            .increment(rejected);
+    }
+}
+
+/// An operator approved or rejected a held charge (`decision` is `approved` or `rejected`).
+pub fn held_charge_decided(decision: &'static str) {
+    counter!("os_credits_held_charges_decided_total", "decision" => decision, "by" => "operator")
+        .increment(1);
+}
+
+/// The connection listening for project changes failed (answers come from the
+/// database until it listens again).
+pub fn listener_failed() {
+    counter!("os_credits_change_listener_failures_total").increment(1);
+}
+
+/// A target's stale series after its last scrape (see `crate::scrape::completeness`).
+pub fn stale_series(target: &str, count: i64) {
+    gauge!("os_credits_stale_series", "target" => target.to_owned()).set(count as f64);
 }

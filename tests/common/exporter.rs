@@ -39,6 +39,8 @@ pub struct Wire {
     pub endless: bool,
     /// Answer 401 unless the `Authorization` header is exactly this.
     pub authorization: Option<String>,
+    /// Serve these bytes instead of the answer's body (text that is not UTF-8).
+    pub raw_body: Option<Vec<u8>>,
 }
 
 /// One request as the exporter received it.
@@ -191,12 +193,14 @@ async fn serve(request: HttpRequest, body: web::Bytes, shared: web::Data<Shared>
     let status = actix_web::http::StatusCode::from_u16(answer.status).expect("a status code");
     let mut response = HttpResponse::build(status);
     response.content_type("text/plain; version=0.0.4");
+    let body = wire
+        .raw_body
+        .clone()
+        .unwrap_or_else(|| answer.body.into_bytes());
     match wire.chunk_size {
-        None => response.body(answer.body),
+        None => response.body(body),
         Some(size) => {
-            let chunks: Vec<web::Bytes> = answer
-                .body
-                .into_bytes()
+            let chunks: Vec<web::Bytes> = body
                 .chunks(size.max(1))
                 .map(web::Bytes::copy_from_slice)
                 .collect();

@@ -1,0 +1,243 @@
+//! Answers from memory: project balances, project details and credits-history
+//! bodies, dropped per project when the database says it changed
+//! ([`crate::store::changes`]).
+//!
+//! Never stale: a request first passes the listener's read barrier (every change
+//! committed before it has been applied here), and a value read from the database is
+//! kept only if no change of its project arrived while it was read. Without a
+//! listening connection every request reads the database.
+//!
+//! Bounded: at most [`MAX_PROJECTS`] balances and details (about 250 bytes per
+//! balance and 1–2 KiB per detail: under 250 MB for 100,000 projects even with every
+//! detail held, typically ~25 MB for their balances), and history bodies of at most
+//! [`MAX_HISTORY_BODY`] each, [`MAX_HISTORY_BYTES`] together (all are dropped when
+//! that is reached).
+
+use crate::billing::account::{Balance, Detail};
+use crate::store::changes::{Change, Listener};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+
+/// Most projects whose balance (and detail) are held.
+pub const MAX_PROJECTS: usize = 200_000;
+/// Largest history body held.
+pub const MAX_HISTORY_BODY: usize = 512 * 1024;
+/// All history bodies together.
+pub const MAX_HISTORY_BYTES: usize = 64 * 1024 * 1024;
+/// The longest a request waits for the read barrier before reading the database.
+const SYNC_DEADLINE: Duration = Duration::from_millis(500);
+/// Change counters, one per stripe of project names.
+const STRIPES: usize = 1024;
+
+/// A history answer as sent: CSV or JSON body, or `None` for "nothing in the range".
+#[derive(Debug, Clone)]
+pub struct HistoryAnswer {
+    /// Whether the body is CSV.
+    pub csv: bool,
+    /// The body; `None` answers 404.
+    pub body: Option<Bytes>,
+}
+
+/// A detail and until when its time-dependent part (the burn rate) holds.
+#[derive(Debug, Clone)]
+struct HeldDetail {
+    detail: Arc<Detail>,
+    until: Option<DateTime<Utc>>,
+}
+
+#[derive(Default)]
+struct Held {
+    balances: HashMap<String, Option<Balance>>,
+    details: HashMap<String, HeldDetail>,
+    history: HashMap<String, HashMap<String, HistoryAnswer>>,
+    history_bytes: usize,
+}
+
+/// The process's memory of answers.
+pub struct Memo {
+    held: RwLock<Held>,
+    /// Bumped (under the write lock) when a project of the stripe changes.
+    stripes: Vec<AtomicU64>,
+    /// Bumped (under the write lock) when everything is dropped.
+    epoch: AtomicU64,
+    listener: OnceLock<Arc<Listener>>,
+}
+
+/// A read in progress: whether memory may answer, and the change counters when it
+/// started (a value read from the database is kept only if they did not move).
+pub struct Read {
+    fresh: bool,
+    stripe: usize,
+    seen: (u64, u64),
+}
+
+impl Default for Memo {
+    fn default() -> Self {
+        Self {
+            held: RwLock::default(),
+            stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            epoch: AtomicU64::new(0),
+            listener: OnceLock::new(),
+        }
+    }
+}
+
+fn stripe_of(project: &str) -> usize {
+    let mut hasher = DefaultHasher::new();
+    project.hash(&mut hasher);
+    // The remainder is below STRIPES, so it fits a usize.
+    (hasher.finish() % STRIPES as u64) as usize
+}
+
+impl Memo {
+    /// A memo fed by `listener`'s changes (see [`Memo::on_change`]).
+    pub fn attach(&self, listener: Arc<Listener>) {
+        let _ = self.listener.set(listener);
+    }
+
+    /// Applies one change from the listener.
+    pub fn on_change(&self, change: Change<'_>) {
+        let mut held = self.write();
+        match change {
+            Change::Project(project) => {
+                self.stripes[stripe_of(project)].fetch_add(1, Ordering::AcqRel);
+                held.balances.remove(project);
+                held.details.remove(project);
+                if let Some(bodies) = held.history.remove(project) {
+                    let freed: usize = bodies.iter().map(|(k, v)| answer_size(k, v)).sum();
+                    held.history_bytes = held.history_bytes.saturating_sub(freed);
+                }
+            }
+            Change::Reset => {
+                self.epoch.fetch_add(1, Ordering::AcqRel);
+                *held = Held::default();
+            }
+        }
+    }
+
+    /// Starts a read of `project`: waits for the read barrier.
+    pub async fn begin(&self, project: &str) -> Read {
+        let stripe = stripe_of(project);
+        let seen = self.counters(stripe);
+        let fresh = match self.listener.get() {
+            Some(listener) => listener.sync(SYNC_DEADLINE).await,
+            None => false,
+        };
+        Read {
+            fresh,
+            stripe,
+            seen,
+        }
+    }
+
+    fn counters(&self, stripe: usize) -> (u64, u64) {
+        (
+            self.epoch.load(Ordering::Acquire),
+            self.stripes[stripe].load(Ordering::Acquire),
+        )
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Held> {
+        // A poisoned lock only means a panic elsewhere mid-update of plain maps.
+        self.held.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Held> {
+        self.held.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps a value read from the database if nothing changed since `read` began.
+    fn keep(&self, read: &Read, put: impl FnOnce(&mut Held)) {
+        if !read.fresh {
+            return;
+        }
+        let mut held = self.write();
+        if self.counters(read.stripe) == read.seen {
+            put(&mut held);
+        }
+    }
+
+    /// The held balance: `Some(None)` for a project known not to exist.
+    pub fn balance(&self, read: &Read, project: &str) -> Option<Option<Balance>> {
+        if !read.fresh {
+            return None;
+        }
+        self.read().balances.get(project).cloned()
+    }
+
+    /// Holds a balance read from the database.
+    pub fn keep_balance(&self, read: &Read, project: &str, balance: &Option<Balance>) {
+        self.keep(read, |held| {
+            if held.balances.len() < MAX_PROJECTS || held.balances.contains_key(project) {
+                held.balances.insert(project.to_owned(), balance.clone());
+            }
+        });
+    }
+
+    /// The held detail, if its burn rate still holds at `now`.
+    pub fn detail(&self, read: &Read, project: &str, now: DateTime<Utc>) -> Option<Arc<Detail>> {
+        if !read.fresh {
+            return None;
+        }
+        let held = self.read();
+        let entry = held.details.get(project)?;
+        entry
+            .until
+            .is_none_or(|until| now < until)
+            .then(|| entry.detail.clone())
+    }
+
+    /// Holds a detail read from the database; its burn rate holds until `until`.
+    pub fn keep_detail(
+        &self,
+        read: &Read,
+        project: &str,
+        detail: Arc<Detail>,
+        until: Option<DateTime<Utc>>,
+    ) {
+        self.keep(read, |held| {
+            if held.details.len() < MAX_PROJECTS || held.details.contains_key(project) {
+                held.details
+                    .insert(project.to_owned(), HeldDetail { detail, until });
+            }
+        });
+    }
+
+    /// The held history answer for these parameters.
+    pub fn history(&self, read: &Read, project: &str, key: &str) -> Option<HistoryAnswer> {
+        if !read.fresh {
+            return None;
+        }
+        self.read().history.get(project)?.get(key).cloned()
+    }
+
+    /// Holds a history answer (bodies over [`MAX_HISTORY_BODY`] are not held).
+    pub fn keep_history(&self, read: &Read, project: &str, key: &str, answer: HistoryAnswer) {
+        let size = answer_size(key, &answer);
+        if size > MAX_HISTORY_BODY {
+            return;
+        }
+        self.keep(read, |held| {
+            if held.history_bytes + size > MAX_HISTORY_BYTES {
+                held.history.clear();
+                held.history_bytes = 0;
+            }
+            let bodies = held.history.entry(project.to_owned()).or_default();
+            if let Some(old) = bodies.insert(key.to_owned(), answer) {
+                held.history_bytes = held.history_bytes.saturating_sub(answer_size(key, &old));
+            }
+            held.history_bytes += size;
+        });
+    }
+}
+
+/// Bytes an answer holds, with its key and some overhead.
+fn answer_size(key: &str, answer: &HistoryAnswer) -> usize {
+    answer.body.as_ref().map_or(0, Bytes::len) + key.len() + 64
+}

@@ -1,0 +1,143 @@
+//! Balances answered from memory on several replicas, never stale after a commit:
+//! two real replicas of the service on one database, writes on one, reads on the
+//! other.
+
+mod common;
+
+use common::{eventually, spawn_app, TestApp};
+use os_credits::config::Settings;
+use os_credits::startup::{Application, StopHandle};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const KEY: &str = "test-key-4711";
+
+/// A second replica on the first one's database; stops with the handle.
+async fn second_replica(first: &TestApp) -> (String, StopHandle, tokio::task::JoinHandle<()>) {
+    let mut vars = first.db.vars();
+    vars.push(("API_KEY".into(), KEY.into()));
+    let settings = Settings::from_vars(vars).expect("settings");
+    let app = Application::build(settings, None)
+        .await
+        .expect("second replica builds");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let stop = app.stop_handle();
+    let task = tokio::spawn(async move {
+        app.run_without_workers()
+            .await
+            .expect("second replica runs");
+    });
+    (address, stop, task)
+}
+
+async fn get_json(http: &reqwest::Client, url: String) -> (u16, Value) {
+    let response = http.get(&url).send().await.expect("request");
+    let status = response.status().as_u16();
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, body)
+}
+
+async fn grant(app: &TestApp, project: &str, credits: u32) {
+    let response = app
+        .http
+        .put(format!("{}/api/projects/{project}/grant", app.address))
+        .header("X-API-KEY", KEY)
+        .body(json!({ "granted_credits": credits }).to_string())
+        .send()
+        .await
+        .expect("grant");
+    assert_eq!(response.status().as_u16(), 200, "grant {credits}");
+}
+
+async fn sql(app: &TestApp, statements: &str) {
+    app.db
+        .connect()
+        .await
+        .batch_execute(statements)
+        .await
+        .unwrap_or_else(|e| panic!("{statements}: {e}"));
+}
+
+#[tokio::test]
+async fn a_grant_put_on_one_replica_is_seen_by_the_very_next_read_on_the_other() {
+    let a = spawn_app(&[("API_KEY", KEY)]).await;
+    let (b, b_stop, b_task) = second_replica(&a).await;
+    let http = &a.http;
+    let credits = |project: &str| get_json(http, format!("{b}/api/current_credits/{project}"));
+    let detail = |project: &str| get_json(http, format!("{b}/api/projects/{project}"));
+    let history = |project: &str| {
+        get_json(
+            http,
+            format!("{b}/api/credits_history/{project}?values=charges"),
+        )
+    };
+
+    // B remembers that the project does not exist; A creates it.
+    assert_eq!(credits("Alpha").await.0, 404);
+    grant(&a, "Alpha", 1).await;
+    assert_eq!(credits("Alpha").await.1["granted_credits"], json!(1.0));
+
+    // Every read on B right after a write on A returned sees that write.
+    for round in 2..40u32 {
+        grant(&a, "Alpha", round).await;
+        let (_, now) = credits("Alpha").await;
+        assert_eq!(
+            now["granted_credits"],
+            json!(f64::from(round)),
+            "round {round}"
+        );
+        let (_, project) = detail("Alpha").await;
+        assert_eq!(
+            project["granted_credits"],
+            json!(format!("{round}.00")),
+            "detail, round {round}"
+        );
+    }
+    // The ledger too: a usage row written on the database shows in B's history.
+    assert_eq!(history("Alpha").await.0, 404);
+    sql(
+        &a,
+        "INSERT INTO ledger (project, time, kind, metric, used_delta, used_after, granted_after)
+         VALUES ('Alpha', now(), 'usage', 'project_vcpu_usage', 2.5, 2.5, 39)",
+    )
+    .await;
+    assert_eq!(history("Alpha").await.1["credits"], json!([2.5]));
+
+    // B answers from memory: a change that notifies nobody stays unseen there...
+    assert_eq!(credits("Alpha").await.1["granted_credits"], json!(39.0));
+    sql(
+        &a,
+        "ALTER TABLE projects DISABLE TRIGGER project_changed;
+         UPDATE projects SET granted_credits = 777 WHERE name = 'Alpha';
+         ALTER TABLE projects ENABLE TRIGGER project_changed",
+    )
+    .await;
+    assert_eq!(
+        credits("Alpha").await.1["granted_credits"],
+        json!(39.0),
+        "answered from memory, not from the database"
+    );
+    // ...until B's listening connection is lost: B refetches before answering from
+    // memory again.
+    sql(
+        &a,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE application_name = 'os-credits-listener' AND datname = current_database()",
+    )
+    .await;
+    eventually(
+        Duration::from_secs(10),
+        "B to read the database again",
+        || async { (credits("Alpha").await.1["granted_credits"] == json!(777.0)).then_some(()) },
+    )
+    .await;
+    grant(&a, "Alpha", 5).await;
+    assert_eq!(
+        credits("Alpha").await.1["granted_credits"],
+        json!(5.0),
+        "fresh right after the write once B listens again (or reads the database)"
+    );
+
+    b_stop.stop().await;
+    b_task.await.expect("second replica stops");
+}
