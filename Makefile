@@ -16,7 +16,7 @@ down: ## Stop what up-dev started
 	@bash scripts/down.sh
 
 .PHONY: test
-test: ## Run all Rust tests against a real PostgreSQL, then smoke-test up-dev
+test: ## Run all Rust tests against a real PostgreSQL (TEST_STORAGE=timescaledb|postgresql|both|auto), then smoke-test up-dev
 	@bash scripts/test.sh
 
 .PHONY: bench

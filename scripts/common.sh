@@ -98,16 +98,18 @@ stop_pidfile() {
 # True when a Docker engine answers (not just the client being installed).
 docker_engine() { command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; }
 
-# Exports TEST_POSTGRES_* for the Rust tests and benches, from `scripts/pg.sh env`.
+# Exports TEST_POSTGRES_* and TEST_STORAGE for the Rust tests and benches, from
+# `scripts/pg.sh env STORAGE` (timescaledb, postgresql or auto; default auto).
 export_test_postgres() {
     local pg_env
-    pg_env=$(bash "$ROOT/scripts/pg.sh" env)
+    pg_env=$(bash "$ROOT/scripts/pg.sh" env "${1:-auto}")
     eval "$pg_env"
     export TEST_POSTGRES_HOST=$PG_HOST TEST_POSTGRES_PORT=$PG_PORT TEST_POSTGRES_USER=$PG_USER
+    export TEST_STORAGE=$PG_STORAGE
     if [[ -n ${PG_PASSWORD:-} ]]; then
         export TEST_POSTGRES_PASSWORD=$PG_PASSWORD
     fi
-    log "tests use PostgreSQL at $PG_HOST:$PG_PORT as $PG_USER ($PG_MODE)"
+    log "tests use PostgreSQL at $PG_HOST:$PG_PORT as $PG_USER ($PG_MODE, storage $PG_STORAGE: $PG_STORAGE_WHY)"
 }
 
 # Runs Docker Compose v2 (`docker compose`), or v1 (`docker-compose`) where only that exists.

@@ -2,21 +2,31 @@
 # Finds or starts the PostgreSQL server that `make up-dev`, `make test` and
 # `make bench` use. The one place that knows how.
 #
-#   scripts/pg.sh env            ensure a server; print `export PG_HOST=… PG_PORT=…
-#                                PG_USER=… PG_PASSWORD=… PG_MODE=system|private`
-#   scripts/pg.sh createdb NAME  ensure a server and a database NAME on it
-#   scripts/pg.sh stop           stop the private cluster (never the system server)
-#   scripts/pg.sh status         say which server would be used and whether it runs
+#   scripts/pg.sh env [STORAGE]       ensure a server; print `export PG_HOST=… PG_PORT=…
+#                                     PG_USER=… PG_PASSWORD=… PG_MODE=system|private
+#                                     PG_STORAGE=timescaledb|postgresql PG_STORAGE_WHY=…`
+#   scripts/pg.sh createdb NAME [STORAGE]  ensure a server and a database NAME on it
+#   scripts/pg.sh stop                stop the private clusters (never the system server)
+#   scripts/pg.sh status              say which servers would be used and whether they run
 #
-# Which server:
-#   1. 127.0.0.1:5432 when pg_isready says it accepts connections and user
-#      `postgres` can log in (password from PG_PASSWORD, if it needs one);
-#      PG_FORCE_PRIVATE=1 skips it.
-#   2. Otherwise a private cluster made with the system's initdb/pg_ctl (newest
-#      under /usr/lib/postgresql/*/bin, else on PATH): data in .dev/pg, superuser
-#      `postgres`, trust auth, on 127.0.0.1:${PG_PRIVATE_PORT:-54329}, its unix
-#      socket in .dev/pg/run. As root it runs as the `postgres` user via runuser.
-#      Missing binaries are installed with apt-get when running as root on Debian.
+# STORAGE (else $PG_STORAGE, else auto) says which kind of server:
+#   timescaledb  a private cluster preloading TimescaleDB (shared_preload_libraries):
+#                data in .dev/pg-timescaledb, on 127.0.0.1:${PG_TIMESCALEDB_PORT:-54331}.
+#                When the extension files are missing, the kit in
+#                ../shared/timescaledb (or $TIMESCALEDB_KIT) is installed (install.sh,
+#                idempotent, as root); without either it fails and says so.
+#   postgresql   a server that does NOT preload TimescaleDB (the extension may be
+#                installed, just not loadable): 127.0.0.1:5432 when pg_isready says it
+#                accepts connections, user `postgres` can log in (password from
+#                PG_PASSWORD) and it does not preload TimescaleDB (PG_FORCE_PRIVATE=1
+#                skips it); else a private plain cluster in .dev/pg on
+#                127.0.0.1:${PG_PRIVATE_PORT:-54329}.
+#   auto         timescaledb when TimescaleDB is installed or its kit is at hand,
+#                else postgresql (what `make up-dev` uses).
+# Private clusters are made with the system's initdb/pg_ctl (newest under
+# /usr/lib/postgresql/*/bin, else on PATH), superuser `postgres`, trust auth, unix
+# socket in <dir>/run. As root they run as the `postgres` user via runuser. Missing
+# binaries are installed with apt-get when running as root on Debian.
 # Progress goes to stderr; only `env` writes to stdout.
 set -euo pipefail
 # shellcheck source=scripts/common.sh
@@ -24,10 +34,79 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 SYSTEM_HOST=127.0.0.1
 SYSTEM_PORT=5432
-PRIVATE_PORT=${PG_PRIVATE_PORT:-54329}
 SUPERUSER=postgres
-# Where the private cluster lives; remembered in a file so `stop` finds it again.
-DIR_RECORD="$DEV_DIR/pg.dir"
+# Set per kind of private cluster by use_flavor.
+PRIVATE_PORT=
+DIR_RECORD=
+DEFAULT_DIR=
+PRELOAD=0
+
+# Selects the private cluster of one kind: its port, folder, and whether it preloads.
+use_flavor() {
+    case $1 in
+    timescaledb)
+        PRIVATE_PORT=${PG_TIMESCALEDB_PORT:-54331} PRELOAD=1
+        DEFAULT_DIR="$DEV_DIR/pg-timescaledb"
+        ;;
+    postgresql)
+        PRIVATE_PORT=${PG_PRIVATE_PORT:-54329} PRELOAD=0
+        DEFAULT_DIR="$DEV_DIR/pg"
+        ;;
+    *) die "unknown storage '$1' (timescaledb, postgresql or auto)" ;;
+    esac
+    # Where the cluster lives; remembered in a file so `stop` finds it again.
+    DIR_RECORD="$DEFAULT_DIR.dir"
+}
+
+# The TimescaleDB kit's install.sh, or nothing.
+timescaledb_kit() {
+    local dir
+    for dir in ${TIMESCALEDB_KIT:+"$TIMESCALEDB_KIT"} "$ROOT/../shared/timescaledb" "$ROOT/../../shared/timescaledb"; do
+        if [[ -x $dir/install.sh || -f $dir/install.sh ]]; then
+            echo "$dir/install.sh"
+            return
+        fi
+    done
+}
+
+# True when the server binaries in $1 have the TimescaleDB extension files.
+timescaledb_installed() {
+    local share
+    share=$("$1/pg_config" --sharedir 2>/dev/null || echo "/usr/share/postgresql/$(basename "$(dirname "$1")")")
+    [[ -f $share/extension/timescaledb.control ]]
+}
+
+# Installs the kit when the extension files are missing; fails saying why.
+ensure_timescaledb() {
+    local bin_dir=$1 kit
+    timescaledb_installed "$bin_dir" && return 0
+    kit=$(timescaledb_kit)
+    [[ -n $kit ]] || die "TimescaleDB is not installed for $bin_dir and no kit was found (../shared/timescaledb or TIMESCALEDB_KIT); install it (https://docs.timescale.com/self-hosted/latest/install/) or use storage postgresql"
+    log "installing TimescaleDB from $kit"
+    bash "$kit" >&2 || die "$kit could not install TimescaleDB"
+    timescaledb_installed "$bin_dir" || die "$kit ran but the extension files are still missing for $bin_dir"
+}
+
+# Resolves `auto` to timescaledb or postgresql; sets STORAGE_WHY.
+resolve_storage() {
+    local storage=${1:-${PG_STORAGE:-auto}} bin_dir
+    case $storage in
+    timescaledb) STORAGE_WHY="TimescaleDB asked for" ;;
+    postgresql) STORAGE_WHY="plain PostgreSQL asked for" ;;
+    auto)
+        bin_dir=$(server_bin_dir)
+        if [[ -n $bin_dir ]] && timescaledb_installed "$bin_dir"; then
+            storage=timescaledb STORAGE_WHY="TimescaleDB is installed"
+        elif [[ -n $(timescaledb_kit) ]]; then
+            storage=timescaledb STORAGE_WHY="the TimescaleDB kit is at hand"
+        else
+            storage=postgresql STORAGE_WHY="TimescaleDB is not installed"
+        fi
+        ;;
+    *) die "unknown storage '$storage' (timescaledb, postgresql or auto)" ;;
+    esac
+    STORAGE=$storage
+}
 
 is_root() { [[ $(id -u) == 0 ]]; }
 
@@ -88,11 +167,18 @@ can_login() {
         "$PSQL" -h "$1" -p "$2" -U "$SUPERUSER" -d postgres -XAtqc 'select 1' >/dev/null 2>&1
 }
 
+# The system server serves plain PostgreSQL only: TimescaleDB runs in a private
+# cluster we start preloaded, so both kinds are at hand side by side.
 system_server_usable() {
     [[ ${PG_FORCE_PRIVATE:-0} != 1 ]] || return 1
     "$PG_ISREADY" -q -h "$SYSTEM_HOST" -p "$SYSTEM_PORT" || return 1
     if ! can_login "$SYSTEM_HOST" "$SYSTEM_PORT"; then
         warn "a server answers on $SYSTEM_HOST:$SYSTEM_PORT but user $SUPERUSER cannot log in (set PG_PASSWORD?); using a private cluster"
+        return 1
+    fi
+    if [[ $(PGPASSWORD=${PG_PASSWORD:-} "$PSQL" -h "$SYSTEM_HOST" -p "$SYSTEM_PORT" -U "$SUPERUSER" -d postgres \
+        -XAtqc 'show shared_preload_libraries' 2>/dev/null) == *timescaledb* ]]; then
+        log "the server on $SYSTEM_HOST:$SYSTEM_PORT preloads TimescaleDB; using a private plain cluster"
         return 1
     fi
 }
@@ -104,7 +190,7 @@ resolve_private_dir() {
     if [[ -f $DIR_RECORD ]]; then
         PG_DIR=$(<"$DIR_RECORD")
     else
-        PG_DIR="$DEV_DIR/pg"
+        PG_DIR="$DEFAULT_DIR"
     fi
     mkdir -p "$PG_DIR"
     if is_root; then
@@ -113,7 +199,7 @@ resolve_private_dir() {
         chown postgres: "$PG_DIR"
         if ! runuser -u postgres -- test -w "$PG_DIR"; then
             rmdir "$PG_DIR" 2>/dev/null || true
-            PG_DIR="/tmp/os-credits-pg-$(printf '%s' "$ROOT" | cksum | cut -d' ' -f1)"
+            PG_DIR="/tmp/os-credits-$(basename "$DEFAULT_DIR")-$(printf '%s' "$ROOT" | cksum | cut -d' ' -f1)"
             warn "user postgres cannot reach $DEV_DIR; keeping the private cluster in $PG_DIR"
             mkdir -p "$PG_DIR"
             chown postgres: "$PG_DIR"
@@ -137,6 +223,7 @@ start_private() {
         bin_dir=$(server_bin_dir)
         [[ -n $bin_dir ]] || die "initdb/pg_ctl still not found after installing postgresql"
     fi
+    ((PRELOAD == 0)) || ensure_timescaledb "$bin_dir"
     resolve_private_dir
 
     if [[ ! -f $PG_DIR/data/PG_VERSION ]]; then
@@ -152,7 +239,7 @@ start_private() {
         return
     fi
     port_free "$PRIVATE_PORT" ||
-        die "port $PRIVATE_PORT is taken by another program; choose another with PG_PRIVATE_PORT"
+        die "port $PRIVATE_PORT is taken by another program; choose another with PG_PRIVATE_PORT (plain) or PG_TIMESCALEDB_PORT"
 
     socket_dir="$PG_DIR/run"
     mkdir -p "$socket_dir"
@@ -163,16 +250,24 @@ start_private() {
     else
         socket_opt="-c unix_socket_directories=''"
     fi
-    log "starting the private PostgreSQL cluster on 127.0.0.1:$PRIVATE_PORT"
+    local preload_opt=""
+    if ((PRELOAD)); then
+        preload_opt="-c shared_preload_libraries=timescaledb -c timescaledb.telemetry_level=off"
+    fi
+    log "starting the private PostgreSQL cluster on 127.0.0.1:$PRIVATE_PORT${preload_opt:+ (TimescaleDB preloaded)}"
     as_owner "$bin_dir/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -w -t 60 \
-        -o "-c listen_addresses=127.0.0.1 -p $PRIVATE_PORT $socket_opt" start >&2 ||
+        -o "-c listen_addresses=127.0.0.1 -p $PRIVATE_PORT $socket_opt $preload_opt" start >&2 ||
         die "the private cluster did not start; see $PG_DIR/postgres.log"
 }
 
-# Sets PG_HOST, PG_PORT, PG_USER, PG_PASSWORD and PG_MODE, starting a server if needed.
+# Sets PG_HOST, PG_PORT, PG_USER, PG_PASSWORD, PG_MODE, PG_STORAGE and
+# PG_STORAGE_WHY for storage $1, starting a server if needed.
 ensure() {
     find_client
-    if system_server_usable; then
+    resolve_storage "${1:-}"
+    use_flavor "$STORAGE"
+    PG_STORAGE=$STORAGE PG_STORAGE_WHY=$STORAGE_WHY
+    if [[ $STORAGE == postgresql ]] && system_server_usable; then
         PG_HOST=$SYSTEM_HOST PG_PORT=$SYSTEM_PORT PG_MODE=system
         PG_PASSWORD=${PG_PASSWORD:-}
     else
@@ -184,16 +279,16 @@ ensure() {
 }
 
 cmd_env() {
-    ensure
+    ensure "${1:-}"
     local name
-    for name in PG_HOST PG_PORT PG_USER PG_PASSWORD PG_MODE; do
+    for name in PG_HOST PG_PORT PG_USER PG_PASSWORD PG_MODE PG_STORAGE PG_STORAGE_WHY; do
         printf 'export %s=%q\n' "$name" "${!name}"
     done
 }
 
 cmd_createdb() {
-    local db=${1:?usage: scripts/pg.sh createdb NAME}
-    ensure
+    local db=${1:?usage: scripts/pg.sh createdb NAME [STORAGE]}
+    ensure "${2:-}"
     local sql=(env PGPASSWORD="$PG_PASSWORD" "$PSQL" -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER"
         -d postgres -XAtq -v ON_ERROR_STOP=1 -v "db=$db")
     # psql interpolates :'db' / :"db" only in scripts read from stdin, not in -c.
@@ -204,32 +299,41 @@ cmd_createdb() {
 }
 
 cmd_stop() {
-    local bin_dir
-    [[ -f $DIR_RECORD ]] || return 0
-    PG_DIR=$(<"$DIR_RECORD")
+    local bin_dir flavor
     bin_dir=$(server_bin_dir)
     [[ -n $bin_dir ]] || return 0
-    if private_running "$bin_dir"; then
-        log "stopping the private PostgreSQL cluster in $PG_DIR"
-        as_owner "$bin_dir/pg_ctl" -D "$PG_DIR/data" -m fast -w -t 60 stop >&2
-    fi
+    for flavor in postgresql timescaledb; do
+        use_flavor "$flavor"
+        [[ -f $DIR_RECORD ]] || continue
+        PG_DIR=$(<"$DIR_RECORD")
+        if private_running "$bin_dir"; then
+            log "stopping the private PostgreSQL cluster in $PG_DIR"
+            as_owner "$bin_dir/pg_ctl" -D "$PG_DIR/data" -m fast -w -t 60 stop >&2
+        fi
+    done
 }
 
 cmd_status() {
+    local flavor
     find_client
-    if system_server_usable; then
-        echo "system server on $SYSTEM_HOST:$SYSTEM_PORT"
-    elif [[ -f $DIR_RECORD ]] && PG_DIR=$(<"$DIR_RECORD") && [[ -n $(server_bin_dir) ]] &&
-        private_running "$(server_bin_dir)"; then
-        echo "private cluster in $PG_DIR on 127.0.0.1:$PRIVATE_PORT (running)"
-    else
-        echo "private cluster on 127.0.0.1:$PRIVATE_PORT (not running; 'env' starts it)"
-    fi
+    resolve_storage ""
+    echo "auto: $STORAGE ($STORAGE_WHY)"
+    for flavor in postgresql timescaledb; do
+        use_flavor "$flavor"
+        if [[ $flavor == postgresql ]] && system_server_usable; then
+            echo "$flavor: system server on $SYSTEM_HOST:$SYSTEM_PORT"
+        elif [[ -f $DIR_RECORD ]] && PG_DIR=$(<"$DIR_RECORD") && [[ -n $(server_bin_dir) ]] &&
+            private_running "$(server_bin_dir)"; then
+            echo "$flavor: private cluster in $PG_DIR on 127.0.0.1:$PRIVATE_PORT (running)"
+        else
+            echo "$flavor: private cluster on 127.0.0.1:$PRIVATE_PORT (not running; 'env $flavor' starts it)"
+        fi
+    done
 }
 
 case ${1:-} in
-env) cmd_env ;;
-createdb) cmd_createdb "${2:-}" ;;
+env) cmd_env "${2:-}" ;;
+createdb) cmd_createdb "${2:-}" "${3:-}" ;;
 stop) cmd_stop ;;
 status) cmd_status ;;
 *)

@@ -1,10 +1,13 @@
 -- Hypertables where TimescaleDB can be used; plain tables (same schema) elsewhere.
 -- The extension must be preloaded (shared_preload_libraries) to be created.
+-- `ALTER DATABASE … SET os_credits.timescaledb = off` keeps a new database plain on a
+-- TimescaleDB server (tests of the conversion use it).
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')
        AND EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')
        AND current_setting('shared_preload_libraries', true) LIKE '%timescaledb%'
+       AND coalesce(current_setting('os_credits.timescaledb', true), '') <> 'off'
     THEN
         CREATE EXTENSION IF NOT EXISTS timescaledb;
     END IF;

@@ -1,4 +1,4 @@
-//! The command line: `serve` (default), `migrate`, `demo-exporter`, `send-test-email`.
+//! The command line: `serve` (default), `migrate`, `maintain`, `demo-exporter`, `send-test-email`.
 
 use crate::demo_exporter::DemoConfig;
 use chrono::{DateTime, Utc};
@@ -29,8 +29,17 @@ pub struct Cli {
 pub enum Command {
     /// Run the service: HTTP API, scraper (and later billing and notifications).
     Serve,
-    /// Apply database migrations and exit.
-    Migrate,
+    /// Apply database migrations and policies (SAMPLES_RETENTION_DAYS, compression) and exit.
+    Migrate {
+        /// Convert plain tables to TimescaleDB hypertables (the server must preload it).
+        #[arg(long)]
+        to_timescaledb: bool,
+        /// With --to-timescaledb: print what would be converted and how big it is, change nothing.
+        #[arg(long, requires = "to_timescaledb")]
+        dry_run: bool,
+    },
+    /// Run one maintenance round (sample retention, policy check) now and exit.
+    Maintain,
     /// Serve synthetic de.NBI-style usage metrics for development and benchmarks.
     DemoExporter(DemoArgs),
     /// Send one test mail with the MAIL_* settings and say what to fix if it fails.

@@ -177,8 +177,11 @@ pub struct Settings {
     pub scrape_max_bytes: usize,
     /// `PROJECT_LABEL`: the label whose value names the project.
     pub project_label: String,
-    /// `SAMPLES_RETENTION_DAYS`: TimescaleDB drops older sample chunks (0 keeps all).
+    /// `SAMPLES_RETENTION_DAYS`: samples older than this and already billed are removed
+    /// (0 keeps all); `os-credits migrate` applies a change.
     pub samples_retention_days: u32,
+    /// `MAINTENANCE_INTERVAL`: time between two maintenance rounds (retention, drift check).
+    pub maintenance_interval: Duration,
     /// `LOG_FORMAT`: `text` or `json`.
     pub log_format: LogFormat,
     /// Billing rules: `METRICS_TO_BILL` plus the optional `BILLING_RULES_FILE`.
@@ -187,6 +190,9 @@ pub struct Settings {
     pub billing_rules_file: Option<PathBuf>,
     /// `BILLING_INTERVAL`: time between two billing runs.
     pub billing_interval: Duration,
+    /// `BILLING_BATCH_SAMPLES`: samples one billing transaction reads at most, so memory
+    /// stays flat whatever the backlog (a backlog is billed in several passes).
+    pub billing_batch_samples: usize,
     /// `FORECAST_WINDOW_HOURS`: how far back the burn rate for the run-out forecast looks.
     pub forecast_window: Duration,
     /// `API_CONTACT_BASE_URL`: the portal's API; when set, granted credits are fetched from it.
@@ -236,7 +242,9 @@ pub const SETTINGS: &[&str] = &[
     "SCRAPE_MAX_BYTES",
     "PROJECT_LABEL",
     "SAMPLES_RETENTION_DAYS",
+    "MAINTENANCE_INTERVAL",
     "BILLING_INTERVAL",
+    "BILLING_BATCH_SAMPLES",
     "BILLING_RULES_FILE",
     "FORECAST_WINDOW_HOURS",
     "API_CONTACT_BASE_URL",
@@ -309,7 +317,12 @@ impl Settings {
                 0,
                 "a whole number of days (0 keeps samples forever)",
             )?,
+            maintenance_interval: env.seconds("MAINTENANCE_INTERVAL", 3600)?,
             billing_interval: env.seconds("BILLING_INTERVAL", 300)?,
+            billing_batch_samples: env.positive(
+                "BILLING_BATCH_SAMPLES",
+                crate::billing::engine::DEFAULT_BATCH_SAMPLES,
+            )?,
             forecast_window: Duration::from_secs(
                 env.parse::<u64>("FORECAST_WINDOW_HOURS", 24, "a whole number of hours")?
                     .max(1)

@@ -40,7 +40,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let logs = telemetry::init(settings.log_format)?;
     match cli.command {
-        Some(Command::Migrate) => startup::migrate(&settings).await,
+        Some(Command::Migrate {
+            to_timescaledb: true,
+            dry_run,
+        }) => startup::migrate_to_timescaledb(&settings, dry_run).await,
+        Some(Command::Migrate { .. }) => startup::migrate(&settings).await,
+        Some(Command::Maintain) => startup::maintain(&settings).await,
         Some(Command::SendTestEmail { to }) => {
             let sent = os_credits::notify::email::send_test(&settings.mail, &to).await?;
             println!("{sent}");

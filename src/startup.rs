@@ -6,6 +6,7 @@ use crate::config::Settings;
 use crate::demo_exporter::{self, DemoConfig};
 use crate::notify::{self, Notifier};
 use crate::scrape::Scraper;
+use crate::store::storage::{self as storage_check, SharedReport, StorageReport};
 use crate::store::{self, series::SeriesCache, StorageMode};
 use crate::telemetry::LogHandle;
 use crate::workers::{Backoff, Workers};
@@ -28,15 +29,13 @@ const DATABASE_WAIT: Duration = Duration::from_secs(30);
 /// open; the next start bills it. Keeps a stop within about 25 s.
 const WORKER_GRACE: Duration = Duration::from_secs(15);
 
-/// How often old samples are deleted when `SAMPLES_RETENTION_DAYS` is set.
-const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
-
 /// A built service: listening, migrated, with workers ready to run.
 pub struct Application {
     port: u16,
     server: Server,
     pool: Pool,
     mode: StorageMode,
+    storage: SharedReport,
     scraper: Option<Arc<Scraper>>,
     notifier: Option<Arc<Notifier>>,
     settings: Arc<Settings>,
@@ -56,17 +55,14 @@ impl Application {
                 settings.database.host, settings.database.port, settings.database.database, settings.database.user
             )
         })?;
-        let mode = migrate_pool(&pool).await?;
-        {
-            let client = pool.get().await?;
-            store::apply_retention(&client, mode, settings.samples_retention_days).await?;
-        }
-        tracing::info!(storage_mode = ?mode, "database ready");
-        if mode == StorageMode::Postgresql {
-            tracing::info!(
-                "TimescaleDB is not installed: samples are stored in plain PostgreSQL tables"
-            );
-        }
+        migrate_pool(&pool).await?;
+        let storage = Arc::new(std::sync::RwLock::new(
+            check_storage(&pool, settings.samples_retention_days).await?,
+        ));
+        let mode = storage
+            .read()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .mode;
 
         let cache = SeriesCache::default();
         let scraper = match (settings.endpoints_only, settings.scrape_targets.is_empty()) {
@@ -103,7 +99,8 @@ impl Application {
             false => Some(Arc::new(Notifier::new(pool.clone(), settings.clone())?)),
         };
         let cancel = CancellationToken::new();
-        let state = AppState::new(pool.clone(), mode, settings.clone(), logs);
+        let state =
+            AppState::new(pool.clone(), mode, settings.clone(), logs).with_storage(storage.clone());
         // Balances are answered from memory while this listens (see api::memo); it
         // runs with or without the other workers, supervised like them.
         let memo = state.memo.clone();
@@ -134,6 +131,7 @@ impl Application {
             server,
             pool,
             mode,
+            storage,
             scraper,
             notifier,
             settings,
@@ -231,26 +229,19 @@ impl Application {
                 },
             ));
         }
-        // TimescaleDB applies its retention policy itself.
-        if settings.samples_retention_days > 0
-            && !settings.endpoints_only
-            && self.mode == StorageMode::Postgresql
-        {
-            let (pool, mode, days) = (pool.clone(), self.mode, settings.samples_retention_days);
+        // Retention (both modes) and the storage check; one replica at a time.
+        if !settings.endpoints_only {
+            let (pool, days, report) = (
+                pool.clone(),
+                settings.samples_retention_days,
+                self.storage.clone(),
+            );
             handles.push(self.workers.spawn(
-                "retention",
-                RETENTION_INTERVAL,
+                "maintenance",
+                settings.maintenance_interval,
                 backoff,
                 cancel.clone(),
-                move || {
-                    let pool = pool.clone();
-                    async move {
-                        let client = pool.get().await?;
-                        let deleted = store::apply_retention(&client, mode, days).await?;
-                        tracing::info!(deleted, "applied sample retention");
-                        Ok(())
-                    }
-                },
+                move || crate::maintenance::step(pool.clone(), days, report.clone()),
             ));
         }
         if !settings.endpoints_only {
@@ -265,7 +256,7 @@ impl Application {
         }
         if !settings.endpoints_only && settings.api_contact_base_url.is_some() {
             let (pool, s) = (pool.clone(), settings.clone());
-            let http = reqwest::Client::builder().build()?;
+            let http = crate::outbound::portal_client()?;
             handles.push(self.workers.spawn(
                 "grant_sync",
                 settings.billing_interval,
@@ -352,12 +343,100 @@ async fn migrate_pool(pool: &Pool) -> anyhow::Result<StorageMode> {
     store::storage_mode(&client).await
 }
 
-/// `os-credits migrate`: apply migrations and exit.
+/// What the storage is and whether its policies are what `migrate` sets: logged,
+/// never changed (a new database records `SAMPLES_RETENTION_DAYS` once, as it gets
+/// its schema).
+async fn check_storage(pool: &Pool, retention_days: u32) -> anyhow::Result<StorageReport> {
+    let client = pool
+        .get()
+        .await
+        .context("connecting to inspect the storage")?;
+    storage_check::record_retention_days(&client, retention_days, true).await?;
+    let mut report = storage_check::inspect(&client).await?;
+    report.drift = storage_check::drift(&client, &report, retention_days).await?;
+    tracing::info!(storage_mode = ?report.mode, why = %report.why, "database ready");
+    if let Some(advice) = &report.advice {
+        tracing::warn!(storage_mode = ?report.mode, "{}: {advice}", report.why);
+    }
+    for drift in &report.drift {
+        tracing::warn!(drift = %drift, "storage policy drift");
+    }
+    Ok(report)
+}
+
+/// `os-credits migrate`: apply migrations and the policies (`SAMPLES_RETENTION_DAYS`,
+/// compression), print what was done, and exit.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let pool = store::pool(&settings.database)?;
     store::wait_until_reachable(&pool, DATABASE_WAIT).await?;
     let mode = migrate_pool(&pool).await?;
+    let client = pool.get().await?;
+    storage_check::apply_policies(&client, settings.samples_retention_days, |step| {
+        println!("{step}")
+    })
+    .await?;
+    let report = storage_check::inspect(&client).await?;
     tracing::info!(storage_mode = ?mode, "migrations applied");
+    println!("storage: {:?} ({})", report.mode, report.why);
+    if let Some(advice) = report.advice {
+        println!("to do: {advice}");
+    }
+    Ok(())
+}
+
+/// `os-credits migrate --to-timescaledb [--dry-run]`: convert plain tables to
+/// hypertables, printing an estimate first and progress while it runs.
+pub async fn migrate_to_timescaledb(settings: &Settings, dry_run: bool) -> anyhow::Result<()> {
+    let pool = store::pool(&settings.database)?;
+    store::wait_until_reachable(&pool, DATABASE_WAIT).await?;
+    migrate_pool(&pool).await?;
+    let mut client = pool.get().await?;
+    let report = storage_check::inspect(&client).await?;
+    println!("found: {}", report.why);
+    let estimates = storage_check::conversion_estimate(&client, &report).await?;
+    if estimates.is_empty() {
+        println!("nothing to convert: usage_samples and ledger are hypertables");
+    }
+    for e in &estimates {
+        println!(
+            "{}: ~{} rows, {} → hypertable with {} chunks (create_hypertable migrate_data => true copies every row into chunks, holding an exclusive lock on {} until done: writers wait; needs about {} of free disk meanwhile)",
+            e.table,
+            e.rows,
+            storage_check::human_bytes(e.bytes),
+            e.chunk,
+            e.table,
+            storage_check::human_bytes(e.bytes)
+        );
+    }
+    if dry_run {
+        println!("dry run: nothing changed");
+        return Ok(());
+    }
+    let after =
+        storage_check::convert_to_timescaledb(&mut client, |step| println!("{step}")).await?;
+    storage_check::apply_policies(&client, settings.samples_retention_days, |step| {
+        println!("{step}")
+    })
+    .await?;
+    println!("storage: {:?} ({})", after.mode, after.why);
+    Ok(())
+}
+
+/// `os-credits maintain`: one maintenance round now (retention, drift check); prints
+/// what it did as JSON.
+pub async fn maintain(settings: &Settings) -> anyhow::Result<()> {
+    let pool = store::pool(&settings.database)?;
+    store::wait_until_reachable(&pool, DATABASE_WAIT).await?;
+    migrate_pool(&pool).await?;
+    let done = crate::maintenance::round(
+        &pool,
+        settings.samples_retention_days,
+        None,
+        chrono::Utc::now(),
+    )
+    .await?;
+    crate::maintenance::log_round(&done);
+    println!("{}", serde_json::to_string(&done)?);
     Ok(())
 }
 

@@ -1,5 +1,5 @@
 //! Supervised background workers: every loop of the service (scraping, billing,
-//! grant sync, notification sending, retention) runs its step through
+//! grant sync, notification sending, maintenance) runs its step through
 //! [`Workers::spawn`], so no panic or error ends it for good.
 //!
 //! A step runs in a task of its own, so a panic surfaces as that task's `JoinError`

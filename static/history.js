@@ -175,8 +175,44 @@ function renderSummary(detail) {
   item("granted", detail.granted_credits);
   item("used", detail.used_credits);
   item("remaining", detail.remaining_credits);
-  item("burn rate (last " + detail.burn_rate_window_hours + " h)", detail.burn_rate_per_hour + " / h");
+  item("burn rate (last " + burnBasis(detail) + ")", detail.burn_rate_per_hour + " / h");
   item("forecast run-out", detail.forecast_run_out_at ? fmtDate(new Date(detail.forecast_run_out_at)) : "none");
+  if (detail.held_credits && Number(detail.held_credits) !== 0) item("held for review", detail.held_credits);
+  renderHeld(detail.held_charges || []);
+}
+
+// The time the burn rate covers: the window, or less for a young project.
+function burnBasis(detail) {
+  var hours = detail.burn_rate_window_hours;
+  if (!detail.burn_rate_since) return hours + " h";
+  var minutes = Math.round((Date.now() - new Date(detail.burn_rate_since).getTime()) / 60000);
+  if (minutes >= hours * 60 - 1) return hours + " h";
+  return minutes >= 120 ? Math.round(minutes / 60) + " h" : Math.max(minutes, 1) + " min";
+}
+
+// Charges the jump guard held (not in used credits until an operator approves them).
+function renderHeld(held) {
+  var box = document.getElementById("held");
+  if (!box) return;
+  box.replaceChildren();
+  box.hidden = !held.length;
+  if (!held.length) return;
+  box.appendChild(el("h2", "Charges held for review"));
+  var table = el("table");
+  var head = el("tr");
+  ["step", "metric", "quantity", "credits", "status", "reason"].forEach(function (h) { head.appendChild(el("th", h)); });
+  table.appendChild(head);
+  held.forEach(function (h) {
+    var tr = el("tr", null, { "class": "held", "data-status": h.status });
+    tr.appendChild(el("td", fmtDate(new Date(h.from)) + " – " + fmtDate(new Date(h.to))));
+    tr.appendChild(el("td", h.metric));
+    tr.appendChild(el("td", h.quantity, { "class": "num" }));
+    tr.appendChild(el("td", h.credits, { "class": "num" }));
+    tr.appendChild(el("td", h.status));
+    tr.appendChild(el("td", h.status === "held" ? h.reason : (h.decision_reason || "") + (h.decided_by ? " (" + h.decided_by + ")" : "")));
+    table.appendChild(tr);
+  });
+  box.appendChild(table);
 }
 
 function renderBreakdown(rows) {

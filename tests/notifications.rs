@@ -456,8 +456,12 @@ async fn crossing_half_the_grant_sends_one_mail_with_the_right_headers_and_value
             "{part}"
         );
     }
-    // 60 credits in the last 24 hours burn 2.5 per hour: 40 left last 16 hours.
-    let run_out = (t + hours(16)).format("%Y-%m-%d %H:%M UTC").to_string();
+    // 60 credits in the 2 hours since the project's first usage (not over the whole
+    // 24 h window) burn 30 per hour: 40 left last 1 h 20 min.
+    let run_out = (t + ChronoDuration::minutes(80))
+        .format("%Y-%m-%d %H:%M UTC")
+        .to_string();
+    assert!(mail.text.contains("the last 2 hours"), "{}", mail.text);
     assert!(
         mail.text.contains(&run_out),
         "forecast {run_out} in {}",

@@ -229,28 +229,25 @@ async fn a_custom_project_label_names_the_project() {
 }
 
 #[tokio::test]
-async fn start_up_without_timescaledb_works_on_plain_tables_and_says_so() {
+async fn start_up_says_which_storage_mode_it_runs_in_and_why() {
     let app = spawn_app(&[]).await;
 
     let health = app.health().await;
-    let has_extension: bool = app
-        .db
-        .connect()
-        .await
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')",
-            &[],
-        )
-        .await
-        .expect("query")
-        .get(0);
 
-    let expected = if has_extension {
-        "timescaledb"
-    } else {
-        "postgresql"
+    // What the server can create, not what files it has: TimescaleDB installed but
+    // not preloaded means plain tables.
+    let expected = match common::expected_storage().await {
+        os_credits::store::StorageMode::Timescaledb => "timescaledb",
+        os_credits::store::StorageMode::Postgresql => "postgresql",
     };
     assert_eq!(health["storage_mode"], expected, "{health}");
+    assert_eq!(health["storage"]["mode"], expected, "{health}");
+    assert!(
+        health["storage"]["why"]
+            .as_str()
+            .is_some_and(|w| !w.is_empty()),
+        "{health}"
+    );
     assert_eq!(health["database"]["reachable"], true);
     assert_eq!(health["status"], "ok");
     let ping = app.get("/ping").await;

@@ -43,7 +43,7 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         (status = 413, description = "Body over 64 KiB", body = ErrorBody)))]
 pub async fn costs_per_hour(
     state: web::Data<AppState>,
-    body: web::Json<serde_json::Map<String, serde_json::Value>>,
+    body: web::Json<BTreeMap<String, Box<serde_json::value::RawValue>>>,
 ) -> Result<HttpResponse, ApiError> {
     let settings = &state.settings;
     let now = Utc::now();

@@ -26,6 +26,9 @@ pub enum ApiError {
     /// 404: nothing there; the reason is shown.
     #[error("{0}")]
     NotFound(String),
+    /// 409: the request conflicts with the current state; the reason is shown.
+    #[error("{0}")]
+    Conflict(String),
     /// 405: the path exists, the method does not.
     #[error("{0}")]
     MethodNotAllowed(String),
@@ -48,6 +51,7 @@ impl ResponseError for ApiError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -14,6 +14,8 @@ struct Health {
     status: &'static str,
     database: Database,
     storage_mode: crate::store::StorageMode,
+    /// Why that mode, what to do, and policy drift.
+    storage: crate::store::storage::StorageReport,
     endpoints_only: bool,
     targets: Vec<TargetStatus>,
     workers: BTreeMap<String, WorkerStatus>,
@@ -43,12 +45,18 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     .await
     .unwrap_or_else(|_| Err(anyhow::anyhow!("timed out")));
     let (database, targets) = match probe {
-        Ok(targets) => (
+        Ok(mut targets) => (
             Database {
                 reachable: true,
                 error: None,
             },
-            targets,
+            {
+                // A target removed from SCRAPE_TARGETS keeps its row (its history), but
+                // is no longer this service's concern.
+                let configured = &state.settings.scrape_targets;
+                targets.retain(|t| configured.iter().any(|c| c.name == t.name));
+                targets
+            },
         ),
         Err(e) => (
             Database {
@@ -72,6 +80,7 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         status,
         database,
         storage_mode: state.mode,
+        storage: state.storage.read().map(|r| r.clone()).unwrap_or_default(),
         endpoints_only: state.settings.endpoints_only,
         targets,
         workers,

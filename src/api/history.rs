@@ -148,9 +148,13 @@ fn parse_date(raw: Option<&str>, name: &str) -> Result<Option<DateTime<Utc>>, Ap
     let Some(raw) = non_empty(raw) else {
         return Ok(None);
     };
+    // Years 1 to 9999 only: what the format's four digits show, and inside
+    // PostgreSQL's range (which starts in 4713 BC).
     NaiveDateTime::parse_from_str(raw, DATE_FORMAT)
+        .ok()
+        .filter(|naive| (1..=9999).contains(&chrono::Datelike::year(naive)))
         .map(|naive| Some(naive.and_utc()))
-        .map_err(|_| {
+        .ok_or_else(|| {
             ApiError::BadRequest(format!(
                 "Invalid content for ``{name}``: expected {DATE_FORMAT}, e.g. 2026-11-22 10:00:00"
             ))

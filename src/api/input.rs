@@ -3,10 +3,13 @@
 
 use super::ApiError;
 use crate::billing::money::round_credits;
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::error::{JsonPayloadError, PayloadError};
+use actix_web::middleware::Next;
 use actix_web::web;
 use rust_decimal::Decimal;
-use std::str::FromStr;
+use serde_json::value::RawValue;
 
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -56,6 +59,54 @@ pub fn path_config() -> web::PathConfig {
         .error_handler(|error, _| ApiError::BadRequest(format!("Invalid path: {error}")).into())
 }
 
+/// Refuses text with a NUL character, which PostgreSQL cannot store.
+pub fn no_nul(text: &str, field: &str) -> Result<(), ApiError> {
+    match text.contains('\0') {
+        true => Err(ApiError::BadRequest(format!(
+            "{field} must not contain a NUL character"
+        ))),
+        false => Ok(()),
+    }
+}
+
+/// Percent-decodes a path or query and refuses what is not UTF-8, so that no two
+/// paths reach one project through replacement characters.
+pub fn check_utf8(raw: &str) -> Result<(), ApiError> {
+    let bytes = raw.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                let value = hex(h).unwrap_or_default() * 16 + hex(l).unwrap_or_default();
+                decoded.push(u8::try_from(value).unwrap_or_default());
+                i += 3;
+            }
+            (b, ..) => {
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    match std::str::from_utf8(&decoded) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(ApiError::BadRequest(
+            "the path or query is not UTF-8 after percent-decoding".into(),
+        )),
+    }
+}
+
+/// Refuses a request whose path or query is not UTF-8 (`%FF`) with a JSON 400.
+pub async fn utf8_only(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    check_utf8(req.path())?;
+    check_utf8(req.query_string())?;
+    next.call(req).await
+}
+
 /// A project name from a path: not blank, at most [`PROJECT_NAME_MAX`] bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProjectName(String);
@@ -75,6 +126,7 @@ impl ProjectName {
                 "project_name is longer than {PROJECT_NAME_MAX} bytes"
             )));
         }
+        no_nul(&raw, "project_name")?;
         Ok(Self(raw))
     }
 
@@ -85,27 +137,63 @@ impl ProjectName {
 }
 
 /// The exact decimal of a JSON number or numeric string (`16`, `0.3`, `"-5.00"`,
-/// `1e3`); anything else, NaN and infinities are a 400 naming `field`.
-pub fn decimal_from_json(value: &serde_json::Value, field: &str) -> Result<Decimal, ApiError> {
-    let text = match value {
-        // serde_json prints floats in their shortest round-trip form, so `0.3`
-        // stays 0.3 rather than the float's binary expansion.
-        serde_json::Value::Number(n) => n.to_string(),
-        serde_json::Value::String(s) => s.trim().to_owned(),
-        _ => {
-            return Err(ApiError::BadRequest(format!(
-                "Parameter {field} had wrong type: expected a number"
-            )))
-        }
+/// `1e3`), parsed from the number's text (never through a float): JSON's number
+/// syntax, at most 28 significant digits. Anything else is a 400 naming `field`.
+pub fn decimal_from_json(raw: &RawValue, field: &str) -> Result<Decimal, ApiError> {
+    let text = raw.get().trim();
+    let number = if text.starts_with('"') {
+        serde_json::from_str::<String>(text)
+            .map(|s| s.trim().to_owned())
+            .ok()
+    } else if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        Some(text.to_owned())
+    } else {
+        None
+    }
+    .ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "Parameter {field} had wrong type: expected a number"
+        ))
+    })?;
+    exact_decimal(&number).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "Parameter {field} is not a decimal number (JSON number syntax, at most 28 significant digits and in range): {}",
+            text.chars().take(60).collect::<String>()
+        ))
+    })
+}
+
+/// The decimal a JSON number's text states, or `None` for other syntax (`1_000`,
+/// `+5`, `.5`, `NaN`) or a value a decimal cannot hold exactly.
+fn exact_decimal(text: &str) -> Option<Decimal> {
+    let (mantissa, exponent) = match text.find(['e', 'E']) {
+        Some(i) => (&text[..i], Some(&text[i + 1..])),
+        None => (text, None),
     };
-    Decimal::from_str(&text)
-        .or_else(|_| Decimal::from_scientific(&text))
-        .map(|d| d.normalize())
-        .map_err(|_| {
-            ApiError::BadRequest(format!(
-                "Parameter {field} is not a decimal number (or out of range): {value}"
-            ))
-        })
+    let unsigned = mantissa.strip_prefix('-').unwrap_or(mantissa);
+    let (int, frac) = match unsigned.split_once('.') {
+        Some((int, frac)) => (int, Some(frac)),
+        None => (unsigned, None),
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let syntax = digits(int)
+        && !(int.len() > 1 && int.starts_with('0'))
+        && frac.is_none_or(digits)
+        && exponent.is_none_or(|e| digits(e.strip_prefix(['+', '-']).unwrap_or(e)));
+    let significant = format!("{int}{}", frac.unwrap_or_default());
+    let significant = significant.trim_start_matches('0');
+    let significant = match frac {
+        Some(_) => significant.trim_end_matches('0'),
+        None => significant,
+    };
+    if !syntax || significant.len() > 28 {
+        return None;
+    }
+    match exponent {
+        None => Decimal::from_str_exact(text).ok(),
+        Some(_) => Decimal::from_scientific(text).ok(),
+    }
+    .map(|d| d.normalize())
 }
 
 /// Credits as the old endpoints show them: a JSON number, rounded to the precision.
@@ -135,24 +223,65 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn decimals_come_from_numbers_and_numeric_strings() {
+    fn decimals_come_exactly_from_the_numbers_text() {
         let cases = [
-            ("an integer", json!(16), Some("16")),
-            ("a float keeps its shortest digits", json!(0.3), Some("0.3")),
-            ("a numeric string", json!("-5.00"), Some("-5")),
-            ("exponent form", json!(1e3), Some("1000")),
-            ("exponent string", json!("2.5e-2"), Some("0.025")),
-            ("text", json!("twelve"), None),
-            ("NaN text", json!("NaN"), None),
-            ("infinity text", json!("inf"), None),
-            ("a bool", json!(true), None),
-            ("null", json!(null), None),
-            ("beyond the decimal range", json!(1e300), None),
+            ("an integer", "16", Some("16")),
+            ("a fraction keeps its digits", "0.3", Some("0.3")),
+            ("a numeric string", r#""-5.00""#, Some("-5")),
+            ("exponent form", "1e3", Some("1000")),
+            ("exponent string", r#""2.5e-2""#, Some("0.025")),
+            (
+                "beyond a float's precision, exactly",
+                "1.00000000000000000000001",
+                Some("1.00000000000000000000001"),
+            ),
+            (
+                "28 significant digits",
+                "1234567890123456789012345678",
+                Some("1234567890123456789012345678"),
+            ),
+            (
+                "29 significant digits",
+                "1.0000000000000000000000000001",
+                None,
+            ),
+            ("underscores", r#""1_000""#, None),
+            ("a plus sign", r#""+5""#, None),
+            ("a leading dot", r#"".5""#, None),
+            ("leading zeros", r#""007""#, None),
+            ("text", r#""twelve""#, None),
+            ("NaN text", r#""NaN""#, None),
+            ("infinity text", r#""inf""#, None),
+            ("a bool", "true", None),
+            ("null", "null", None),
+            ("beyond the decimal range", "1e300", None),
         ];
-        for (case, value, expected) in cases {
-            let got = decimal_from_json(&value, "x").ok().map(|d| d.to_string());
-            assert_eq!(got.as_deref(), expected, "{case}: {value}");
+        for (case, raw, expected) in cases {
+            let raw =
+                RawValue::from_string(raw.to_owned()).unwrap_or_else(|e| panic!("{raw}: {e}"));
+            let got = decimal_from_json(&raw, "x").ok().map(|d| d.to_string());
+            assert_eq!(got.as_deref(), expected, "{case}: {raw}");
         }
+    }
+
+    #[test]
+    fn paths_must_be_utf8_after_decoding() {
+        for (raw, ok) in [
+            ("/api/current_credits/Gr%C3%BC%C3%9Fe", true),
+            ("/api/current_credits/%FF", false),
+            ("/api/current_credits/%C3", false),
+            ("/api/current_credits/100%", true),
+            ("a=%E2%82%AC", true),
+        ] {
+            assert_eq!(check_utf8(raw).is_ok(), ok, "{raw}");
+        }
+    }
+
+    #[test]
+    fn project_names_and_reasons_refuse_nul() {
+        assert!(ProjectName::parse("a\0b".into()).is_err());
+        assert!(no_nul("outage\0", "reason").is_err());
+        assert!(no_nul("outage", "reason").is_ok());
     }
 
     #[test]

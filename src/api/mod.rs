@@ -5,6 +5,7 @@ mod billing_run;
 mod credits;
 mod errors;
 mod health;
+mod held;
 mod history;
 mod input;
 pub mod memo;
@@ -38,10 +39,12 @@ pub struct AppState {
     pub logs: Option<LogHandle>,
     /// When the service started.
     pub started_at: chrono::DateTime<chrono::Utc>,
-    /// Answers from memory, kept fresh by change notifications.
-    pub memo: Arc<memo::Memo>,
+    /// What the storage is, refreshed by the maintenance worker.
+    pub storage: crate::store::storage::SharedReport,
     /// The background workers' states (empty while none run).
     pub workers: crate::workers::Workers,
+    /// Answers from memory, kept fresh by change notifications.
+    pub memo: Arc<memo::Memo>,
 }
 
 impl AppState {
@@ -58,9 +61,16 @@ impl AppState {
             settings,
             logs,
             started_at: chrono::Utc::now(),
-            memo: Arc::default(),
+            storage: Default::default(),
             workers: crate::workers::Workers::new(),
+            memo: Arc::default(),
         }
+    }
+
+    /// Shares the storage report start-up made (and the maintenance worker refreshes).
+    pub fn with_storage(mut self, storage: crate::store::storage::SharedReport) -> Self {
+        self.storage = storage;
+        self
     }
 }
 
@@ -80,6 +90,7 @@ pub fn server(state: AppState, listener: TcpListener) -> std::io::Result<actix_w
     let server = HttpServer::new(move || {
         App::new()
             // inside the request span, so it sees the request id
+            .wrap(actix_web::middleware::from_fn(input::utf8_only))
             .wrap(actix_web::middleware::from_fn(ops::observe))
             .wrap(TracingLogger::default())
             .app_data(data.clone())
@@ -117,6 +128,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .get(notifications::get_contacts),
         )
         .service(resource("/api/projects/{project_name}/notifications").get(notifications::list))
+        .service(resource("/api/projects/{project_name}/held").get(held::list))
+        .service(resource("/api/held/{id}/approve").post(held::approve))
+        .service(resource("/api/held/{id}/reject").post(held::reject))
         .service(resource("/api/notifications/{id}/resend").post(notifications::resend))
         .service(resource("/api/billing/run").post(billing_run::run))
         .configure(ops::routes)
@@ -128,10 +142,22 @@ fn resource(path: &str) -> actix_web::Resource {
     web::resource(path).default_service(web::to(method_not_allowed))
 }
 
-async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed(
-        "method not allowed on this endpoint".into(),
-    ))
+/// A JSON 405 with the `Allow` header RFC 9110 requires: the methods the OpenAPI
+/// description lists for the route (`GET` for the undocumented pages).
+async fn method_not_allowed(req: actix_web::HttpRequest) -> HttpResponse {
+    let allow = req
+        .match_pattern()
+        .and_then(|pattern| openapi::allowed_methods(&pattern))
+        .unwrap_or("GET");
+    let error =
+        ApiError::MethodNotAllowed(format!("method not allowed on this endpoint; use {allow}"));
+    let mut response = actix_web::ResponseError::error_response(&error);
+    if let Ok(value) = actix_web::http::header::HeaderValue::from_str(allow) {
+        response
+            .headers_mut()
+            .insert(actix_web::http::header::ALLOW, value);
+    }
+    response
 }
 
 /// `GET /ping` → `Pong`, as the old service (also the container health check).

@@ -2,8 +2,9 @@
 //! annotations, and the interactive page (`/api/doc`, Swagger UI served from the
 //! binary).
 
-use super::{billing_run, credits, errors, history, notifications, ops, projects};
+use super::{billing_run, credits, errors, held, history, notifications, ops, projects};
 use actix_web::{web, HttpResponse};
+use std::collections::BTreeMap;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
@@ -27,6 +28,9 @@ use utoipa_swagger_ui::SwaggerUi;
         projects::detail,
         projects::grant,
         projects::adjust,
+        held::list,
+        held::approve,
+        held::reject,
         notifications::set_contacts,
         notifications::get_contacts,
         notifications::list,
@@ -53,6 +57,35 @@ impl Modify for ApiKeyScheme {
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new(super::auth::HEADER))),
         );
     }
+}
+
+/// The methods the description lists for a route pattern (`GET, PUT`), for the
+/// `Allow` header of a 405.
+pub fn allowed_methods(pattern: &str) -> Option<&'static str> {
+    static ALLOWED: std::sync::OnceLock<BTreeMap<String, String>> = std::sync::OnceLock::new();
+    ALLOWED
+        .get_or_init(|| {
+            ApiDoc::openapi()
+                .paths
+                .paths
+                .into_iter()
+                .map(|(path, item)| {
+                    let methods: Vec<&str> = [
+                        ("GET", item.get.is_some()),
+                        ("PUT", item.put.is_some()),
+                        ("POST", item.post.is_some()),
+                        ("DELETE", item.delete.is_some()),
+                        ("PATCH", item.patch.is_some()),
+                    ]
+                    .into_iter()
+                    .filter_map(|(method, listed)| listed.then_some(method))
+                    .collect();
+                    (path, methods.join(", "))
+                })
+                .collect()
+        })
+        .get(pattern)
+        .map(String::as_str)
 }
 
 /// `/api/openapi.json`, `/api/doc/` and a redirect from `/api/doc`.

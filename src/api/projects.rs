@@ -4,7 +4,7 @@
 
 use super::auth::ApiKey;
 use super::errors::ErrorBody;
-use super::input::{credits_text, decimal_from_json, ProjectName};
+use super::input::{credits_text, decimal_from_json, no_nul, ProjectName};
 use super::{ApiError, AppState};
 use crate::billing::account::{self, AdjustError, Balance};
 use crate::billing::money::round_credits;
@@ -72,6 +72,10 @@ pub struct DetailView {
     /// `FORECAST_WINDOW_HOURS`.
     #[schema(example = 24)]
     burn_rate_window_hours: u64,
+    /// Start of the time the burn rate covers: the window, or from the project's
+    /// first billed usage when that is younger.
+    #[schema(example = "2026-11-21T10:00:00Z")]
+    burn_rate_since: DateTime<Utc>,
     /// Now + remaining ÷ burn rate; now when nothing remains; null when nothing
     /// burns or nothing was granted.
     forecast_run_out_at: Option<DateTime<Utc>>,
@@ -81,6 +85,11 @@ pub struct DetailView {
     counter_decreases: Vec<DecreaseView>,
     /// The latest 100 unbilled gauge gaps, newest first.
     unbilled_gaps: Vec<GapView>,
+    /// Credits of the charges held for review and not decided yet (not in used credits).
+    #[schema(example = "805.44")]
+    held_credits: String,
+    /// The latest 100 held charges (open and decided), newest first.
+    held_charges: Vec<super::held::HeldView>,
 }
 
 /// How far billing has come for one metric.
@@ -150,13 +159,21 @@ pub async fn detail(
     };
     let detail = Arc::unwrap_or_clone(detail);
     let balance = &detail.balance;
-    let burn_rate = account::burn_rate_per_hour(detail.charged_in_window, window);
+    // Held charges are not part of the memo: read them now.
+    let client = state.client().await?;
+    let (held_list, (_, held_open)) = futures::try_join!(
+        crate::billing::held::list(&client, project.as_str(), account::DETAIL_EVENTS),
+        crate::billing::held::open_total(&client, project.as_str()),
+    )?;
+    let covered = account::covered(window, now, detail.first_usage);
+    let burn_rate = account::burn_rate_per_hour(detail.charged_in_window, covered);
     let rate_quantum = settings.precision * Decimal::new(1, 4);
     let view = DetailView {
         project: ProjectView::new(balance, settings.precision),
         created_at: balance.created_at,
         burn_rate_per_hour: round_credits(burn_rate, rate_quantum).to_string(),
         burn_rate_window_hours: settings.forecast_window.as_secs() / 3600,
+        burn_rate_since: now - covered,
         forecast_run_out_at: account::run_out_at(
             now,
             balance.granted,
@@ -197,6 +214,11 @@ pub async fn detail(
                 to_time: g.to_time,
             })
             .collect(),
+        held_credits: credits_text(held_open, settings.precision),
+        held_charges: held_list
+            .into_iter()
+            .map(|h| super::held::HeldView::new(h, settings.precision))
+            .collect(),
     };
     Ok(HttpResponse::Ok().json(view))
 }
@@ -208,7 +230,7 @@ pub struct GrantBody {
     /// The new total grant: a number or a decimal string, zero or more, at most the
     /// precision's decimal places.
     #[schema(value_type = f64, example = 1000)]
-    granted_credits: serde_json::Value,
+    granted_credits: Box<serde_json::value::RawValue>,
     /// Why (optional), kept in the ledger.
     reason: Option<String>,
 }
@@ -244,6 +266,9 @@ pub async fn grant(
         .as_deref()
         .map(str::trim)
         .filter(|r| !r.is_empty());
+    if let Some(reason) = reason {
+        no_nul(reason, "reason")?;
+    }
     let mut client = state.client().await?;
     let tx = client
         .transaction()
@@ -278,7 +303,7 @@ pub struct AdjustmentBody {
     /// Change of used credits, non-zero, a decimal string or a number: positive
     /// charges the project, negative gives credits back.
     #[schema(value_type = String, example = "-5.00")]
-    credits: serde_json::Value,
+    credits: Box<serde_json::value::RawValue>,
     /// Why; required, not blank.
     #[schema(value_type = String, required = true, example = "outage refund")]
     reason: Option<String>,
@@ -327,6 +352,7 @@ pub async fn adjust(
         .map(str::trim)
         .filter(|r| !r.is_empty())
         .ok_or_else(|| ApiError::BadRequest("reason is required and must not be empty".into()))?;
+    no_nul(reason, "reason")?;
     let mut client = state.client().await?;
     let tx = client
         .transaction()
@@ -362,7 +388,11 @@ pub async fn adjust(
 
 /// An amount of credits from a body: a decimal with at most the precision's places,
 /// so what is booked is what is shown.
-fn amount(value: &serde_json::Value, field: &str, precision: Decimal) -> Result<Decimal, ApiError> {
+fn amount(
+    value: &serde_json::value::RawValue,
+    field: &str,
+    precision: Decimal,
+) -> Result<Decimal, ApiError> {
     let amount = decimal_from_json(value, field)?;
     if amount.scale() > precision.scale() {
         return Err(ApiError::BadRequest(format!(

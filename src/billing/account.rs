@@ -285,6 +285,8 @@ pub struct Detail {
     pub balance: Balance,
     /// Exact credits charged by usage in the forecast window before `now`.
     pub charged_in_window: Decimal,
+    /// Start of the project's first billed usage (`None`: none was).
+    pub first_usage: Option<DateTime<Utc>>,
     /// Until when `charged_in_window` holds without a new commit: when the oldest
     /// row in the window leaves it or the next future-dated row enters it.
     pub charged_until: Option<DateTime<Utc>>,
@@ -312,7 +314,9 @@ pub async fn detail(
                 .query_one(
                     "SELECT coalesce(sum(used_delta) FILTER (WHERE time <= $3), 0),
                             min(time) FILTER (WHERE time <= $3),
-                            min(time) FILTER (WHERE time > $3)
+                            min(time) FILTER (WHERE time > $3),
+                            (SELECT coalesce(usage_from, time) FROM ledger
+                             WHERE project = $1 AND kind = 'usage' ORDER BY time LIMIT 1)
                      FROM ledger
                      WHERE project = $1 AND kind = 'usage' AND time > $2",
                     &[&project, &since, &now],
@@ -363,6 +367,7 @@ pub async fn detail(
     Ok(Some(Detail {
         balance,
         charged_in_window: charged.get(0),
+        first_usage: charged.get(3),
         charged_until: {
             let leaves = charged
                 .get::<_, Option<DateTime<Utc>>>(1)
@@ -398,6 +403,32 @@ pub async fn detail(
             })
             .collect(),
     }))
+}
+
+/// The time a burn rate over `window` before `now` actually covers: from the start of
+/// the project's first billed usage (a project billed for 6 minutes burns its
+/// credits of 6 minutes, not of the whole window), at most the window.
+pub fn covered(
+    window: Duration,
+    now: DateTime<Utc>,
+    first_usage: Option<DateTime<Utc>>,
+) -> Duration {
+    match first_usage {
+        Some(first) => (now - first).clamp(Duration::zero(), window),
+        None => window,
+    }
+}
+
+/// A span in words for people: `the last 24 hours`, `the last 6 minutes`.
+pub fn describe_span(span: Duration) -> String {
+    let (n, unit) = if span >= Duration::hours(2) {
+        (span.num_minutes().saturating_add(30) / 60, "hours")
+    } else if span >= Duration::minutes(2) {
+        (span.num_minutes(), "minutes")
+    } else {
+        (span.num_seconds(), "seconds")
+    };
+    format!("the last {n} {unit}")
 }
 
 /// Credits per hour when `charged` credits were used over `window`.
@@ -464,6 +495,33 @@ mod tests {
             let got = burn_rate_per_hour(dec(charged), Duration::seconds(seconds));
             assert_eq!(got, dec(expected), "{case}");
         }
+    }
+
+    #[test]
+    fn the_burn_rate_covers_the_time_since_the_first_usage_in_the_window() {
+        let day = Duration::hours(24);
+        let minutes = |m: i64| Some(now() - Duration::minutes(m));
+        let cases = [
+            ("billed for 6 minutes", minutes(6), Duration::minutes(6)),
+            ("billed for two days", minutes(48 * 60), day),
+            ("exactly the window", minutes(24 * 60), day),
+            ("nothing billed", None, day),
+            (
+                "usage after now",
+                Some(now() + Duration::minutes(5)),
+                Duration::zero(),
+            ),
+        ];
+        for (case, first, expected) in cases {
+            assert_eq!(covered(day, now(), first), expected, "{case}");
+        }
+        assert_eq!(describe_span(day), "the last 24 hours");
+        assert_eq!(describe_span(Duration::minutes(6)), "the last 6 minutes");
+        assert_eq!(describe_span(Duration::seconds(50)), "the last 50 seconds");
+        // The issue's young project: 1.36 credits in its first 6 minutes is 13.6 per
+        // hour, not 0.0567 (1.36 over 24 h).
+        let rate = burn_rate_per_hour(dec("1.36"), covered(day, now(), minutes(6)));
+        assert_eq!(rate, dec("13.6"));
     }
 
     #[test]

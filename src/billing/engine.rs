@@ -68,6 +68,10 @@ pub struct ProjectBilled {
 /// each project's writes are still all or nothing.
 const BATCH: usize = 256;
 
+/// Samples one transaction reads at most when no setting says otherwise
+/// (`BILLING_BATCH_SAMPLES`).
+pub const DEFAULT_BATCH_SAMPLES: usize = 20_000;
+
 /// Bills every project once, up to the newest stored sample not after `now`.
 #[tracing::instrument(skip_all, fields(until = %now), err)]
 pub async fn run(
@@ -97,6 +101,7 @@ pub async fn run(
                     &settings.notification_thresholds,
                     names,
                     now,
+                    settings.billing_batch_samples,
                 )
                 .await,
             )
@@ -194,7 +199,15 @@ pub async fn bill_project(
     project: &str,
     now: DateTime<Utc>,
 ) -> anyhow::Result<Option<ProjectBilled>> {
-    let mut outcomes = bill_projects(pool, rules, thresholds, &[project.to_owned()], now).await?;
+    let mut outcomes = bill_projects(
+        pool,
+        rules,
+        thresholds,
+        &[project.to_owned()],
+        now,
+        DEFAULT_BATCH_SAMPLES,
+    )
+    .await?;
     match outcomes.pop().map(|(_, outcome)| outcome) {
         Some(Outcome::Billed(billed)) => Ok(Some(billed)),
         Some(Outcome::Failed(e)) => Err(e),
@@ -202,18 +215,66 @@ pub async fn bill_project(
     }
 }
 
-/// Bills the given projects in one transaction: locks those no other replica holds,
-/// charges each one's new samples in memory, then writes everything in a few
-/// statements and commits. Crossing one of `thresholds` writes a notification in
-/// the same transaction.
-#[tracing::instrument(skip_all, fields(projects = names.len(), first = names.first().map(String::as_str), last = names.last().map(String::as_str)), err)]
+/// Bills the given projects up to `now`, reading at most `max_samples` samples per
+/// transaction: a backlog is billed in passes (each one transaction per batch, all
+/// or nothing per project, cursors advancing), so memory stays bounded by
+/// `max_samples` whatever the backlog.
 pub async fn bill_projects(
     pool: &Pool,
     rules: &Rules,
     thresholds: &[Threshold],
     names: &[String],
     now: DateTime<Utc>,
+    max_samples: usize,
 ) -> anyhow::Result<Vec<(String, Outcome)>> {
+    let mut merged: BTreeMap<String, Outcome> = BTreeMap::new();
+    let mut pending: Vec<String> = names.to_vec();
+    while !pending.is_empty() {
+        let (outcomes, more) =
+            bill_pass(pool, rules, thresholds, &pending, now, max_samples).await?;
+        for (project, outcome) in outcomes {
+            let merged_outcome = match (merged.remove(&project), outcome) {
+                (Some(Outcome::Billed(a)), Outcome::Billed(b)) => Outcome::Billed(a.then(b)?),
+                (Some(Outcome::Billed(a)), Outcome::Skipped) => Outcome::Billed(a),
+                (_, outcome) => outcome,
+            };
+            merged.insert(project, merged_outcome);
+        }
+        pending = more;
+    }
+    Ok(merged.into_iter().collect())
+}
+
+impl ProjectBilled {
+    /// This pass followed by the next one of the same run.
+    fn then(self, next: ProjectBilled) -> anyhow::Result<ProjectBilled> {
+        Ok(ProjectBilled {
+            samples: self.samples + next.samples,
+            ledger_rows: self.ledger_rows + next.ledger_rows,
+            credits: self
+                .credits
+                .checked_add(next.credits)
+                .context("credits overflow")?,
+            granted: next.granted,
+            used: next.used,
+        })
+    }
+}
+
+/// One pass over the given projects in one transaction: locks those no other replica
+/// holds, charges each one's next samples (at most `max_samples` in all, shared
+/// evenly by their series) in memory, then writes everything in a few statements
+/// and commits. Crossing one of `thresholds` writes a notification in the same
+/// transaction. Also returns the billed projects with samples left for another pass.
+#[tracing::instrument(skip_all, fields(projects = names.len(), first = names.first().map(String::as_str), last = names.last().map(String::as_str)), err)]
+async fn bill_pass(
+    pool: &Pool,
+    rules: &Rules,
+    thresholds: &[Threshold],
+    names: &[String],
+    now: DateTime<Utc>,
+    max_samples: usize,
+) -> anyhow::Result<(Vec<(String, Outcome)>, Vec<String>)> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let locked = tx
@@ -248,20 +309,27 @@ pub async fn bill_projects(
         .context("reading the projects' series")?;
     let ids: Vec<i64> = series.iter().map(|r| r.get(0)).collect();
     let after: Vec<Option<DateTime<Utc>>> = series.iter().map(|r| r.get(3)).collect();
+    // The batch's sample budget, shared by its series (at least one each).
+    let per_series = i64::try_from((max_samples / ids.len().max(1)).max(1)).unwrap_or(i64::MAX);
     let samples = tx
         .query(
             &tx.prepare_cached(
-                "SELECT u.series_id, u.time, u.value
+                "SELECT c.series_id, u.time, u.value
                  FROM unnest($1::bigint[], $2::timestamptz[]) AS c(series_id, after)
-                 JOIN usage_samples u ON u.series_id = c.series_id
-                  AND u.time > coalesce(c.after, '-infinity') AND u.time <= $3
-                 ORDER BY u.series_id, u.time",
+                 CROSS JOIN LATERAL (
+                     SELECT u.time, u.value FROM usage_samples u
+                     WHERE u.series_id = c.series_id
+                       AND u.time > coalesce(c.after, '-infinity') AND u.time <= $3
+                     ORDER BY u.time LIMIT $4) u
+                 ORDER BY c.series_id, u.time",
             )
             .await?,
-            &[&ids, &after, &now],
+            &[&ids, &after, &now, &per_series],
         )
         .await
         .context("reading unbilled samples")?;
+    let mut more: Vec<String> = Vec::new();
+    let rates = super::held::rates(&tx, &ids).await?;
 
     let mut failed: BTreeMap<String, anyhow::Error> = BTreeMap::new();
     let mut next = 0;
@@ -278,8 +346,15 @@ pub async fn bill_projects(
         let Some(project_writes) = writes.get_mut(&project) else {
             continue;
         };
-        if let Err(e) = charge_into(project_writes, rules, row, &samples[start..next]) {
+        let rate = rates.get(&series_id).copied();
+        if let Err(e) = charge_into(project_writes, rules, row, &samples[start..next], rate) {
             failed.insert(project, e.context(format!("series {series_id}")));
+            continue;
+        }
+        // Read up to its share: more may wait, worth another pass if the cursor moved.
+        let truncated = i64::try_from(next - start).unwrap_or(i64::MAX) >= per_series;
+        if truncated && project_writes.cursors.last().map(|c| c.0) == Some(series_id) {
+            more.push(project);
         }
     }
     let mut outcomes: Vec<(String, Outcome)> = names
@@ -289,8 +364,11 @@ pub async fn bill_projects(
         .collect();
     for (project, error) in failed {
         writes.remove(&project);
+        more.retain(|p| *p != project);
         outcomes.push((project, Outcome::Failed(error)));
     }
+    more.sort();
+    more.dedup();
     apply(&tx, &writes, thresholds, now).await?;
     tx.commit().await.context("committing the billing run")?;
     outcomes.extend(writes.into_iter().map(|(project, w)| {
@@ -303,7 +381,7 @@ pub async fn bill_projects(
         };
         (project, Outcome::Billed(billed))
     }));
-    Ok(outcomes)
+    Ok((outcomes, more))
 }
 
 /// Charges one series' new samples into its project's writes.
@@ -312,6 +390,7 @@ fn charge_into(
     rules: &Rules,
     series: &tokio_postgres::Row,
     samples: &[tokio_postgres::Row],
+    rate: Option<super::guard::RateState>,
 ) -> anyhow::Result<()> {
     let series_id: i64 = series.get(0);
     let metric: String = series.get(1);
@@ -337,7 +416,11 @@ fn charge_into(
         (Some(time), Some(value)) => Some(Point { time, value }),
         _ => None,
     };
-    let charged = charge::charge_series(rule, &labels, cursor, &points)?;
+    let guarded = super::guard::charge_guarded(rule, &labels, cursor, &points, rate)?;
+    let charged = guarded.charged;
+    writes
+        .guard
+        .add(series_id, &metric, guarded.held, guarded.state, rate);
     writes.samples += points.len() as u64;
     for line in charge::summarize(&rule.metric, &charged.steps)? {
         writes.usage(&metric, line)?;
@@ -379,6 +462,7 @@ struct Writes {
     decreases: Vec<(i64, DateTime<Utc>, Decimal, Decimal, DecreasePolicy)>,
     gaps: Vec<(i64, DateTime<Utc>, DateTime<Utc>)>,
     cursors: Vec<(i64, DateTime<Utc>, Decimal)>,
+    guard: super::held::GuardWrites,
 }
 
 impl Writes {
@@ -395,6 +479,7 @@ impl Writes {
             decreases: Vec::new(),
             gaps: Vec::new(),
             cursors: Vec::new(),
+            guard: super::held::GuardWrites::default(),
         }
     }
 
@@ -440,6 +525,14 @@ async fn apply(
         gaps.extend(w.gaps.iter().cloned());
         cursors.extend(w.cursors.iter().cloned());
     }
+    super::held::GuardWrites::apply(
+        tx,
+        writes
+            .iter()
+            .map(|(p, w)| (p.as_str(), &w.guard, &w.decreases)),
+        now,
+    )
+    .await?;
     if !ledger.project.is_empty() {
         // The day rollup of these rows is written by the same statement (see
         // `crate::store::rollup`), not row by row by the ledger trigger.

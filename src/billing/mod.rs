@@ -7,6 +7,8 @@
 pub mod account;
 pub mod charge;
 pub mod engine;
+pub mod guard;
+pub mod held;
 pub mod history;
 pub mod money;
 pub mod portal;

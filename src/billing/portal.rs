@@ -95,13 +95,19 @@ pub async fn fetch_granted(
         base.path().trim_end_matches('/')
     ));
     url.query_pairs_mut().append_pair("project_name", project);
-    let response = http
-        .get(url)
-        .header("X-Api-Key", key)
+    let mut request = http.get(url);
+    // An empty API_CONTACT_KEY sends no header rather than an empty one.
+    if !key.is_empty() {
+        request = request.header("X-Api-Key", key);
+    }
+    let response = request
         .timeout(TIMEOUT)
         .send()
         .await
         .context("requesting granted credits")?;
+    if let Some(redirect) = crate::outbound::refused_redirect(&response) {
+        anyhow::bail!("the portal {redirect}");
+    }
     let status = response.status();
     let body = response.text().await.context("reading granted credits")?;
     anyhow::ensure!(status.is_success(), "the portal answered {status}");

@@ -43,9 +43,11 @@
 //! A price applies to usage from its `valid_from` on: a step whose time range spans
 //! a change is split there (see [`crate::billing::charge`]).
 
+use crate::billing::guard::JumpGuard;
 use crate::billing::money::decimal_from_f64;
 use crate::domain::{MetricName, Price};
 use chrono::{DateTime, Duration, NaiveDate, SecondsFormat, Utc};
+use rust_decimal::Decimal;
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 use std::collections::BTreeMap;
@@ -129,6 +131,8 @@ pub struct Rule {
     pub decrease_policy: DecreasePolicy,
     /// Longest gauge step that is billed (ignored for counters).
     pub max_gap: Duration,
+    /// Which counter steps are held for review instead of billed (ignored for gauges).
+    pub guard: JumpGuard,
     /// Invariant: not empty, the first has no `valid_from`, the rest strictly increase.
     prices: Vec<PriceVersion>,
 }
@@ -165,6 +169,7 @@ impl Rule {
             unit: None,
             decrease_policy: DecreasePolicy::default(),
             max_gap: DEFAULT_MAX_GAP,
+            guard: JumpGuard::default(),
             prices,
         }
     }
@@ -283,6 +288,12 @@ impl Rules {
         self.rules.get(metric)
     }
 
+    /// The billed metrics: those of `METRICS_TO_BILL` and of the rules file. The one
+    /// list scraping keeps, billing charges and the API shows.
+    pub fn metric_names(&self) -> impl Iterator<Item = &str> {
+        self.rules.keys().map(String::as_str)
+    }
+
     /// The rules in metric name order.
     pub fn iter(&self) -> impl Iterator<Item = &Rule> {
         self.rules.values()
@@ -349,6 +360,9 @@ struct RuleFile {
     unit: Option<String>,
     decrease_policy: Option<DecreasePolicy>,
     max_gap_seconds: Option<u32>,
+    max_rate_per_hour: Option<PriceText>,
+    jump_factor: Option<PriceText>,
+    jump_floor_per_hour: Option<PriceText>,
     price: Option<PriceText>,
     label: Option<String>,
     #[serde(default)]
@@ -391,6 +405,34 @@ impl RuleFile {
         if self.kind == MetricKind::Gauge && self.decrease_policy.is_some() {
             return Err("decrease_policy applies to counters only".to_owned());
         }
+        let guarded = [
+            &self.max_rate_per_hour,
+            &self.jump_factor,
+            &self.jump_floor_per_hour,
+        ];
+        if self.kind == MetricKind::Gauge && guarded.iter().any(|o| o.is_some()) {
+            return Err(
+                "max_rate_per_hour, jump_factor and jump_floor_per_hour apply to counters only"
+                    .to_owned(),
+            );
+        }
+        let number = |text: &Option<PriceText>, name: &str, default: Decimal| {
+            text.as_ref()
+                .map_or(Ok(default), |t| t.parse(name).map(Price::value))
+        };
+        let defaults = JumpGuard::default();
+        let guard = JumpGuard {
+            max_rate_per_hour: match &self.max_rate_per_hour {
+                Some(text) => Some(text.parse("max_rate_per_hour")?.value()),
+                None => None,
+            },
+            jump_factor: number(&self.jump_factor, "jump_factor", defaults.jump_factor)?,
+            jump_floor_per_hour: number(
+                &self.jump_floor_per_hour,
+                "jump_floor_per_hour",
+                defaults.jump_floor_per_hour,
+            )?,
+        };
         let max_gap = match self.max_gap_seconds {
             None => DEFAULT_MAX_GAP,
             Some(0) => return Err("max_gap_seconds must be more than 0".to_owned()),
@@ -404,6 +446,7 @@ impl RuleFile {
             unit: self.unit,
             decrease_policy: self.decrease_policy.unwrap_or_default(),
             max_gap,
+            guard,
             prices: sorted_versions(prices)?,
         })
     }
@@ -531,6 +574,7 @@ struct RuleView<'a> {
     unit: &'a Option<String>,
     decrease_policy: DecreasePolicy,
     max_gap_seconds: i64,
+    jump_guard: Option<&'a JumpGuard>,
     prices: &'a [PriceVersion],
 }
 
@@ -544,6 +588,7 @@ impl Serialize for Rule {
             unit: &self.unit,
             decrease_policy: self.decrease_policy,
             max_gap_seconds: self.max_gap.num_seconds(),
+            jump_guard: (self.kind == MetricKind::Counter).then_some(&self.guard),
             prices: &self.prices,
         }
         .serialize(serializer)
@@ -985,13 +1030,14 @@ mod tests {
             {
                 "metric": "flavor_gpu_count", "kind": "gauge", "friendly_name": null,
                 "description": null, "unit": null, "decrease_policy": "rebase",
-                "max_gap_seconds": 600,
+                "max_gap_seconds": 600, "jump_guard": null,
                 "prices": [{"valid_from": null, "default": "5", "label": null, "by_label": {}}]
             },
             {
                 "metric": "project_vcpu_usage", "kind": "counter", "friendly_name": "vCPU hours",
                 "description": "Virtual CPUs per hour", "unit": "vCPU·h",
                 "decrease_policy": "restart", "max_gap_seconds": 900,
+                "jump_guard": {"max_rate_per_hour": null, "jump_factor": "100", "jump_floor_per_hour": "10"},
                 "prices": [
                     {"valid_from": null, "default": "1", "label": "location",
                      "by_label": {"Bielefeld": "0.8", "Giessen": "1.2"}},
@@ -1003,5 +1049,30 @@ mod tests {
             }
         ]);
         assert_eq!(json, expected);
+    }
+
+    #[test]
+    fn jump_guard_options_are_read_for_counters_and_refused_for_gauges() {
+        let rules = from_toml(
+            "[metrics.c]\nprice = 1\nmax_rate_per_hour = 500\njump_factor = \"20\"\njump_floor_per_hour = 0.5\n[metrics.d]\nprice = 1",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let guard = rules.get("c").map(|r| r.guard);
+        let expected = JumpGuard {
+            max_rate_per_hour: Some(Decimal::from(500)),
+            jump_factor: Decimal::from(20),
+            jump_floor_per_hour: Decimal::new(5, 1),
+        };
+        assert_eq!(guard, Some(expected));
+        assert_eq!(rules.get("d").map(|r| r.guard), Some(JumpGuard::default()));
+        for (case, body) in [
+            ("gauge", "kind = \"gauge\"\nprice = 1\njump_factor = 5"),
+            ("negative", "price = 1\nmax_rate_per_hour = -1"),
+        ] {
+            let error = from_toml(&format!("[metrics.g]\n{body}"))
+                .err()
+                .unwrap_or_else(|| panic!("{case}: accepted"));
+            assert!(error.contains("metric g"), "{case}: {error}");
+        }
     }
 }

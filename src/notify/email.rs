@@ -1,34 +1,54 @@
-//! Mail over SMTP (lettre), or into `.eml` files when no server is configured.
+//! Mail over SMTP (lettre's connection, one per delivery), or into `.eml` files when
+//! no server is configured.
 //!
-//! lettre's own timeout covers connecting and each command, and a pooled connection
-//! may have been closed by the server while idle: every send is wrapped in
-//! `tokio::time::timeout` and the pool lets idle connections go after a few seconds.
+//! Each step before the message body (connect, greeting, TLS, login, `MAIL`, `RCPT`,
+//! `DATA`) is bounded by `MAIL_SMTP_TIMEOUT`; a failure there leaves nothing at the
+//! server, so it is retried. Once the body has gone out, the server may have taken
+//! the message: its final reply is awaited as long as RFC 5321 (4.5.3.2.6) allows,
+//! [`FINAL_REPLY_WAIT`], or until shutdown, and a missing reply makes the delivery
+//! [`SendError::Unknown`], never an automatic resend.
 
 use super::templates::{one_line, Rendered};
 use super::SendError;
 use crate::config::{MailSettings, SmtpTls};
 use anyhow::Context;
 use lettre::message::{Mailbox, MultiPart};
-use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Tls, TlsParameters};
-use lettre::transport::smtp::PoolConfig;
-use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use lettre::transport::smtp::authentication::{Credentials, DEFAULT_MECHANISMS};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, TlsParameters};
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use lettre::{AsyncFileTransport, AsyncTransport, Message, Tokio1Executor};
+use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
-/// Idle pooled connections are closed after this long (servers close theirs too).
-const POOL_IDLE: Duration = Duration::from_secs(5);
+/// How long the final reply to the message body is awaited (RFC 5321 4.5.3.2.6:
+/// "DATA Termination: 10 minutes").
+pub const FINAL_REPLY_WAIT: Duration = Duration::from_secs(600);
+
+/// An SMTP server and how to talk to it.
+pub struct SmtpServer {
+    host: String,
+    port: u16,
+    tls: SmtpTls,
+    tls_parameters: Option<TlsParameters>,
+    credentials: Option<Credentials>,
+    hello: ClientId,
+    /// Bound of each step before the body.
+    timeout: Duration,
+}
 
 /// Where mail goes.
 pub enum Mailer {
     /// An SMTP server.
     Smtp {
-        /// The pooled transport.
-        transport: AsyncSmtpTransport<Tokio1Executor>,
-        /// Bound of one send.
-        timeout: Duration,
+        /// The server.
+        server: Box<SmtpServer>,
         /// `host:port (tls)`, for logs and messages.
-        server: String,
+        describe: String,
     },
     /// `.eml` files in a folder (development).
     Files {
@@ -38,7 +58,7 @@ pub enum Mailer {
 }
 
 impl Mailer {
-    /// The SMTP transport the settings describe, or the file transport without
+    /// The SMTP server the settings describe, or the file transport without
     /// `MAIL_SMTP_SERVER`.
     pub fn new(settings: &MailSettings) -> anyhow::Result<Self> {
         let Some(host) = &settings.smtp_server else {
@@ -46,61 +66,50 @@ impl Mailer {
                 .unwrap_or_else(|_| settings.file_dir.clone());
             return Ok(Self::Files { dir });
         };
-        let tls = match settings.tls {
-            SmtpTls::None => Tls::None,
-            SmtpTls::Starttls => Tls::Required(
-                TlsParameters::new(host.clone()).context("preparing TLS for MAIL_SMTP_SERVER")?,
-            ),
-            SmtpTls::Implicit => Tls::Wrapper(
+        let tls_parameters = match settings.tls {
+            SmtpTls::None => None,
+            SmtpTls::Starttls | SmtpTls::Implicit => Some(
                 TlsParameters::new(host.clone()).context("preparing TLS for MAIL_SMTP_SERVER")?,
             ),
         };
-        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host.as_str())
-            .port(settings.smtp_port)
-            .tls(tls)
-            .timeout(Some(settings.timeout))
-            .pool_config(PoolConfig::new().max_size(4).idle_timeout(POOL_IDLE));
-        if let Some(user) = &settings.smtp_user {
-            builder = builder.credentials(Credentials::new(
-                user.clone(),
-                settings.smtp_password.expose().to_owned(),
-            ));
-        }
         let tls_name = match settings.tls {
             SmtpTls::Starttls => "STARTTLS",
             SmtpTls::Implicit => "implicit TLS",
             SmtpTls::None => "no TLS",
         };
         Ok(Self::Smtp {
-            transport: builder.build(),
-            // Connecting, greeting, TLS, login and the transaction: a few round trips
-            // each bounded by `timeout` inside lettre; this bounds the whole.
-            timeout: settings.timeout * 3,
-            server: format!("{host}:{} ({tls_name})", settings.smtp_port),
+            server: Box::new(SmtpServer {
+                host: host.clone(),
+                port: settings.smtp_port,
+                tls: settings.tls,
+                tls_parameters,
+                credentials: settings.smtp_user.as_ref().map(|user| {
+                    Credentials::new(user.clone(), settings.smtp_password.expose().to_owned())
+                }),
+                hello: ClientId::default(),
+                timeout: settings.timeout,
+            }),
+            describe: format!("{host}:{} ({tls_name})", settings.smtp_port),
         })
     }
 
     /// Where mail goes, for the log.
     pub fn describe(&self) -> String {
         match self {
-            Self::Smtp { server, .. } => format!("SMTP server {server}"),
+            Self::Smtp { describe, .. } => format!("SMTP server {describe}"),
             Self::Files { dir } => format!(".eml files in {}", dir.display()),
         }
     }
 
     /// Hands `message` to the server (or writes its file). `Ok` means accepted.
-    pub async fn send(&self, message: Message) -> Result<(), SendError> {
+    /// `cancel` (shutdown) cuts the wait for the final reply short: `Unknown`.
+    pub async fn send(
+        &self,
+        message: Message,
+        cancel: &CancellationToken,
+    ) -> Result<(), SendError> {
         match self {
-            Self::Smtp {
-                transport, timeout, ..
-            } => match tokio::time::timeout(*timeout, transport.send(message)).await {
-                Err(_) => Err(SendError::Transient(format!(
-                    "the SMTP server did not finish within {timeout:?}"
-                ))),
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) if e.is_permanent() => Err(SendError::Permanent(smtp_error(&e))),
-                Ok(Err(e)) => Err(SendError::Transient(smtp_error(&e))),
-            },
+            Self::Smtp { server, .. } => server.send(&message, cancel).await,
             Self::Files { dir } => {
                 tokio::fs::create_dir_all(dir).await.map_err(|e| {
                     SendError::Transient(format!("creating {}: {e}", dir.display()))
@@ -114,6 +123,168 @@ impl Mailer {
                     })
             }
         }
+    }
+}
+
+impl SmtpServer {
+    async fn send(&self, message: &Message, cancel: &CancellationToken) -> Result<(), SendError> {
+        let mut conn = self.step("connecting", self.connect()).await?;
+        let result = self.transaction(&mut conn, message, cancel).await;
+        match &result {
+            Ok(()) => {
+                let _ = tokio::time::timeout(self.timeout, conn.quit()).await;
+            }
+            Err(_) => {
+                let _ = tokio::time::timeout(self.timeout, conn.abort()).await;
+            }
+        }
+        result
+    }
+
+    /// Connects, greets, upgrades to TLS and logs in, as lettre's transport does.
+    async fn connect(&self) -> Result<AsyncSmtpConnection, lettre::transport::smtp::Error> {
+        let implicit = match self.tls {
+            SmtpTls::Implicit => self.tls_parameters.clone(),
+            _ => None,
+        };
+        let mut conn = AsyncSmtpConnection::connect_tokio1(
+            (self.host.as_str(), self.port),
+            Some(self.timeout),
+            &self.hello,
+            implicit,
+            None,
+        )
+        .await?;
+        if let (SmtpTls::Starttls, Some(parameters)) = (self.tls, &self.tls_parameters) {
+            conn.starttls(parameters.clone(), &self.hello).await?;
+        }
+        if let Some(credentials) = &self.credentials {
+            conn.auth(DEFAULT_MECHANISMS, credentials).await?;
+        }
+        Ok(conn)
+    }
+
+    async fn transaction(
+        &self,
+        conn: &mut AsyncSmtpConnection,
+        message: &Message,
+        cancel: &CancellationToken,
+    ) -> Result<(), SendError> {
+        let envelope = message.envelope();
+        let body = message.formatted();
+        let mut options = Vec::new();
+        let non_ascii_address = envelope
+            .to()
+            .iter()
+            .chain(envelope.from())
+            .any(|a| !AsRef::<str>::as_ref(a).is_ascii());
+        if non_ascii_address {
+            if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
+                return Err(SendError::Permanent(
+                    "an address is not ASCII and the server does not support SMTPUTF8".into(),
+                ));
+            }
+            options.push(MailParameter::SmtpUtfEight);
+        }
+        if !body.is_ascii() {
+            if !conn.server_info().supports_feature(Extension::EightBitMime) {
+                return Err(SendError::Permanent(
+                    "the message is not ASCII and the server does not support 8BITMIME".into(),
+                ));
+            }
+            options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+        }
+        self.step(
+            "MAIL FROM",
+            conn.command(Mail::new(envelope.from().cloned(), options)),
+        )
+        .await?;
+        for to in envelope.to() {
+            self.step("RCPT TO", conn.command(Rcpt::new(to.clone(), Vec::new())))
+                .await?;
+        }
+        self.step("DATA", conn.command(Data)).await?;
+
+        // The body: `transmitted` turns true once its last byte is written, just
+        // before the end-of-data line.
+        let transmitted = Arc::new(AtomicBool::new(false));
+        let parts = Marked {
+            parts: std::iter::once(body.as_slice()),
+            done: transmitted.clone(),
+        };
+        let reply = conn.message_iter(parts);
+        tokio::pin!(reply);
+        let unknown = |why: &str| {
+            SendError::Unknown(format!(
+                "the message was transmitted but {why}: it may have been delivered; resend it by hand if it was not"
+            ))
+        };
+        let answered = tokio::select! {
+            answered = &mut reply => answered,
+            _ = tokio::time::sleep(self.timeout) => {
+                if !transmitted.load(Ordering::SeqCst) {
+                    return Err(SendError::Transient(format!(
+                        "the SMTP server did not take the message within {:?}",
+                        self.timeout
+                    )));
+                }
+                tokio::select! {
+                    answered = &mut reply => answered,
+                    _ = tokio::time::sleep(FINAL_REPLY_WAIT.saturating_sub(self.timeout)) => {
+                        return Err(unknown(&format!("the server gave no final reply within {FINAL_REPLY_WAIT:?}")));
+                    }
+                    _ = cancel.cancelled() => {
+                        return Err(unknown("the service stopped while waiting for the server's final reply"));
+                    }
+                }
+            }
+        };
+        match answered {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_permanent() => Err(SendError::Permanent(smtp_error(&e))),
+            Err(e) if e.is_transient() => Err(SendError::Transient(smtp_error(&e))),
+            Err(e) if transmitted.load(Ordering::SeqCst) => Err(unknown(&format!(
+                "no final reply came ({})",
+                smtp_error(&e)
+            ))),
+            Err(e) => Err(SendError::Transient(smtp_error(&e))),
+        }
+    }
+
+    /// One step before the body, bounded by `MAIL_SMTP_TIMEOUT`.
+    async fn step<T>(
+        &self,
+        what: &str,
+        step: impl Future<Output = Result<T, lettre::transport::smtp::Error>>,
+    ) -> Result<T, SendError> {
+        match tokio::time::timeout(self.timeout, step).await {
+            Err(_) => Err(SendError::Transient(format!(
+                "the SMTP server did not finish {what} within {:?}",
+                self.timeout
+            ))),
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) if e.is_permanent() => Err(SendError::Permanent(smtp_error(&e))),
+            Ok(Err(e)) => Err(SendError::Transient(smtp_error(&e))),
+        }
+    }
+}
+
+/// The parts of a message; sets `done` when asked for a part after the last one,
+/// which lettre does once the last part is written.
+struct Marked<I> {
+    parts: I,
+    done: Arc<AtomicBool>,
+}
+
+impl<I: Iterator> Iterator for Marked<I> {
+    type Item = I::Item;
+
+    fn next(&mut self) -> Option<I::Item> {
+        let next = self.parts.next();
+        if next.is_none() {
+            self.done.store(true, Ordering::SeqCst);
+        }
+        next
     }
 }
 
@@ -225,7 +396,7 @@ pub async fn send_test(settings: &MailSettings, to: &str) -> anyhow::Result<Stri
     let message =
         compose(&settings.from, &recipients, &rendered, &id).map_err(|e| anyhow::anyhow!("{e}"))?;
     mailer
-        .send(message)
+        .send(message, &CancellationToken::new())
         .await
         .map_err(|e| anyhow::anyhow!("{}", explain(settings, &e)))?;
     Ok(format!(
@@ -257,7 +428,7 @@ pub fn explain(settings: &MailSettings, error: &SendError) -> String {
     } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake")
     {
         "the TLS handshake failed: check that MAIL_SMTP_SERVER is the name in the server's certificate, and MAIL_SMTP_TLS (starttls on 25/587, implicit on 465)"
-    } else if lower.contains("did not finish within") || lower.contains("timed out") {
+    } else if lower.contains("did not finish") || lower.contains("timed out") {
         "the server is too slow or a firewall drops the connection: check MAIL_SMTP_SERVER, MAIL_SMTP_PORT and MAIL_SMTP_TLS (implicit TLS against a STARTTLS port waits forever), or raise MAIL_SMTP_TIMEOUT"
     } else if lower.contains("(535)") || lower.contains("(534)") || lower.contains("credentials") {
         "the login was refused: check MAIL_SMTP_USER and MAIL_SMTP_PASSWORD"

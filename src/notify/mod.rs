@@ -27,10 +27,9 @@
 //! the delivery stays `sending`; when its lease has run out, the next sender marks it
 //! `unknown` instead of sending it again — the server may well have accepted it.
 //! `POST /api/notifications/{id}/resend` sends it again when someone has checked
-//! that it did not arrive. (Through a connection that breaks after the last byte of
-//! the message but before the server's answer, SMTP cannot tell whether the server
-//! took it; that case is retried, and the stable `Message-ID` lets mail clients
-//! recognise the copy.)
+//! that it did not arrive. The same holds when the whole message went out over SMTP
+//! but its final reply did not come (within RFC 5321's 10 minutes, or before
+//! shutdown): `unknown`, never resent automatically.
 //!
 //! Re-billing, a restart or a second replica write no second notification (the
 //! unique key), and the claim makes sure only one sender sends each delivery.
@@ -55,4 +54,8 @@ pub enum SendError {
     /// Retrying will not help: SMTP `5xx`, or the message cannot be built.
     #[error("{0}")]
     Permanent(String),
+    /// The message went out but no answer came: it may have been delivered, so it
+    /// is not sent again automatically.
+    #[error("{0}")]
+    Unknown(String),
 }

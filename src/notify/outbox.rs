@@ -199,6 +199,8 @@ pub struct Claimed {
     pub contacts: Vec<String>,
     /// Usage credits charged in the forecast window before the crossing.
     pub charged_in_window: Decimal,
+    /// Start of the project's first billed usage.
+    pub first_usage: Option<DateTime<Utc>>,
 }
 
 /// Marks deliveries whose sender vanished mid-send (lease expired) as `unknown`:
@@ -254,7 +256,10 @@ pub async fn claim(
                     (SELECT coalesce(sum(l.used_delta), 0) FROM ledger l
                      WHERE l.project = n.project AND l.kind = 'usage'
                        AND l.time > n.crossed_at - make_interval(secs => $3)
-                       AND l.time <= n.crossed_at)
+                       AND l.time <= n.crossed_at),
+                    (SELECT coalesce(l.usage_from, l.time) FROM ledger l
+                     WHERE l.project = n.project AND l.kind = 'usage'
+                     ORDER BY l.time LIMIT 1)
              FROM claimed c
              JOIN notifications n ON n.id = c.notification_id
              LEFT JOIN project_contacts pc ON pc.project = n.project",
@@ -280,6 +285,7 @@ fn claimed_from(row: &Row) -> anyhow::Result<Claimed> {
         crossed_at: row.get(7),
         contacts: row.get(8),
         charged_in_window: row.get(9),
+        first_usage: row.get(10),
     })
 }
 
@@ -294,6 +300,8 @@ pub enum Outcome {
     Failed(String),
     /// Nothing to do, for the given reason.
     Skipped(String),
+    /// Handed over without an answer: may have arrived, never resent automatically.
+    Unknown(String),
 }
 
 /// Records the outcome of a claimed delivery. It matches only while the delivery
@@ -310,6 +318,7 @@ pub async fn finish(
         Outcome::Retry(..) => "pending",
         Outcome::Failed(_) => "failed",
         Outcome::Skipped(_) => "skipped",
+        Outcome::Unknown(_) => "unknown",
     };
     let (next, recipients) = match outcome {
         Outcome::Retry(_, at) => (Some(*at), None),
@@ -318,9 +327,10 @@ pub async fn finish(
     };
     let error = match outcome {
         Outcome::Sent(_) => None,
-        Outcome::Retry(error, _) | Outcome::Failed(error) | Outcome::Skipped(error) => {
-            Some(error.as_str())
-        }
+        Outcome::Retry(error, _)
+        | Outcome::Failed(error)
+        | Outcome::Skipped(error)
+        | Outcome::Unknown(error) => Some(error.as_str()),
     };
     let sent_at = matches!(outcome, Outcome::Sent(_)).then_some(now);
     let updated = client

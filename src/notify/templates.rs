@@ -49,6 +49,9 @@ pub struct MailValues {
     pub forecast_run_out: Option<String>,
     /// Hours of usage behind the forecast (`FORECAST_WINDOW_HOURS`).
     pub forecast_window_hours: u64,
+    /// The usage the forecast is based on, in words (`the last 24 hours`, or `the
+    /// last 6 minutes` for a project billed for 6 minutes).
+    pub forecast_basis: String,
     /// Link to the project's history page; `none` without `PUBLIC_BASE_URL`.
     pub history_url: Option<String>,
 }
@@ -67,6 +70,7 @@ impl MailValues {
             limit_type: "half limit reached".into(),
             forecast_run_out: Some("2026-11-30 14:00 UTC".into()),
             forecast_window_hours: 24,
+            forecast_basis: "the last 24 hours".into(),
             history_url: Some("https://credits.example.org/credits_history/sample".into()),
         }
     }

@@ -1,6 +1,6 @@
 //! The portal webhook, as the old service posted it: `POST
 //! {MAIL_CONTACT_URL}/credits-limit/` with a form and `X-Api-Key: {API_CONTACT_KEY}`;
-//! only `200 OK` counts as delivered.
+//! only `200 OK` counts as delivered; a redirect is not followed (see [`crate::outbound`]).
 
 use super::SendError;
 use std::time::Duration;
@@ -54,9 +54,12 @@ pub async fn post(
     form: &LimitForm,
 ) -> Result<(), SendError> {
     let url = endpoint(base);
-    let response = http
-        .post(url.clone())
-        .header("X-Api-Key", key)
+    let mut request = http.post(url.clone());
+    // An empty API_CONTACT_KEY sends no header rather than an empty one.
+    if !key.is_empty() {
+        request = request.header("X-Api-Key", key);
+    }
+    let response = request
         .header(
             reqwest::header::CONTENT_TYPE,
             "application/x-www-form-urlencoded",
@@ -66,6 +69,11 @@ pub async fn post(
         .send()
         .await
         .map_err(|e| SendError::Transient(format!("posting to {url}: {e}")))?;
+    if let Some(redirect) = crate::outbound::refused_redirect(&response) {
+        return Err(SendError::Transient(format!(
+            "the portal {redirect} ({url})"
+        )));
+    }
     let status = response.status();
     if status == reqwest::StatusCode::OK {
         Ok(())

@@ -36,14 +36,15 @@ pub struct SendSummary {
     pub failed: u64,
     /// Nothing to send to.
     pub skipped: u64,
-    /// Interrupted sends found (lease expired), marked `unknown`.
+    /// Sends without an answer, and interrupted sends found (lease expired),
+    /// marked `unknown`.
     pub unknown: u64,
 }
 
 impl SendSummary {
     /// Deliveries claimed.
     pub fn claimed(&self) -> u64 {
-        self.sent + self.retried + self.failed + self.skipped
+        self.sent + self.retried + self.failed + self.skipped + self.unknown
     }
 }
 
@@ -73,14 +74,18 @@ impl Notifier {
                 tracing::info!("notification mail goes to the {}", mailer.describe())
             }
         }
-        let lease = chrono::Duration::from_std(MIN_LEASE.max(settings.mail.timeout * 6))
-            .context("MAIL_SMTP_TIMEOUT out of range")?;
+        // Longer than a send can take: the steps before the body, then the wait for
+        // the final reply. A lease running out marks the delivery `unknown`.
+        let lease = chrono::Duration::from_std(
+            MIN_LEASE.max(email::FINAL_REPLY_WAIT + settings.mail.timeout * 12),
+        )
+        .context("MAIL_SMTP_TIMEOUT out of range")?;
         Ok(Self {
             pool,
             settings,
             mailer,
             templates,
-            http: reqwest::Client::new(),
+            http: crate::outbound::portal_client().context("building the portal's HTTP client")?,
             lease,
         })
     }
@@ -97,38 +102,45 @@ impl Notifier {
         cancel: Option<&CancellationToken>,
     ) -> anyhow::Result<SendSummary> {
         let client = self.pool.get().await.context("connecting to send")?;
-        let mut summary = SendSummary {
-            unknown: outbox::expire_leases(&client, now).await?,
-            ..SendSummary::default()
-        };
+        let expired = outbox::expire_leases(&client, now).await?;
+        let mut summary = SendSummary::default();
         let window = chrono::Duration::from_std(self.settings.forecast_window)
             .context("forecast window out of range")?;
         while summary.claimed() < BATCH && !cancel.is_some_and(|c| c.is_cancelled()) {
             let Some(claimed) = outbox::claim(&client, now, now + self.lease, window).await? else {
                 break;
             };
-            let outcome = self.deliver(&claimed, now).await;
+            let outcome = self.deliver(&claimed, now, cancel).await;
             log(&claimed, &outcome);
             match &outcome {
                 Outcome::Sent(_) => summary.sent += 1,
                 Outcome::Retry(..) => summary.retried += 1,
                 Outcome::Failed(_) => summary.failed += 1,
                 Outcome::Skipped(_) => summary.skipped += 1,
+                Outcome::Unknown(_) => summary.unknown += 1,
             }
             record(&client, &claimed, &outcome, now).await;
         }
+        summary.unknown += expired;
         Ok(summary)
     }
 
     /// Sends one claimed delivery; never errors, every failure is an outcome.
-    async fn deliver(&self, claimed: &Claimed, now: DateTime<Utc>) -> Outcome {
+    async fn deliver(
+        &self,
+        claimed: &Claimed,
+        now: DateTime<Utc>,
+        cancel: Option<&CancellationToken>,
+    ) -> Outcome {
+        let never = CancellationToken::new();
         let result = match claimed.channel {
-            Channel::Email => self.email(claimed).await,
+            Channel::Email => self.email(claimed, cancel.unwrap_or(&never)).await,
             Channel::Webhook => self.webhook(claimed).await,
         };
         match result {
             Ok(outcome) => outcome,
             Err(SendError::Permanent(e)) => Outcome::Failed(e),
+            Err(SendError::Unknown(e)) => Outcome::Unknown(e),
             Err(SendError::Transient(e)) => match outbox::retry_at(now, claimed.attempts) {
                 Some(at) => Outcome::Retry(e, at),
                 None => {
@@ -138,7 +150,11 @@ impl Notifier {
         }
     }
 
-    async fn email(&self, claimed: &Claimed) -> Result<Outcome, SendError> {
+    async fn email(
+        &self,
+        claimed: &Claimed,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, SendError> {
         let mail = &self.settings.mail;
         let recipients = Recipients::new(mail, &claimed.contacts);
         if recipients.is_empty() {
@@ -154,7 +170,7 @@ impl Notifier {
             .map_err(|e| SendError::Permanent(format!("{e:#}")))?;
         let id = format!("os-credits-notification-{}", claimed.id);
         let message = email::compose(&mail.from, &recipients, &rendered, &id)?;
-        self.mailer.send(message).await?;
+        self.mailer.send(message, cancel).await?;
         Ok(Outcome::Sent(Some(recipients.addresses())))
     }
 
@@ -182,7 +198,8 @@ impl Notifier {
         let level = claimed.level;
         let remaining = level.granted.saturating_sub(level.used);
         let window = chrono::Duration::from_std(settings.forecast_window).unwrap_or_default();
-        let burn_rate = account::burn_rate_per_hour(claimed.charged_in_window, window);
+        let covered = account::covered(window, claimed.crossed_at, claimed.first_usage);
+        let burn_rate = account::burn_rate_per_hour(claimed.charged_in_window, covered);
         let run_out = account::run_out_at(claimed.crossed_at, level.granted, remaining, burn_rate);
         MailValues {
             project: claimed.project.clone(),
@@ -197,6 +214,7 @@ impl Notifier {
             limit_type: claimed.threshold.limit_type(),
             forecast_run_out: run_out.map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string()),
             forecast_window_hours: settings.forecast_window.as_secs() / 3600,
+            forecast_basis: account::describe_span(covered),
             history_url: history_url(settings.public_base_url.as_ref(), &claimed.project),
         }
     }
@@ -230,6 +248,7 @@ fn log(claimed: &Claimed, outcome: &Outcome) {
         Outcome::Retry(..) => "retry",
         Outcome::Failed(_) => "failed",
         Outcome::Skipped(_) => "skipped",
+        Outcome::Unknown(_) => "unknown",
     };
     crate::telemetry::metrics::notification_attempt(channel, counted);
     match outcome {
@@ -242,6 +261,9 @@ fn log(claimed: &Claimed, outcome: &Outcome) {
         }
         Outcome::Skipped(reason) => {
             tracing::info!(id, channel, %project, %reason, "notification skipped")
+        }
+        Outcome::Unknown(error) => {
+            tracing::error!(id, channel, %project, %error, "notification outcome unknown; check and resend it by hand")
         }
     }
 }

@@ -30,11 +30,7 @@ impl IngestContext {
     /// The context for one target.
     pub fn new(settings: &Settings, target_labels: BTreeMap<String, String>) -> Self {
         Self {
-            billed: settings
-                .metrics_to_bill
-                .keys()
-                .map(|m| m.as_str().to_owned())
-                .collect(),
+            billed: settings.rules.metric_names().map(str::to_owned).collect(),
             project_label: settings.project_label.clone(),
             whitelist: settings.project_whitelist.clone(),
             target_labels,
@@ -53,6 +49,35 @@ pub struct Skipped {
     pub not_finite: u64,
     /// Series whose identity is too long to index (over 2 KiB of labels).
     pub too_long: u64,
+    /// A project name the API could never serve: blank, over 255 bytes, or with a
+    /// NUL.
+    pub bad_project: u64,
+    /// A label value with a NUL character, which PostgreSQL text cannot store.
+    pub nul_label: u64,
+}
+
+impl Skipped {
+    /// The counts by reason, as the `reason` label of the dropped-samples metric.
+    pub fn by_reason(&self) -> [(&'static str, u64); 6] {
+        [
+            ("no_project", self.no_project),
+            ("not_whitelisted", self.not_whitelisted),
+            ("not_finite", self.not_finite),
+            ("too_long", self.too_long),
+            ("bad_project", self.bad_project),
+            ("nul_label", self.nul_label),
+        ]
+    }
+}
+
+/// Longest project name the API serves, in bytes (as `ProjectName` in the API).
+const MAX_PROJECT_BYTES: usize = 255;
+
+/// Whether the API could serve `project` (see `api::input::ProjectName`).
+fn servable_project(project: &str) -> bool {
+    !project.trim().is_empty()
+        && project.len() <= MAX_PROJECT_BYTES
+        && !project.chars().any(|c| c == '\0')
 }
 
 /// A parsed body, split into samples of known series and of series still to create.
@@ -114,6 +139,14 @@ pub fn prepare(
             }
             if ctx.whitelist.as_ref().is_some_and(|w| !w.contains(project)) {
                 skipped.not_whitelisted += 1;
+                return;
+            }
+            if !servable_project(project) {
+                skipped.bad_project += 1;
+                return;
+            }
+            if merged(&sample.labels, &ctx.target_labels).any(|(_, v)| v.contains('\0')) {
+                skipped.nul_label += 1;
                 return;
             }
             if !sample.value.is_finite() {
@@ -251,6 +284,8 @@ impl Collected {
         s.not_whitelisted += p.not_whitelisted;
         s.not_finite += p.not_finite;
         s.too_long += p.too_long;
+        s.bad_project += p.bad_project;
+        s.nul_label += p.nul_label;
     }
 
     fn total(&self) -> u64 {

@@ -54,10 +54,7 @@ pub struct Scraper {
 impl Scraper {
     /// Prepares a scraper for the targets in `settings`.
     pub fn new(settings: &Settings, pool: Pool, cache: SeriesCache) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("os-credits/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(settings.scrape_timeout)
-            .build()?;
+        let http = crate::outbound::scrape_client(settings.scrape_timeout)?;
         let targets = settings
             .scrape_targets
             .iter()
@@ -161,6 +158,15 @@ impl Scraper {
         let result = match result {
             Ok(outcome) => {
                 tracing::debug!(stored = outcome.stored, duplicates = outcome.duplicates, skipped = ?outcome.skipped, "scraped");
+                let skipped = outcome.skipped;
+                if skipped.bad_project + skipped.nul_label > 0 {
+                    tracing::warn!(
+                        bad_project = skipped.bad_project,
+                        nul_label = skipped.nul_label,
+                        stored = outcome.stored,
+                        "dropped samples that cannot be stored or served (a project name that is blank, over 255 bytes or holds a NUL; a label value with a NUL); the rest was stored"
+                    );
+                }
                 Ok(outcome.stored)
             }
             Err(e) => {

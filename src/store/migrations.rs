@@ -41,6 +41,16 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/0005_notifications.sql"),
     },
     Migration {
+        version: 10,
+        name: "0010_held_charges.sql",
+        sql: include_str!("../../sql/0010_held_charges.sql"),
+    },
+    Migration {
+        version: 11,
+        name: "0011_policies.sql",
+        sql: include_str!("../../sql/0011_policies.sql"),
+    },
+    Migration {
         version: 12,
         name: "0012_ledger_rollup_and_change_notifications.sql",
         sql: include_str!("../../sql/0012_ledger_rollup_and_change_notifications.sql"),

@@ -5,6 +5,7 @@ pub mod migrations;
 pub mod rollup;
 pub mod samples;
 pub mod series;
+pub mod storage;
 pub mod targets;
 
 use crate::config::DatabaseSettings;
@@ -17,7 +18,7 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StorageMode {
-    /// The `timescaledb` extension is installed: hypertables, compression, retention.
+    /// `usage_samples` is a hypertable (see [`storage::inspect`]).
     Timescaledb,
     /// Plain PostgreSQL tables with the same schema.
     Postgresql,
@@ -78,61 +79,7 @@ pub async fn wait_until_reachable(pool: &Pool, deadline: Duration) -> anyhow::Re
     }
 }
 
-/// Reads which mode the schema runs in.
+/// Reads which mode the schema runs in: from what the tables are.
 pub async fn storage_mode(client: &tokio_postgres::Client) -> anyhow::Result<StorageMode> {
-    let row = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')",
-            &[],
-        )
-        .await
-        .context("reading the storage mode")?;
-    Ok(if row.get::<_, bool>(0) {
-        StorageMode::Timescaledb
-    } else {
-        StorageMode::Postgresql
-    })
-}
-
-/// Keeps samples for `days` (0 keeps them all): a TimescaleDB retention policy (it
-/// drops whole chunks: keep it well above any billing lag), or on plain PostgreSQL a
-/// delete of older, already billed rows (called hourly by the scraper).
-pub async fn apply_retention(
-    client: &tokio_postgres::Client,
-    mode: StorageMode,
-    days: u32,
-) -> anyhow::Result<u64> {
-    let days = i32::try_from(days).context("retention days out of range")?;
-    match mode {
-        StorageMode::Timescaledb => {
-            client
-                .execute(
-                    "SELECT remove_retention_policy('usage_samples', if_exists => true)",
-                    &[],
-                )
-                .await
-                .context("removing the old retention policy")?;
-            if days > 0 {
-                client
-                    .execute(
-                        "SELECT add_retention_policy('usage_samples', drop_after => make_interval(days => $1))",
-                        &[&days],
-                    )
-                    .await
-                    .context("adding the retention policy")?;
-            }
-            Ok(0)
-        }
-        StorageMode::Postgresql if days > 0 => client
-            .execute(
-                // never a sample billing has not consumed yet
-                "DELETE FROM usage_samples u USING billing_cursors c
-                 WHERE u.series_id = c.series_id AND u.time < c.last_time
-                   AND u.time < now() - make_interval(days => $1)",
-                &[&days],
-            )
-            .await
-            .context("deleting samples past retention"),
-        StorageMode::Postgresql => Ok(0),
-    }
+    Ok(storage::inspect(client).await?.mode)
 }

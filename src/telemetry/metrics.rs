@@ -90,6 +90,10 @@ fn describe() {
         "Samples stored by target."
     );
     describe_counter!(
+        "os_credits_samples_dropped_total",
+        "Billed samples scraped but not stored, by target and reason (no_project, not_whitelisted, not_finite, too_long, bad_project: blank, over 255 bytes or NUL; nul_label: a NUL in a label value)."
+    );
+    describe_counter!(
         "os_credits_samples_duplicate_total",
         "Samples not stored because they were stored already, by target."
     );
@@ -129,6 +133,14 @@ fn describe() {
         "Time to the response head by method and route template."
     );
     describe_counter!(
+        "os_credits_charges_held_total",
+        "Counter steps the jump guard held for review instead of billing."
+    );
+    describe_counter!(
+        "os_credits_held_charges_decided_total",
+        "Held charges decided, by decision (approved, rejected) and by (operator, counter_drop)."
+    );
+    describe_counter!(
         "os_credits_notification_attempts_total",
         "Delivery attempts of notifications by channel (email, webhook) and outcome."
     );
@@ -147,6 +159,12 @@ pub fn scrape_finished(
                 .increment(ingested.stored);
             counter!("os_credits_samples_duplicate_total", "target" => target.clone())
                 .increment(ingested.duplicates);
+            for (reason, dropped) in ingested.skipped.by_reason() {
+                if dropped > 0 {
+                    counter!("os_credits_samples_dropped_total", "target" => target.clone(), "reason" => reason)
+                        .increment(dropped);
+                }
+            }
             "success"
         }
         Err(e) => scrape_failure(e),
@@ -259,6 +277,24 @@ pub fn http_request(method: &str, route: Option<String>, status: u16, duration: 
 /// database are reported at render time anyway.
 pub fn notification_attempt(channel: &'static str, outcome: &'static str) {
     counter!("os_credits_notification_attempts_total", "channel" => channel, "outcome" => outcome)
+        .increment(1);
+}
+
+/// A billing transaction held `held` counter steps and rejected `rejected` held
+/// charges because their counters dropped back.
+pub fn charges_held(held: u64, rejected: u64) {
+    if held > 0 {
+        counter!("os_credits_charges_held_total").increment(held);
+    }
+    if rejected > 0 {
+        counter!("os_credits_held_charges_decided_total", "decision" => "rejected", "by" => "counter_drop")
+            .increment(rejected);
+    }
+}
+
+/// An operator approved or rejected a held charge (`decision` is `approved` or `rejected`).
+pub fn held_charge_decided(decision: &'static str) {
+    counter!("os_credits_held_charges_decided_total", "decision" => decision, "by" => "operator")
         .increment(1);
 }
 

@@ -54,11 +54,13 @@ pub fn init(format: LogFormat) -> anyhow::Result<LogHandle> {
         LogFormat::Text => (
             Some(
                 fmt::layer()
+                    .fmt_fields(escaped_fields())
                     .with_ansi(std::io::stderr().is_terminal())
                     .with_writer(std::io::stderr),
             ),
             None,
         ),
+        // JSON strings escape every control character: a value cannot end its line.
         LogFormat::Json => (None, Some(fmt::layer().json().with_writer(std::io::stderr))),
     };
     tracing_subscriber::registry()
@@ -70,4 +72,59 @@ pub fn init(format: LogFormat) -> anyhow::Result<LogHandle> {
         handle,
         _layer: None,
     })
+}
+
+/// Text-log fields as `tracing`'s default writes them (`message`, then `name=value`),
+/// with line breaks and other control characters escaped: a project name or label
+/// value from a user or an exporter cannot start a line of its own (forge an entry)
+/// or send terminal escapes.
+fn escaped_fields() -> impl for<'w> fmt::FormatFields<'w> + Send + Sync + 'static {
+    use tracing_subscriber::field::MakeExt;
+    fmt::format::debug_fn(|writer, field, value| {
+        let text = escape_control(&format!("{value:?}")).into_owned();
+        match field.name() {
+            "message" => writer.write_str(&text),
+            name => write!(writer, "{name}={text}"),
+        }
+    })
+    .delimited(" ")
+}
+
+/// `text` with control characters (and Unicode line separators) written as escapes:
+/// `\n`, `\r`, `\t`, `\u{1b}`.
+pub fn escape_control(text: &str) -> std::borrow::Cow<'_, str> {
+    let special = |c: char| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}');
+    if !text.chars().any(special) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if special(c) => out.push_str(&format!("\\u{{{:x}}}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_and_plain_text_is_kept() {
+        let cases = [
+            ("Alpha Beta", "Alpha Beta"),
+            ("a\nb\r\nc\td", "a\\nb\\r\\nc\\td"),
+            ("\u{1b}[31mred", "\\u{1b}[31mred"),
+            ("line\u{2028}sep\u{85}", "line\\u{2028}sep\\u{85}"),
+            ("Grüße", "Grüße"),
+        ];
+        for (raw, escaped) in cases {
+            assert_eq!(escape_control(raw), escaped, "{raw:?}");
+        }
+    }
 }

@@ -96,6 +96,22 @@ impl TestDb {
         Self { name, server }
     }
 
+    /// A database that stays on plain tables even where the server preloads
+    /// TimescaleDB (`os_credits.timescaledb = off`, read by the first migration).
+    pub async fn create_plain() -> Self {
+        let db = Self::create().await;
+        db.server
+            .admin()
+            .await
+            .batch_execute(&format!(
+                "ALTER DATABASE {} SET os_credits.timescaledb = off",
+                db.name
+            ))
+            .await
+            .expect("keep the test database plain");
+        db
+    }
+
     /// Settings pointing at this database, the service on a free loopback port.
     pub fn vars(&self) -> Vec<(String, String)> {
         let mut vars = vec![
@@ -340,6 +356,55 @@ where
         assert!(started.elapsed() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Whether the test server can create TimescaleDB (installed and preloaded).
+pub async fn server_has_timescaledb(server: &PgServer) -> bool {
+    server
+        .admin()
+        .await
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')
+                AND coalesce(current_setting('shared_preload_libraries', true), '') LIKE '%timescaledb%'",
+            &[],
+        )
+        .await
+        .expect("read the server's TimescaleDB state")
+        .get(0)
+}
+
+/// The storage this test run is for: `TEST_STORAGE` (`make test` sets it), else
+/// what the server offers.
+pub async fn expected_storage() -> os_credits::store::StorageMode {
+    use os_credits::store::StorageMode;
+    match std::env::var("TEST_STORAGE").as_deref() {
+        Ok("timescaledb") => StorageMode::Timescaledb,
+        Ok("postgresql") => StorageMode::Postgresql,
+        _ if server_has_timescaledb(&PgServer::from_env()).await => StorageMode::Timescaledb,
+        _ => StorageMode::Postgresql,
+    }
+}
+
+/// For a test that needs a server preloading TimescaleDB: true when it has one. In
+/// a run for plain PostgreSQL (`TEST_STORAGE=postgresql`) the test belongs to the
+/// other run and returns false; otherwise a missing TimescaleDB skips the test, or
+/// fails it under `CI=true` (CI must run every test).
+pub async fn needs_timescaledb(test: &str) -> bool {
+    if std::env::var("TEST_STORAGE").as_deref() == Ok("postgresql") {
+        eprintln!("{test}: runs in the TEST_STORAGE=timescaledb run, not in this one");
+        return false;
+    }
+    let server = PgServer::from_env();
+    if server_has_timescaledb(&server).await {
+        return true;
+    }
+    let why = format!(
+        "{test} needs a server preloading TimescaleDB, but {}:{} does not (TEST_STORAGE=timescaledb make test starts one)",
+        server.host, server.port
+    );
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+    eprintln!("skipped: {why}");
+    false
 }
 
 /// Holds back every transaction that updates the `projects` row named `project`

@@ -1,0 +1,79 @@
+//! Forecasts of young projects: the burn rate divides by the time actually billed,
+//! not by the whole window.
+
+mod common;
+
+use chrono::{DateTime, Duration, DurationRound, Utc};
+use common::exporter::{Answer, FixtureExporter};
+use common::spawn_app;
+use rust_decimal::Decimal;
+use std::str::FromStr;
+
+const KEY: &str = "forecast-key";
+
+#[tokio::test]
+async fn a_project_billed_for_6_minutes_forecasts_from_those_6_minutes() {
+    let exporter = FixtureExporter::start(Answer::ok("")).await;
+    let app = spawn_app(&[("SCRAPE_TARGETS", &exporter.url), ("API_KEY", KEY)]).await;
+    let now = Utc::now()
+        .duration_trunc(Duration::seconds(1))
+        .expect("whole seconds");
+    // 1.36 vCPU-hours in 6 minutes: 13.6 credits an hour.
+    for (ago, value) in [(360, "100"), (180, "100.68"), (0, "101.36")] {
+        let ms = (now - Duration::seconds(ago)).timestamp_millis();
+        exporter.set(Answer::ok(format!(
+            "project_vcpu_usage{{project_name=\"young\"}} {value} {ms}\n"
+        )));
+        let scraped = app.scrape().await;
+        assert!(scraped.iter().all(|(_, a)| a.result.is_ok()), "{scraped:?}");
+    }
+    let grant = app
+        .http
+        .put(format!("{}/api/projects/young/grant", app.address))
+        .header("X-API-KEY", KEY)
+        .json(&serde_json::json!({"granted_credits": 100}))
+        .send()
+        .await
+        .expect("grant");
+    assert_eq!(grant.status(), 200);
+    let run = app
+        .http
+        .post(format!("{}/api/billing/run", app.address))
+        .header("X-API-KEY", KEY)
+        .send()
+        .await
+        .expect("billing run");
+    assert_eq!(run.status(), 200);
+
+    let detail: serde_json::Value = app
+        .get("/api/projects/young")
+        .await
+        .json()
+        .await
+        .expect("detail");
+    let asked = Utc::now();
+    assert_eq!(detail["used_credits"], "1.36", "{detail}");
+    let rate = Decimal::from_str(detail["burn_rate_per_hour"].as_str().unwrap_or("x"))
+        .unwrap_or_else(|e| panic!("{detail}: {e}"));
+    // Exactly 13.6 when asked at once; the request itself takes a moment (< 60 s).
+    assert!(
+        rate <= Decimal::from_str("13.6").expect("13.6")
+            && rate >= Decimal::from_str("11.65").expect("13.6 × 6/7"),
+        "13.6 credits an hour, not 1.36 / 24 h = 0.0567: {detail}"
+    );
+    let since: DateTime<Utc> = serde_json::from_value(detail["burn_rate_since"].clone())
+        .unwrap_or_else(|e| panic!("{detail}: {e}"));
+    assert_eq!(
+        since,
+        now - Duration::seconds(360),
+        "from the first billed usage"
+    );
+    let run_out: DateTime<Utc> = serde_json::from_value(detail["forecast_run_out_at"].clone())
+        .unwrap_or_else(|e| panic!("{detail}: {e}"));
+    // 98.64 remaining at 13.6 an hour: about 7 h 15 min.
+    let hours = (run_out - asked).num_minutes() as f64 / 60.0;
+    assert!(
+        (7.0..=8.5).contains(&hours),
+        "run-out in {hours} h: {detail}"
+    );
+}
