@@ -19,6 +19,10 @@ down: ## Stop what up-dev started
 test: ## Run all Rust tests against a real PostgreSQL (TEST_STORAGE=timescaledb|postgresql|both|auto), then smoke-test up-dev
 	@bash scripts/test.sh
 
+.PHONY: fuzz
+fuzz: ## Fuzz the HTTP API against its OpenAPI description (schemathesis, with and without the key)
+	@bash scripts/fuzz-openapi.sh
+
 .PHONY: bench
 bench: ## Run cargo bench against the same PostgreSQL as the tests
 	@bash scripts/bench.sh

@@ -31,8 +31,10 @@ async fn main() -> anyhow::Result<()> {
     let pool = database.pool()?;
     let mut client = pool.get().await?;
     os_credits::store::migrations::run(&mut client).await?;
+    // Both storage modes are benched (TEST_POSTGRES_PORT picks the cluster): say which.
+    let mode = format!("{:?}", os_credits::store::storage_mode(&client).await?).to_lowercase();
     drop(client);
-    let mut summary = support::Summary::new("ingest");
+    let mut summary = support::Summary::new(&format!("ingest ({mode})"));
 
     println!(
         "== ingest: {series} series x {scrapes} scrapes = {} samples",

@@ -20,6 +20,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use support::{env_num, percentile, BenchDb};
 
+/// The billing memory ceiling the README states for the default settings.
+const RSS_CEILING_MIB: f64 = 150.0;
+
+fn mib(bytes: i64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
 struct Figures {
     mode: String,
     samples: i64,
@@ -98,6 +105,44 @@ async fn main() -> anyhow::Result<()> {
             os_credits::billing::engine::DEFAULT_BATCH_SAMPLES
         );
     }
+    let mut summary = support::Summary::new("storage");
+    for f in &all {
+        let m = &f.mode;
+        summary.info(
+            &format!("usage_samples size, {m}"),
+            mib(f.bytes_before),
+            "MiB",
+        );
+        if m == "timescaledb" {
+            summary.info(
+                &format!("usage_samples compressed, {m}"),
+                mib(f.bytes_after),
+                "MiB",
+            );
+        }
+        summary.info(
+            &format!("billing {} samples, {m}", f.billed),
+            f.billed as f64 / f.bill_secs.max(1e-9),
+            "samples/s",
+        );
+        summary.at_most(
+            &format!("service peak RSS billing the backlog, {m}"),
+            f.rss_billing_kb as f64 / 1024.0,
+            "MiB",
+            RSS_CEILING_MIB,
+        );
+        summary.info(
+            &format!("service peak RSS billing / idle, {m}"),
+            f.rss_billing_kb as f64 / f.rss_idle_kb.max(1) as f64,
+            "",
+        );
+        summary.info(
+            &format!("credits_history p99 (30 days), {m}"),
+            f.history_p99.as_secs_f64() * 1e3,
+            "ms",
+        );
+    }
+    summary.finish();
     if let (Some(ts), Some(pg)) = (
         all.iter().find(|f| f.mode == "timescaledb"),
         all.iter().find(|f| f.mode == "postgresql"),

@@ -101,7 +101,7 @@ up_local() {
         curl -sS --max-time 5 "$SERVICE_URL/health" >&2 || true
         die "os-credits did not become healthy on $SERVICE_URL/health (log: .dev/os-credits.log)"
     }
-    print_urls "local processes, PostgreSQL at $PG_HOST:$PG_PORT ($PG_MODE)" \
+    print_urls "local processes, PostgreSQL at $PG_HOST:$PG_PORT ($PG_MODE), storage $PG_STORAGE: $PG_STORAGE_WHY" \
         "  logs           .dev/os-credits.log, .dev/demo-exporter.log
 "
 }

@@ -38,3 +38,23 @@ CREATE TABLE series_rates (
     rate_per_hour   numeric NOT NULL CHECK (rate_per_hour <> 'NaN'),
     covered_seconds bigint  NOT NULL
 );
+
+-- Completeness (src/scrape/completeness.rs): how many billed series each target
+-- returned in its last successful scrape and the one before, and the last count
+-- that was not zero, so a target that goes empty (a federating Prometheus answers
+-- 200 without the series of an exporter that is down) is reported.
+ALTER TABLE scrape_targets
+    ADD COLUMN billed_series              bigint,
+    ADD COLUMN billed_series_before       bigint,
+    ADD COLUMN billed_series_last_nonzero bigint,
+    ADD COLUMN billed_series_nonzero_at   timestamptz;
+
+-- Series a target returned in one scrape and not in the next: billing for them has
+-- stopped. Deleted when the series appears again.
+CREATE TABLE stale_series (
+    series_id    bigint      PRIMARY KEY,
+    target       text        NOT NULL,
+    -- the last scrape that returned it, and the first that did not
+    last_seen_at timestamptz NOT NULL,
+    missing_since timestamptz NOT NULL
+);

@@ -73,6 +73,17 @@ pub struct DatabaseSettings {
     pub database: String,
     /// `POSTGRES_POOL_SIZE`: connections the service keeps at most.
     pub pool_size: usize,
+    /// `POSTGRES_POOL_TIMEOUT`: how long a request or worker waits for a free
+    /// connection before giving up (HTTP 503), so a full pool never hangs callers.
+    pub pool_timeout: Duration,
+    /// `POSTGRES_LOCK_TIMEOUT`: longest wait for a lock (a project another replica or
+    /// request holds); the API answers 503 with `Retry-After` instead of hanging.
+    pub lock_timeout: Duration,
+    /// `POSTGRES_STATEMENT_TIMEOUT`: longest run of one statement.
+    pub statement_timeout: Duration,
+    /// `POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT`: the server ends a session idle inside
+    /// a transaction this long, freeing the locks of a frozen or stopped holder.
+    pub idle_in_transaction_timeout: Duration,
 }
 
 /// Credentials a scrape sends.
@@ -199,6 +210,12 @@ pub struct Settings {
     pub api_contact_base_url: Option<url::Url>,
     /// `API_CONTACT_KEY`: `X-Api-Key` sent to the portal.
     pub api_contact_key: Secret,
+    /// `API_CONTACT_SYNC_INTERVAL`: time between two rounds of fetching grants from
+    /// the portal (its own worker: billing never waits for the portal).
+    pub api_contact_sync_interval: Duration,
+    /// `API_CONTACT_SYNC_DEADLINE`: longest time one round of fetching grants may
+    /// take; a hung portal fails the round, not billing.
+    pub api_contact_sync_deadline: Duration,
     /// `NOTIFICATION_THRESHOLDS`: fractions of the grant used that notify, ascending.
     pub notification_thresholds: Vec<Threshold>,
     /// Email and portal notifications (`MAIL_*`, `NOTIFICATION_TO_OVERWRITE`,
@@ -228,6 +245,10 @@ pub const SETTINGS: &[&str] = &[
     "POSTGRES_PASSWORD",
     "POSTGRES_DB",
     "POSTGRES_POOL_SIZE",
+    "POSTGRES_POOL_TIMEOUT",
+    "POSTGRES_LOCK_TIMEOUT",
+    "POSTGRES_STATEMENT_TIMEOUT",
+    "POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT",
     "CREDITS_HOST",
     "CREDITS_PORT",
     "API_KEY",
@@ -249,6 +270,8 @@ pub const SETTINGS: &[&str] = &[
     "FORECAST_WINDOW_HOURS",
     "API_CONTACT_BASE_URL",
     "API_CONTACT_KEY",
+    "API_CONTACT_SYNC_INTERVAL",
+    "API_CONTACT_SYNC_DEADLINE",
     "NOTIFICATION_THRESHOLDS",
     "MAIL_SMTP_SERVER",
     "MAIL_SMTP_PORT",
@@ -293,6 +316,11 @@ impl Settings {
                 password: Secret::new(env.string("POSTGRES_PASSWORD", "password")),
                 database: env.string("POSTGRES_DB", "credits_db"),
                 pool_size: env.positive("POSTGRES_POOL_SIZE", 16)?,
+                pool_timeout: env.seconds("POSTGRES_POOL_TIMEOUT", 10)?,
+                lock_timeout: env.seconds("POSTGRES_LOCK_TIMEOUT", 2)?,
+                statement_timeout: env.seconds("POSTGRES_STATEMENT_TIMEOUT", 300)?,
+                idle_in_transaction_timeout: env
+                    .seconds("POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT", 60)?,
             },
             host: env.string("CREDITS_HOST", "0.0.0.0"),
             port: env.parse("CREDITS_PORT", 8000, "a port number (0-65535)")?,
@@ -343,6 +371,8 @@ impl Settings {
                 ),
             },
             api_contact_key: Secret::new(env.string("API_CONTACT_KEY", "")),
+            api_contact_sync_interval: env.seconds("API_CONTACT_SYNC_INTERVAL", 300)?,
+            api_contact_sync_deadline: env.seconds("API_CONTACT_SYNC_DEADLINE", 60)?,
             notification_thresholds: thresholds::parse_list(
                 &env.string("NOTIFICATION_THRESHOLDS", "0.5,1.0"),
             )

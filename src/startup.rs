@@ -101,16 +101,29 @@ impl Application {
         let cancel = CancellationToken::new();
         let state =
             AppState::new(pool.clone(), mode, settings.clone(), logs).with_storage(storage.clone());
-        let workers = state.workers.clone();
-        // Balances are answered from memory while this listens (see api::memo).
+        // Balances are answered from memory while this listens (see api::memo); it
+        // runs with or without the other workers, supervised like them.
         let memo = state.memo.clone();
+        let on_change: store::changes::OnChange = Arc::new(move |change| memo.on_change(change));
         let mut listen_config = store::pg_config(&settings.database);
         listen_config.application_name(store::changes::APPLICATION_NAME);
-        state.memo.attach(store::changes::Listener::spawn(
-            listen_config,
-            Arc::new(move |change| memo.on_change(change)),
+        let change_listener = store::changes::Listener::new();
+        state.memo.attach(change_listener.clone());
+        let listen_cancel = cancel.clone();
+        state.workers.spawn(
+            "change_listener",
+            Duration::ZERO,
+            Backoff::default(),
             cancel.clone(),
-        ));
+            move || {
+                change_listener.clone().run(
+                    listen_config.clone(),
+                    on_change.clone(),
+                    listen_cancel.clone(),
+                )
+            },
+        );
+        let workers = state.workers.clone();
         let server = api::server(state, listener)?;
         tracing::info!(port, "listening");
         Ok(Self {
@@ -201,18 +214,21 @@ impl Application {
         let (settings, pool, cancel) = (&self.settings, &self.pool, &self.cancel);
         let backoff = Backoff::default();
         let mut handles = Vec::new();
-        if let Some(scraper) = self.scraper.clone() {
+        // Each target on its own schedule, as Prometheus does: a slow target delays
+        // only itself.
+        for index in 0..self.scraper.as_ref().map_or(0, |s| s.target_count()) {
+            let Some(scraper) = self.scraper.clone() else {
+                break;
+            };
+            let name = format!("scrape:{}", scraper.target_name(index).unwrap_or_default());
             handles.push(self.workers.spawn(
-                "scrape",
+                name,
                 settings.scrape_interval,
                 backoff,
                 cancel.clone(),
                 move || {
                     let scraper = scraper.clone();
-                    async move {
-                        scraper.scrape_all().await;
-                        Ok(())
-                    }
+                    async move { scraper.scrape_one(index).await.map(|_| ()) }
                 },
             ));
         }
@@ -246,7 +262,7 @@ impl Application {
             let http = crate::outbound::portal_client()?;
             handles.push(self.workers.spawn(
                 "grant_sync",
-                settings.billing_interval,
+                settings.api_contact_sync_interval,
                 backoff,
                 cancel.clone(),
                 move || billing::worker::sync_grants(pool.clone(), s.clone(), http.clone()),

@@ -403,6 +403,7 @@ async fn a_webhook_answered_with_a_redirect_is_not_sent_and_the_key_stays_home()
         error.contains("302") && error.contains(&target),
         "names the Location: {error}"
     );
+    common::invariants::assert_invariants(&world.app.db.connect().await).await;
 }
 
 #[tokio::test]
@@ -472,6 +473,7 @@ async fn a_scrape_follows_redirects_but_carries_credentials_only_within_the_orig
         "the token went to another origin: {}",
         stranger[0]
     );
+    common::invariants::assert_invariants(&app.db.connect().await).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -516,6 +518,7 @@ async fn a_final_smtp_reply_after_the_timeout_is_awaited_and_the_mail_sent_once(
         .filter(|d| d.0 == "email")
         .collect();
     assert_eq!(email[0].1, "sent", "{email:?}");
+    common::invariants::assert_invariants(&world.app.db.connect().await).await;
 }
 
 #[tokio::test]
@@ -546,6 +549,7 @@ async fn a_missing_final_smtp_reply_makes_the_mail_unknown_and_it_is_never_resen
         .collect();
     assert_eq!(email[0].1, "unknown", "{email:?}");
     assert!(email[0].2.contains("resend it by hand"), "{email:?}");
+    common::invariants::assert_invariants(&world.app.db.connect().await).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -685,6 +689,7 @@ async fn a_project_name_with_line_breaks_cannot_forge_text_log_lines() {
         logged.iter().any(|l| l.contains("Evil\\n1999-01-01")),
         "escaped, still readable: {logged:#?}"
     );
+    common::invariants::assert_invariants(&db.connect().await).await;
 }
 
 #[tokio::test]
@@ -720,6 +725,7 @@ async fn a_project_name_with_line_breaks_cannot_forge_json_log_lines() {
             .any(|e| e["fields"]["project"] == evil.as_str()),
         "the project is logged, whole: {lines:#?}"
     );
+    common::invariants::assert_invariants(&db.connect().await).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -781,4 +787,245 @@ async fn samples_that_cannot_be_stored_or_served_are_dropped_counted_and_the_res
     };
     assert_eq!(dropped("nul_label").as_deref(), Some("2"), "{metrics}");
     assert_eq!(dropped("bad_project").as_deref(), Some("6"), "{metrics}");
+    common::invariants::assert_invariants(&app.db.connect().await).await;
+}
+
+// ---------------------------------------------------------------------------
+// 7. A slow target delays only itself.
+
+/// A slow-loris exporter: answers every request with a head promising a body, then
+/// one byte a second.
+async fn slow_loris() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/metrics", listener.local_addr().expect("address"));
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                    .await;
+                while stream.write_all(b"#").await.is_ok() {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn a_slow_target_delays_only_itself() {
+    let healthy = Peer::start(&[(
+        "/metrics",
+        Reply::ok("project_vcpu_usage{project_name=\"Alpha\"} 1\n"),
+    )])
+    .await;
+    let targets = json!([
+        {"url": slow_loris().await, "name": "slow"},
+        {"url": format!("{}/metrics", healthy.base), "name": "healthy"},
+    ])
+    .to_string();
+    let app = common::spawn_app_on(
+        common::TestDb::create().await,
+        &[
+            ("SCRAPE_TARGETS", &targets),
+            ("SCRAPE_INTERVAL", "0.5"),
+            ("SCRAPE_TIMEOUT", "3"),
+            ("OS_CREDITS_WORKERS", "1"),
+        ],
+        true,
+    )
+    .await;
+
+    // Two slow attempts take at least two timeouts: 12 intervals of the healthy one.
+    common::eventually(Duration::from_secs(60), "two slow scrapes", || async {
+        let slow = app.target_status("slow").await;
+        (slow["scrapes_total"].as_i64() >= Some(2)).then_some(())
+    })
+    .await;
+    let healthy_samples = app.sample_count().await;
+
+    assert!(
+        healthy_samples >= 6,
+        "the healthy target kept its own schedule: {healthy_samples} samples while the slow one timed out twice (one per slow scrape would mean it waited)"
+    );
+    assert_eq!(app.target_status("slow").await["up"], false);
+    let db = app.shutdown().await;
+    common::invariants::assert_invariants(&db.connect().await).await;
+}
+
+// ---------------------------------------------------------------------------
+// 11. Small input and conformance gaps.
+
+#[tokio::test]
+async fn bad_input_is_a_json_400_and_every_405_says_what_is_allowed() {
+    let world = World::start(&[]).await;
+    let (status, body) = world
+        .call(
+            reqwest::Method::PUT,
+            "/api/projects/Alpha/grant",
+            Some(json!({ "granted_credits": 100 })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let cases: Vec<(&str, reqwest::Method, &str, Option<&str>, &[u16])> = vec![
+        (
+            "NUL in a project name",
+            reqwest::Method::GET,
+            "/api/current_credits/a%00b",
+            None,
+            &[400],
+        ),
+        (
+            "NUL in a grant reason",
+            reqwest::Method::PUT,
+            "/api/projects/Alpha/grant",
+            Some(r#"{"granted_credits": 1, "reason": "a\u0000b"}"#),
+            &[400],
+        ),
+        (
+            "NUL in an adjustment reason",
+            reqwest::Method::POST,
+            "/api/projects/Alpha/adjustments",
+            Some(r#"{"credits": 1, "reason": "a\u0000b"}"#),
+            &[400],
+        ),
+        (
+            "a date before PostgreSQL's range",
+            reqwest::Method::GET,
+            "/api/credits_history/Alpha?start_date=-4713-01-01%2000:00:00",
+            None,
+            &[400],
+        ),
+        (
+            "a year past 9999",
+            reqwest::Method::GET,
+            "/api/credits_history/Alpha?end_date=+10000-01-01%2000:00:00",
+            None,
+            &[400],
+        ),
+        (
+            "invalid UTF-8 in a path",
+            reqwest::Method::GET,
+            "/api/current_credits/%FF",
+            None,
+            &[400],
+        ),
+        (
+            "invalid UTF-8 in a query",
+            reqwest::Method::GET,
+            "/api/credits_history/Alpha?step=%FF",
+            None,
+            &[400],
+        ),
+        (
+            "more precision than a float holds",
+            reqwest::Method::PUT,
+            "/api/projects/Alpha/grant",
+            Some(r#"{"granted_credits": 1.00000000000000000000001}"#),
+            &[400],
+        ),
+        (
+            "underscores in a number",
+            reqwest::Method::PUT,
+            "/api/projects/Alpha/grant",
+            Some(r#"{"granted_credits": "1_000"}"#),
+            &[400],
+        ),
+        (
+            "a number with too many digits",
+            reqwest::Method::POST,
+            "/api/costs_per_hour",
+            Some(r#"{"project_vcpu_usage": 1.00000000000000000000000000001}"#),
+            &[400],
+        ),
+    ];
+    for (case, method, path, body, expected) in cases {
+        let mut request = world
+            .app
+            .http
+            .request(method, format!("{}{path}", world.app.address))
+            .header("X-API-KEY", KEY);
+        if let Some(body) = body {
+            request = request
+                .header("Content-Type", "application/json")
+                .body(body.to_owned());
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        assert!(expected.contains(&status), "{case}: {status} {text}");
+        let json: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{case}: not a JSON error ({e}): {text}"));
+        assert!(json["error"].is_string(), "{case}: {json}");
+    }
+    let (status, body) = world
+        .call(reqwest::Method::GET, "/api/current_credits/Alpha", None)
+        .await;
+    assert_eq!(
+        (status, &body["granted_credits"]),
+        (200, &json!(100.0)),
+        "nothing changed: {body}"
+    );
+
+    let not_allowed = [
+        (reqwest::Method::DELETE, "/api/projects/Alpha/grant", "PUT"),
+        (reqwest::Method::POST, "/ping", "GET"),
+        (reqwest::Method::GET, "/api/costs_per_hour", "POST"),
+        (
+            reqwest::Method::DELETE,
+            "/api/projects/Alpha/contacts",
+            "GET, PUT",
+        ),
+        (reqwest::Method::PUT, "/health", "GET"),
+    ];
+    for (method, path, allow) in not_allowed {
+        let response = world
+            .app
+            .http
+            .request(method.clone(), format!("{}{path}", world.app.address))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 405, "{method} {path}");
+        let header = response
+            .headers()
+            .get("allow")
+            .map(|v| v.to_str().unwrap_or_default().to_owned());
+        assert_eq!(header.as_deref(), Some(allow), "{method} {path}");
+    }
+    common::invariants::assert_invariants(&world.app.db.connect().await).await;
+}
+
+#[tokio::test]
+async fn health_forgets_a_target_removed_from_scrape_targets() {
+    let exporter = Peer::start(&[("/metrics", Reply::ok("# nothing\n"))]).await;
+    let url = format!("{}/metrics", exporter.base);
+    let both = json!([{"url": url, "name": "kept"}, {"url": common::exporter::refused_url(), "name": "removed"}]);
+    let app = spawn_app(&[("SCRAPE_TARGETS", &both.to_string())]).await;
+    app.scrape().await;
+    assert_eq!(
+        app.health().await["status"],
+        "degraded",
+        "the refused target is down"
+    );
+    let db = app.shutdown().await;
+
+    let one = json!([{"url": url, "name": "kept"}]);
+    let app = common::spawn_app_on(db, &[("SCRAPE_TARGETS", &one.to_string())], false).await;
+    app.scrape().await;
+
+    let health = app.health().await;
+    let names: Vec<&str> = health["targets"]
+        .as_array()
+        .expect("targets")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(names, ["kept"], "{health}");
+    assert_eq!(health["status"], "ok", "{health}");
 }

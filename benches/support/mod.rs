@@ -75,6 +75,10 @@ impl BenchDb {
             password: Secret::new(var("TEST_POSTGRES_PASSWORD", "")),
             database: format!("osc_bench_{name}_{}", std::process::id()),
             pool_size: 16,
+            pool_timeout: std::time::Duration::from_secs(10),
+            lock_timeout: std::time::Duration::from_secs(2),
+            statement_timeout: std::time::Duration::from_secs(300),
+            idle_in_transaction_timeout: std::time::Duration::from_secs(60),
         };
         let admin = Self::admin(&settings).await?;
         admin

@@ -28,7 +28,8 @@ struct Database {
     error: Option<String>,
 }
 
-/// 200 with `status` `ok` (or `degraded` when a target's last scrape failed, a
+/// 200 with `status` `ok` (or `degraded` when a target's last scrape failed or it
+/// returns no billed series although it did before, a
 /// worker's last step failed, or billing has not completed a run for 2 ×
 /// `BILLING_INTERVAL`) while the database answers; 503 with `unavailable` when it
 /// does not.
@@ -69,7 +70,9 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let workers = state.workers.snapshot();
     let status = match (
         database.reachable,
-        targets.iter().all(|t| t.up || t.last_attempt_at.is_none())
+        targets
+            .iter()
+            .all(|t| (t.up || t.last_attempt_at.is_none()) && t.problem.is_none())
             && workers_healthy(&workers, state.settings.billing_interval, Utc::now()),
     ) {
         (false, _) => "unavailable",

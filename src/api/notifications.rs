@@ -203,7 +203,7 @@ pub async fn resend(
                 error: e.to_string(),
             }))
         }
-        Err(ResendError::Unexpected(e)) => return Err(ApiError::Unexpected(e)),
+        Err(ResendError::Unexpected(e)) => return Err(ApiError::from(e)),
     };
     tx.commit().await.context("committing the resend")?;
     tracing::info!(id, channels = ?channels, "notification queued again");

@@ -8,6 +8,7 @@ use super::input::{credits_text, decimal_from_json, no_nul, ProjectName};
 use super::{ApiError, AppState};
 use crate::billing::account::{self, AdjustError, Balance};
 use crate::billing::money::round_credits;
+use crate::billing::quarantine::{self, QuarantinedView};
 use actix_web::{web, HttpResponse};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -85,11 +86,17 @@ pub struct DetailView {
     counter_decreases: Vec<DecreaseView>,
     /// The latest 100 unbilled gauge gaps, newest first.
     unbilled_gaps: Vec<GapView>,
+    /// The latest 100 samples billing could not charge and passed (quarantined),
+    /// newest first.
+    quarantined_samples: Vec<QuarantinedView>,
     /// Credits of the charges held for review and not decided yet (not in used credits).
     #[schema(example = "805.44")]
     held_credits: String,
     /// The latest 100 held charges (open and decided), newest first.
     held_charges: Vec<super::held::HeldView>,
+    /// Series a target returned once and no longer returns: their usage is not
+    /// billed while they are missing.
+    stale_series: Vec<crate::scrape::completeness::StaleSeries>,
 }
 
 /// How far billing has come for one metric.
@@ -159,11 +166,14 @@ pub async fn detail(
     };
     let detail = Arc::unwrap_or_clone(detail);
     let balance = &detail.balance;
-    // Held charges are not part of the memo: read them now.
+    // Held charges, quarantined samples and stale series are not part of the memo:
+    // read them now.
     let client = state.client().await?;
-    let (held_list, (_, held_open)) = futures::try_join!(
+    let (held_list, (_, held_open), quarantined, stale_series) = futures::try_join!(
         crate::billing::held::list(&client, project.as_str(), account::DETAIL_EVENTS),
         crate::billing::held::open_total(&client, project.as_str()),
+        quarantine::latest(&client, project.as_str(), 100),
+        crate::scrape::completeness::of_project(&client, project.as_str()),
     )?;
     let covered = account::covered(window, now, detail.first_usage);
     let burn_rate = account::burn_rate_per_hour(detail.charged_in_window, covered);
@@ -214,11 +224,13 @@ pub async fn detail(
                 to_time: g.to_time,
             })
             .collect(),
+        quarantined_samples: quarantined,
         held_credits: credits_text(held_open, settings.precision),
         held_charges: held_list
             .into_iter()
             .map(|h| super::held::HeldView::new(h, settings.precision))
             .collect(),
+        stale_series,
     };
     Ok(HttpResponse::Ok().json(view))
 }
@@ -372,7 +384,7 @@ pub async fn adjust(
     .map_err(|e| match e {
         AdjustError::UnknownProject(_) => unknown(&project),
         AdjustError::Overflow => ApiError::BadRequest(e.to_string()),
-        AdjustError::Unexpected(e) => ApiError::Unexpected(e),
+        AdjustError::Unexpected(e) => ApiError::from(e),
     })?;
     tx.commit().await.context("committing the adjustment")?;
     tracing::info!(project = project.as_str(), credits = %credits, reason, "credits adjusted");

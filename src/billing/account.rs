@@ -129,7 +129,9 @@ pub async fn set_grant(
     let before = lock(tx, project)
         .await?
         .context("the project vanished while locked")?;
-    let delta = granted - before.granted;
+    let delta = granted
+        .checked_sub(before.granted)
+        .context("the grant's change leaves the decimal range")?;
     if delta.is_zero() {
         return Ok(GrantOutcome {
             balance: before,

@@ -9,7 +9,7 @@
 //! the same time bill disjoint projects and never the same usage twice.
 
 use super::charge::{self, Point};
-use super::money::decimal_from_f64;
+use super::quarantine;
 use super::rules::{DecreasePolicy, Rules};
 use crate::config::Settings;
 use crate::notify::outbox::{self, Cause};
@@ -384,7 +384,8 @@ async fn bill_pass(
     Ok((outcomes, more))
 }
 
-/// Charges one series' new samples into its project's writes.
+/// Charges one series' new samples into its project's writes; samples that cannot
+/// be billed are quarantined ([`quarantine`]).
 fn charge_into(
     writes: &mut Writes,
     rules: &Rules,
@@ -397,16 +398,7 @@ fn charge_into(
     let Some(rule) = rules.get(&metric) else {
         return Ok(());
     };
-    let points = samples
-        .iter()
-        .map(|s| {
-            let value: f64 = s.get(2);
-            Ok(Point {
-                time: s.get(1),
-                value: exact(value).with_context(|| format!("sample value {value}"))?,
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let points: Vec<(DateTime<Utc>, f64)> = samples.iter().map(|s| (s.get(1), s.get(2))).collect();
     let labels: BTreeMap<String, String> =
         serde_json::from_value(series.get::<_, serde_json::Value>(2)).context("series labels")?;
     let cursor = match (
@@ -416,37 +408,42 @@ fn charge_into(
         (Some(time), Some(value)) => Some(Point { time, value }),
         _ => None,
     };
-    let guarded = super::guard::charge_guarded(rule, &labels, cursor, &points, rate)?;
-    let charged = guarded.charged;
-    writes
-        .guard
-        .add(series_id, &metric, guarded.held, guarded.state, rate);
+    let totals = quarantine::Totals {
+        used: writes.used,
+        charged: writes.credits,
+    };
+    // The jump guard decides what is billed or held; the quarantine passes what
+    // cannot be billed at all.
+    let guarded = |cursor, points: &[Point], (state, mut held): (_, Vec<_>)| {
+        let g = super::guard::charge_guarded(rule, &labels, cursor, points, state)?;
+        held.extend(g.held);
+        Ok((g.charged, (g.state, held)))
+    };
+    let (billed, (state, held)) =
+        quarantine::charge_series(rule, cursor, &points, totals, (rate, Vec::new()), guarded)?;
+    writes.guard.add(series_id, &metric, held, state, rate);
     writes.samples += points.len() as u64;
-    for line in charge::summarize(&rule.metric, &charged.steps)? {
+    for line in billed.lines {
         writes.usage(&metric, line)?;
     }
-    for d in charged.decreases {
+    for d in billed.charge.decreases {
         writes
             .decreases
             .push((series_id, d.time, d.from_value, d.to_value, d.policy));
     }
-    for gap in charged.gaps {
+    for gap in billed.charge.gaps {
         writes.gaps.push((series_id, gap.from, gap.to));
     }
-    if let Some(cursor) = charged.new_cursor {
-        writes.cursors.push((series_id, cursor.time, cursor.value));
+    for q in billed.quarantined {
+        tracing::warn!(series_id, %metric, time = %q.time, value = q.value, reason = %q.reason, "sample quarantined: not billed, recorded");
+        writes
+            .quarantined
+            .push((series_id, q.time, q.value, q.reason));
+    }
+    if let Some((time, value)) = billed.cursor {
+        writes.cursors.push((series_id, time, value));
     }
     Ok(())
-}
-
-/// Converts a stored sample value to an exact decimal; magnitudes below what a
-/// decimal can hold are zero usage.
-fn exact(value: f64) -> anyhow::Result<Decimal> {
-    match decimal_from_f64(value) {
-        Some(decimal) => Ok(decimal),
-        None if value.is_finite() && value.abs() < 1.0 => Ok(Decimal::ZERO),
-        None => anyhow::bail!("cannot be billed exactly (too large)"),
-    }
 }
 
 /// Everything one project's run writes, collected before anything is written.
@@ -461,7 +458,8 @@ struct Writes {
     ledger_used_after: Vec<Decimal>,
     decreases: Vec<(i64, DateTime<Utc>, Decimal, Decimal, DecreasePolicy)>,
     gaps: Vec<(i64, DateTime<Utc>, DateTime<Utc>)>,
-    cursors: Vec<(i64, DateTime<Utc>, Decimal)>,
+    quarantined: Vec<(i64, DateTime<Utc>, f64, String)>,
+    cursors: Vec<(i64, DateTime<Utc>, Option<Decimal>)>,
     guard: super::held::GuardWrites,
 }
 
@@ -478,6 +476,7 @@ impl Writes {
             ledger_used_after: Vec::new(),
             decreases: Vec::new(),
             gaps: Vec::new(),
+            quarantined: Vec::new(),
             cursors: Vec::new(),
             guard: super::held::GuardWrites::default(),
         }
@@ -509,6 +508,7 @@ async fn apply(
 ) -> anyhow::Result<()> {
     let mut ledger = LedgerColumns::default();
     let (mut decreases, mut gaps, mut cursors) = (Vec::new(), Vec::new(), Vec::new());
+    let mut quarantined = Vec::new();
     for (project, w) in writes {
         for (i, line) in w.ledger.iter().enumerate() {
             ledger.project.push(project.as_str());
@@ -524,6 +524,24 @@ async fn apply(
         decreases.extend(w.decreases.iter().cloned());
         gaps.extend(w.gaps.iter().cloned());
         cursors.extend(w.cursors.iter().cloned());
+        quarantined.extend(w.quarantined.iter().cloned());
+    }
+    if !quarantined.is_empty() {
+        let ids: Vec<i64> = quarantined.iter().map(|q| q.0).collect();
+        let times: Vec<DateTime<Utc>> = quarantined.iter().map(|q| q.1).collect();
+        let values: Vec<f64> = quarantined.iter().map(|q| q.2).collect();
+        let reasons: Vec<&str> = quarantined.iter().map(|q| q.3.as_str()).collect();
+        tx.execute(
+            &tx.prepare_cached(
+                "INSERT INTO quarantined_samples (series_id, time, value, reason)
+                 SELECT * FROM unnest($1::bigint[], $2::timestamptz[], $3::float8[], $4::text[])
+                 ON CONFLICT DO NOTHING",
+            )
+            .await?,
+            &[&ids, &times, &values, &reasons],
+        )
+        .await
+        .context("recording quarantined samples")?;
     }
     super::held::GuardWrites::apply(
         tx,
@@ -607,7 +625,7 @@ async fn apply(
     if !cursors.is_empty() {
         let ids: Vec<i64> = cursors.iter().map(|c| c.0).collect();
         let times: Vec<DateTime<Utc>> = cursors.iter().map(|c| c.1).collect();
-        let values: Vec<Decimal> = cursors.iter().map(|c| c.2).collect();
+        let values: Vec<Option<Decimal>> = cursors.iter().map(|c| c.2).collect();
         tx.execute(
             &tx.prepare_cached(
                 "INSERT INTO billing_cursors (series_id, last_time, last_value)

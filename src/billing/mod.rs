@@ -12,5 +12,6 @@ pub mod held;
 pub mod history;
 pub mod money;
 pub mod portal;
+pub mod quarantine;
 pub mod rules;
 pub mod worker;

@@ -16,19 +16,26 @@ use std::time::Duration;
 /// How long one portal request may take.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The largest answer read: a grant is one number; more is not a grant, and reading
+/// it whole could exhaust the memory.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
 /// What a sync did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SyncSummary {
     /// Projects whose grant changed.
     pub changed: u64,
     /// Projects whose grant was fetched and unchanged.
     pub unchanged: u64,
-    /// Projects whose fetch or write failed (logged; retried next run).
+    /// Projects whose fetch or write failed (logged; retried next round).
     pub failed: u64,
+    /// Why the first of them failed.
+    pub first_error: Option<String>,
 }
 
 /// Fetches the grant of every project billing looks at from the portal; no-op without
-/// `API_CONTACT_BASE_URL`.
+/// `API_CONTACT_BASE_URL`. Every project is tried; those that failed are counted,
+/// with the first one's cause.
 pub async fn sync_grants(
     pool: &Pool,
     settings: &Settings,
@@ -51,11 +58,34 @@ pub async fn sync_grants(
             Ok(false) => summary.unchanged += 1,
             Err(e) => {
                 summary.failed += 1;
-                tracing::warn!(%project, error = %format!("{e:#}"), "could not fetch granted credits from the portal; retrying next run");
+                tracing::warn!(%project, error = %format!("{e:#}"), "could not fetch granted credits from the portal; retrying next round");
+                summary
+                    .first_error
+                    .get_or_insert_with(|| format!("{project}: {e:#}"));
             }
         }
     }
     Ok(summary)
+}
+
+/// The body as text, refused once it exceeds `limit` bytes (checked while reading,
+/// so an endless answer costs at most `limit`).
+async fn read_limited(mut response: reqwest::Response, limit: usize) -> anyhow::Result<String> {
+    if response
+        .content_length()
+        .is_some_and(|len| len > limit as u64)
+    {
+        anyhow::bail!("the answer is larger than {limit} bytes");
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        anyhow::ensure!(
+            body.len() + chunk.len() <= limit,
+            "the answer is larger than {limit} bytes"
+        );
+        body.extend_from_slice(&chunk);
+    }
+    String::from_utf8(body).context("the answer is not UTF-8 text")
 }
 
 async fn sync_one(
@@ -109,7 +139,9 @@ pub async fn fetch_granted(
         anyhow::bail!("the portal {redirect}");
     }
     let status = response.status();
-    let body = response.text().await.context("reading granted credits")?;
+    let body = read_limited(response, MAX_ANSWER_BYTES)
+        .await
+        .context("reading granted credits")?;
     anyhow::ensure!(status.is_success(), "the portal answered {status}");
     let text = body.trim().trim_matches('"');
     let granted = Decimal::from_str(text)

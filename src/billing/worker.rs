@@ -24,13 +24,21 @@ pub async fn bill(pool: Pool, settings: Arc<Settings>) -> anyhow::Result<()> {
 }
 
 /// One round of fetching grants from the portal (no-op without
-/// `API_CONTACT_BASE_URL`).
+/// `API_CONTACT_BASE_URL`), within `API_CONTACT_SYNC_DEADLINE`: a round cut off
+/// rolls back the grant it was writing; those written before stay.
 pub async fn sync_grants(
     pool: Pool,
     settings: Arc<Settings>,
     http: reqwest::Client,
 ) -> anyhow::Result<()> {
-    let synced = portal::sync_grants(&pool, &settings, &http).await?;
+    let deadline = settings.api_contact_sync_deadline;
+    let synced = tokio::time::timeout(deadline, portal::sync_grants(&pool, &settings, &http))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the round took longer than API_CONTACT_SYNC_DEADLINE ({deadline:?}); the portal may hang"
+            )
+        })??;
     if synced.changed + synced.failed > 0 {
         tracing::info!(
             changed = synced.changed,
@@ -38,5 +46,13 @@ pub async fn sync_grants(
             "synced grants from the portal"
         );
     }
-    Ok(())
+    match synced.first_error {
+        None => Ok(()),
+        Some(first) => anyhow::bail!(
+            "{} grants could not be synced ({} changed, {} unchanged); the first: {first}",
+            synced.failed,
+            synced.changed,
+            synced.unchanged
+        ),
+    }
 }

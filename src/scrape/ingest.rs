@@ -96,7 +96,7 @@ pub struct Prepared {
 }
 
 /// What one ingest did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IngestOutcome {
     /// Samples written.
     pub stored: u64,
@@ -104,6 +104,8 @@ pub struct IngestOutcome {
     pub duplicates: u64,
     /// Samples not kept.
     pub skipped: Skipped,
+    /// The billed series the body held (for completeness: see `super::completeness`).
+    pub series: Vec<i64>,
 }
 
 /// Longest series identity that can be indexed (see `sql/0001_series_and_samples.sql`).
@@ -362,10 +364,22 @@ async fn store_stream(
             .new_series_rows(&resolved)
             .map_err(ScrapeError::Store)?,
     );
+    let series = collected
+        .rows
+        .iter()
+        .map(|r| r.series_id)
+        .chain(
+            collected
+                .new_series
+                .iter()
+                .filter_map(|s| resolved.ids.get(&s.key).copied()),
+        )
+        .collect();
     Ok(IngestOutcome {
         stored,
         duplicates: collected.total() - stored,
         skipped: collected.skipped,
+        series,
     })
 }
 

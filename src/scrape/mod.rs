@@ -1,5 +1,6 @@
 //! Scraping: fetch each exporter, parse its exposition, keep the billed samples, store.
 
+pub mod completeness;
 pub mod ingest;
 pub mod parse;
 pub mod targets;
@@ -7,6 +8,7 @@ pub mod targets;
 use crate::config::{ScrapeTarget, Settings, TargetAuth};
 use crate::store::series::SeriesCache;
 use crate::store::targets::{self as target_store, Attempt};
+use anyhow::Context;
 use chrono::Utc;
 use deadpool_postgres::Pool;
 use futures::StreamExt;
@@ -49,6 +51,7 @@ pub struct Scraper {
     timeout: Duration,
     max_bytes: usize,
     concurrency: usize,
+    completeness: completeness::Completeness,
 }
 
 impl Scraper {
@@ -81,6 +84,7 @@ impl Scraper {
             timeout: settings.scrape_timeout,
             max_bytes: settings.scrape_max_bytes,
             concurrency: settings.workers,
+            completeness: completeness::Completeness::default(),
         })
     }
 
@@ -113,27 +117,43 @@ impl Scraper {
         // enough for the spawned scrape loop.
         futures::stream::iter(0..self.targets.len())
             .map(|index| async move {
-                let (target, ctx) = &self.targets[index];
-                match self.claim(target).await {
-                    Ok(true) => {}
-                    Ok(false) => return None,
-                    Err(e) => {
-                        tracing::warn!(target = %target.name, error = %format!("{e:#}"), "could not claim target");
-                        return None;
-                    }
-                }
-                let attempt = self.scrape_target(target, ctx).await;
-                if let Ok(client) = self.pool.get().await {
-                    if let Err(e) = target_store::record(&client, &target.name, &attempt).await {
-                        tracing::warn!(target = %target.name, error = %format!("{e:#}"), "could not record scrape");
-                    }
-                }
-                Some((target.name.clone(), attempt))
+                self.scrape_one(index).await.unwrap_or_else(|e| {
+                    tracing::warn!(error = %format!("{e:#}"), "scrape not claimed or not recorded");
+                    None
+                })
             })
             .buffer_unordered(self.concurrency)
             .filter_map(|done| async move { done })
             .collect()
             .await
+    }
+
+    /// How many targets are configured (each runs on its own schedule, by index).
+    pub fn target_count(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// The name of the target at `index`.
+    pub fn target_name(&self, index: usize) -> Option<&str> {
+        self.targets.get(index).map(|(t, _)| t.name.as_str())
+    }
+
+    /// One scrape of the target at `index`, when this replica can claim it. A failed
+    /// scrape is an `Ok` attempt (recorded for `/health`); `Err` means the database
+    /// could not claim or record it.
+    pub async fn scrape_one(&self, index: usize) -> anyhow::Result<Option<(String, Attempt)>> {
+        let Some((target, ctx)) = self.targets.get(index) else {
+            return Ok(None);
+        };
+        if !self.claim(target).await.context("claiming the target")? {
+            return Ok(None);
+        }
+        let attempt = self.scrape_target(target, ctx).await;
+        let client = self.pool.get().await.context("recording the scrape")?;
+        target_store::record(&client, &target.name, &attempt)
+            .await
+            .context("recording the scrape")?;
+        Ok(Some((target.name.clone(), attempt)))
     }
 
     async fn claim(&self, target: &ScrapeTarget) -> anyhow::Result<bool> {
@@ -167,6 +187,8 @@ impl Scraper {
                         "dropped samples that cannot be stored or served (a project name that is blank, over 255 bytes or holds a NUL; a label value with a NUL); the rest was stored"
                     );
                 }
+                self.check_completeness(&target.name, started_at, outcome.series)
+                    .await;
                 Ok(outcome.stored)
             }
             Err(e) => {
@@ -178,6 +200,25 @@ impl Scraper {
             started_at,
             duration,
             result,
+        }
+    }
+}
+
+impl Scraper {
+    /// Records which billed series a target returned (see [`completeness`]); a
+    /// failure is logged, the scrape itself stands.
+    async fn check_completeness(&self, target: &str, at: chrono::DateTime<Utc>, series: Vec<i64>) {
+        let change = self.completeness.observe(target, at, series);
+        let result = async {
+            let client = self.pool.get().await?;
+            completeness::record(&client, target, at, &change).await
+        }
+        .await;
+        match result {
+            Ok(stale) => crate::telemetry::metrics::stale_series(target, stale),
+            Err(e) => {
+                tracing::warn!(%target, error = %format!("{e:#}"), "could not record the target's billed series")
+            }
         }
     }
 }

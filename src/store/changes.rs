@@ -51,20 +51,14 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Starts listening in the background until `cancel`.
-    pub fn spawn(
-        config: tokio_postgres::Config,
-        on_change: OnChange,
-        cancel: CancellationToken,
-    ) -> Arc<Self> {
-        let listener = Arc::new(Self {
+    /// A listener that does not listen yet: [`Listener::run`] does.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
             listening: AtomicBool::new(false),
             tickets: AtomicU64::new(0),
             wanted: Notify::new(),
             done: watch::Sender::new((0, 0)),
-        });
-        tokio::spawn(listener.clone().run(config, on_change, cancel));
-        listener
+        })
     }
 
     /// Whether the connection listens now.
@@ -91,12 +85,14 @@ impl Listener {
         matches!(reached, Ok(Ok(seen)) if seen.0 == session)
     }
 
-    async fn run(
+    /// Listens until `cancel`, reconnecting with a backoff after a failure (each
+    /// failure is logged and counted; meanwhile [`Listener::sync`] says `false`).
+    pub async fn run(
         self: Arc<Self>,
         config: tokio_postgres::Config,
         on_change: OnChange,
         cancel: CancellationToken,
-    ) {
+    ) -> anyhow::Result<()> {
         let mut delay = Duration::from_millis(100);
         while !cancel.is_cancelled() {
             let result = self.session(&config, &on_change, &cancel, &mut delay).await;
@@ -114,6 +110,7 @@ impl Listener {
                 delay = (delay * 2).min(WAIT);
             }
         }
+        Ok(())
     }
 
     /// One connection: listen, then answer barriers until cancelled or broken.

@@ -41,6 +41,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/0005_notifications.sql"),
     },
     Migration {
+        version: 9,
+        name: "0009_quarantine.sql",
+        sql: include_str!("../../sql/0009_quarantine.sql"),
+    },
+    Migration {
         version: 10,
         name: "0010_held_charges.sql",
         sql: include_str!("../../sql/0010_held_charges.sql"),
@@ -63,6 +68,13 @@ const MIGRATION_LOCK_KEY: i64 = 0x6f73_6372_6564_6974;
 /// Applies every migration not applied yet; returns how many were applied now.
 #[tracing::instrument(skip_all, err)]
 pub async fn run(client: &mut tokio_postgres::Client) -> anyhow::Result<usize> {
+    // Migrations may wait for another replica's migrations and take long on big
+    // tables: no lock or statement limit here (the session's own limits return
+    // afterwards, see below).
+    client
+        .batch_execute("SET lock_timeout = 0; SET statement_timeout = 0")
+        .await
+        .context("lifting the time limits for migrations")?;
     // The lock comes first: two replicas starting on an empty database would otherwise
     // race on creating the bookkeeping table (a unique violation in the catalogue).
     client
@@ -74,6 +86,10 @@ pub async fn run(client: &mut tokio_postgres::Client) -> anyhow::Result<usize> {
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
         .await
         .context("releasing the migration lock")?;
+    client
+        .batch_execute("RESET lock_timeout; RESET statement_timeout")
+        .await
+        .context("restoring the time limits after migrations")?;
     result
 }
 

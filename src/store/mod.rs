@@ -33,7 +33,16 @@ pub fn pg_config(settings: &DatabaseSettings) -> tokio_postgres::Config {
         .user(&settings.user)
         .dbname(&settings.database)
         .application_name("os-credits")
-        .connect_timeout(Duration::from_secs(5));
+        .connect_timeout(Duration::from_secs(5))
+        // Every wait bounded on the server side too: a lock wait (the API answers 503
+        // instead of hanging), a statement, and a session idle inside a transaction
+        // (a frozen replica's locks are freed).
+        .options(&format!(
+            "-c lock_timeout={} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+            millis(settings.lock_timeout),
+            millis(settings.statement_timeout),
+            millis(settings.idle_in_transaction_timeout)
+        ));
     if !settings.password.is_empty() {
         config.password(settings.password.expose());
     }
@@ -53,12 +62,18 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
     );
     Pool::builder(manager)
         .max_size(settings.pool_size)
-        .wait_timeout(Some(Duration::from_secs(10)))
+        .wait_timeout(Some(settings.pool_timeout))
         .create_timeout(Some(Duration::from_secs(5)))
         .recycle_timeout(Some(Duration::from_secs(5)))
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
         .context("building the PostgreSQL connection pool")
+}
+
+/// A duration as whole milliseconds for a PostgreSQL setting (at least 1: 0 would
+/// mean no limit).
+fn millis(d: Duration) -> u128 {
+    d.as_millis().max(1)
 }
 
 /// Waits until the database answers, for at most `deadline` (the database may start

@@ -137,68 +137,81 @@ pub struct Resolved {
     pub created: Vec<i64>,
 }
 
-/// Creates the `new` series that do not exist yet and finds the ids of all of them.
-/// Series created by another writer at the same time are found too (the unique key
-/// makes the insert wait for it).
+/// Creates the `new` series that do not exist yet and finds the ids of all of them,
+/// in three statements whatever their number: one binary `COPY` into a temporary
+/// table, one `INSERT … ON CONFLICT DO NOTHING RETURNING` in key order, one join for
+/// the ids. Series created by another writer at the same time are found too: the
+/// unique key makes the insert wait for it, and inserting in key order means two
+/// writers creating overlapping sets wait for each other in the same order instead
+/// of deadlocking. Runs in the caller's transaction (the temporary rows go at commit).
 #[tracing::instrument(skip_all, fields(new = new.len()), err)]
 pub async fn create_or_find(
-    client: &impl tokio_postgres::GenericClient,
+    tx: &tokio_postgres::Transaction<'_>,
     new: &[NewSeries],
 ) -> anyhow::Result<Resolved> {
+    use tokio_postgres::binary_copy::BinaryCopyInWriter;
+    use tokio_postgres::types::Type;
+
     let mut resolved = Resolved::default();
-    for chunk in new.chunks(10_000) {
-        let metrics: Vec<&str> = chunk.iter().map(|s| s.metric.as_str()).collect();
-        let labels: Vec<serde_json::Value> = chunk
-            .iter()
-            .map(|s| serde_json::to_value(&s.labels))
-            .collect::<Result<_, _>>()
-            .context("encoding labels")?;
-        let keys: Vec<&str> = chunk.iter().map(|s| s.key.as_str()).collect();
-        let projects: Vec<&str> = chunk.iter().map(|s| s.project.as_str()).collect();
-        let created = client
-            .query(
-                "INSERT INTO series (metric, labels, series_key, project)
-                 SELECT * FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::text[])
-                 ON CONFLICT (series_key) DO NOTHING
-                 RETURNING series_key, id",
-                &[&metrics, &labels, &keys, &projects],
-            )
-            .await
-            .context("inserting new series")?;
-        if !created.is_empty() {
-            client
-                .execute(
-                    "INSERT INTO projects (name) SELECT DISTINCT unnest($1::text[]) ON CONFLICT DO NOTHING",
-                    &[&projects],
-                )
-                .await
-                .context("registering projects")?;
-        }
-        for row in created {
-            let id = row.get::<_, i64>(1);
-            resolved.ids.insert(row.get::<_, String>(0), id);
-            resolved.created.push(id);
-        }
-        let existing: Vec<&str> = keys
-            .iter()
-            .copied()
-            .filter(|k| !resolved.ids.contains_key(*k))
-            .collect();
-        if !existing.is_empty() {
-            let rows = client
-                .query(
-                    "SELECT series_key, id FROM series WHERE series_key = ANY($1::text[])",
-                    &[&existing],
-                )
-                .await
-                .context("reading series ids")?;
-            for row in rows {
-                resolved
-                    .ids
-                    .insert(row.get::<_, String>(0), row.get::<_, i64>(1));
-            }
-        }
+    if new.is_empty() {
+        return Ok(resolved);
     }
+    tx.batch_execute(
+        "CREATE TEMPORARY TABLE IF NOT EXISTS new_series (
+             metric text, labels jsonb, series_key text COLLATE \"C\", project text
+         ) ON COMMIT DELETE ROWS",
+    )
+    .await
+    .context("preparing the new-series table")?;
+    let sink = tx
+        .copy_in("COPY new_series (metric, labels, series_key, project) FROM STDIN (FORMAT binary)")
+        .await
+        .context("starting the new-series COPY")?;
+    let writer = BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::JSONB, Type::TEXT, Type::TEXT]);
+    futures::pin_mut!(writer);
+    for series in new {
+        let labels = serde_json::to_value(&series.labels).context("encoding labels")?;
+        writer
+            .as_mut()
+            .write(&[&series.metric, &labels, &series.key, &series.project])
+            .await
+            .context("copying new series")?;
+    }
+    writer
+        .finish()
+        .await
+        .context("finishing the new-series COPY")?;
+    let created = tx
+        .query(
+            "INSERT INTO series (metric, labels, series_key, project)
+             SELECT metric, labels, series_key, project FROM new_series ORDER BY series_key
+             ON CONFLICT (series_key) DO NOTHING
+             RETURNING id",
+            &[],
+        )
+        .await
+        .context("inserting new series")?;
+    if !created.is_empty() {
+        tx.execute(
+            "INSERT INTO projects (name) SELECT DISTINCT project FROM new_series
+             ORDER BY 1 ON CONFLICT DO NOTHING",
+            &[],
+        )
+        .await
+        .context("registering projects")?;
+    }
+    resolved.created = created.iter().map(|row| row.get(0)).collect();
+    let rows = tx
+        .query(
+            "SELECT n.series_key, s.id FROM new_series n JOIN series s ON s.series_key = n.series_key",
+            &[],
+        )
+        .await
+        .context("reading series ids")?;
+    resolved.ids = rows
+        .iter()
+        .map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1)))
+        .collect();
     Ok(resolved)
 }
 

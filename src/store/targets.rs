@@ -30,6 +30,14 @@ pub struct TargetStatus {
     pub scrapes_total: i64,
     /// Failed attempts.
     pub failures_total: i64,
+    /// Billed series returned by the last successful scrape.
+    pub billed_series: Option<i64>,
+    /// Billed series returned by the successful scrape before it.
+    pub billed_series_before: Option<i64>,
+    /// Set when the target returns no billed series although it did before (a
+    /// federating Prometheus whose exporter is down): billing has stopped for them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// The outcome of one scrape attempt.
@@ -128,12 +136,31 @@ pub async fn record(
     Ok(())
 }
 
+/// Why a target that returns `now` billed series is a problem: it returned
+/// `last_nonzero` (at `nonzero_at`) before and none now.
+fn empty_problem(
+    now: Option<i64>,
+    last_nonzero: Option<i64>,
+    nonzero_at: Option<DateTime<Utc>>,
+) -> Option<String> {
+    match (now, last_nonzero) {
+        (Some(0), Some(before)) if before > 0 => Some(format!(
+            "returns no billed series, {before} until {}: is the exporter behind it down? \
+             Their usage is not billed until they return",
+            nonzero_at.map_or_else(|| "recently".to_owned(), |t| t.to_rfc3339())
+        )),
+        _ => None,
+    }
+}
+
 /// Status of every target, by name.
 pub async fn statuses(client: &tokio_postgres::Client) -> anyhow::Result<Vec<TargetStatus>> {
     let rows = client
         .query(
             "SELECT name, url, last_attempt_at, last_success_at, last_error, last_duration_ms, last_samples,
-                    samples_stored_total, scrapes_total, failures_total
+                    samples_stored_total, scrapes_total, failures_total,
+                    billed_series, billed_series_before, billed_series_last_nonzero,
+                    billed_series_nonzero_at
              FROM scrape_targets ORDER BY name",
             &[],
         )
@@ -156,6 +183,9 @@ pub async fn statuses(client: &tokio_postgres::Client) -> anyhow::Result<Vec<Tar
                 samples_stored_total: row.get(7),
                 scrapes_total: row.get(8),
                 failures_total: row.get(9),
+                billed_series: row.get(10),
+                billed_series_before: row.get(11),
+                problem: empty_problem(row.get(10), row.get(12), row.get(13)),
             }
         })
         .collect())

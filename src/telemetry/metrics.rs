@@ -132,6 +132,10 @@ fn describe() {
         metrics::Unit::Seconds,
         "Time to the response head by method and route template."
     );
+    describe_gauge!(
+        "os_credits_stale_series",
+        "Billed series a target returned once and no longer returns (billing for them has stopped), by target."
+    );
     describe_counter!(
         "os_credits_charges_held_total",
         "Counter steps the jump guard held for review instead of billing."
@@ -302,4 +306,9 @@ pub fn held_charge_decided(decision: &'static str) {
 /// database until it listens again).
 pub fn listener_failed() {
     counter!("os_credits_change_listener_failures_total").increment(1);
+}
+
+/// A target's stale series after its last scrape (see `crate::scrape::completeness`).
+pub fn stale_series(target: &str, count: i64) {
+    gauge!("os_credits_stale_series", "target" => target.to_owned()).set(count as f64);
 }

@@ -46,6 +46,8 @@ pub struct Snapshot {
     pub last_billed_at: Option<DateTime<Utc>>,
     /// Status of the configured scrape targets.
     pub targets: Vec<TargetStatus>,
+    /// Samples billing quarantined (could not charge, passed), by metric.
+    pub quarantined: BTreeMap<String, i64>,
     /// Notification deliveries by channel and status; `None` without the outbox.
     pub notifications: Option<BTreeMap<(String, String), i64>>,
 }
@@ -102,6 +104,17 @@ impl Snapshot {
             .iter()
             .map(|row| (row.get(0), row.get(1)))
             .collect();
+        let quarantined = client
+            .query(
+                "SELECT s.metric, count(*) FROM quarantined_samples q
+                 JOIN series s ON s.id = q.series_id GROUP BY s.metric",
+                &[],
+            )
+            .await
+            .context("counting quarantined samples")?
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
         let projects = client
             .query_one("SELECT count(*), max(last_billed_at) FROM projects", &[])
             .await
@@ -118,6 +131,7 @@ impl Snapshot {
             projects: projects.get(0),
             last_billed_at: projects.get(1),
             targets,
+            quarantined,
             notifications: notifications(client).await?,
         })
     }
@@ -180,6 +194,14 @@ impl Snapshot {
             self.targets
                 .iter()
                 .filter_map(|t| Some(by_target(t, unix(t.last_success_at?)))),
+        );
+        gauge(
+            out,
+            "os_credits_quarantined_samples",
+            "Samples billing could not charge and passed, recorded with their reason, by metric.",
+            self.quarantined
+                .iter()
+                .map(|(m, n)| by_metric(m, *n as f64)),
         );
         if let Some(deliveries) = &self.notifications {
             gauge(
