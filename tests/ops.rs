@@ -750,7 +750,12 @@ async fn sigterm_during_a_billing_run_lets_it_finish_and_exits_0() {
         .expect("balances")
         .get(0);
     assert_eq!(wrong, 0, "every project billed exactly once");
-    assert_eq!(service.logged("billing stopped").len(), 1);
+    let billing_stopped = service
+        .logged("worker stopped")
+        .into_iter()
+        .filter(|entry| entry["fields"]["worker"] == "billing")
+        .count();
+    assert_eq!(billing_stopped, 1, "the billing worker stopped once");
     assert_eq!(service.logged("stopped").len(), 1);
 }
 
