@@ -261,9 +261,8 @@ impl ProjectBilled {
     }
 }
 
-/// Each project's outcome, and the projects with more samples waiting than one pass
-/// read.
-type PassOutcome = (Vec<(String, Outcome)>, Vec<String>);
+/// What one pass did per project, and the projects with samples left for another.
+type Pass = (Vec<(String, Outcome)>, Vec<String>);
 
 /// One pass over the given projects in one transaction: locks those no other replica
 /// holds, charges each one's next samples (at most `max_samples` in all, shared
@@ -278,7 +277,7 @@ async fn bill_pass(
     names: &[String],
     now: DateTime<Utc>,
     max_samples: usize,
-) -> anyhow::Result<PassOutcome> {
+) -> anyhow::Result<Pass> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let locked = tx
@@ -547,14 +546,6 @@ async fn apply(
         .await
         .context("recording quarantined samples")?;
     }
-    super::held::GuardWrites::apply(
-        tx,
-        writes
-            .iter()
-            .map(|(p, w)| (p.as_str(), &w.guard, &w.decreases)),
-        now,
-    )
-    .await?;
     if !ledger.project.is_empty() {
         // The day rollup of these rows is written by the same statement (see
         // `crate::store::rollup`), not row by row by the ledger trigger.
@@ -657,6 +648,15 @@ async fn apply(
         .await
         .context("updating project balances")?;
     }
+    // After the new totals, so a held charge's announcement carries them.
+    super::held::GuardWrites::apply(
+        tx,
+        writes
+            .iter()
+            .map(|(p, w)| (p.as_str(), &w.guard, &w.decreases)),
+        now,
+    )
+    .await?;
     let crossings: Vec<_> = writes
         .iter()
         .flat_map(|(project, w)| {
