@@ -261,6 +261,9 @@ impl ProjectBilled {
     }
 }
 
+/// What one pass did per project, and the projects with samples left for another.
+type Pass = (Vec<(String, Outcome)>, Vec<String>);
+
 /// One pass over the given projects in one transaction: locks those no other replica
 /// holds, charges each one's next samples (at most `max_samples` in all, shared
 /// evenly by their series) in memory, then writes everything in a few statements
@@ -274,7 +277,7 @@ async fn bill_pass(
     names: &[String],
     now: DateTime<Utc>,
     max_samples: usize,
-) -> anyhow::Result<(Vec<(String, Outcome)>, Vec<String>)> {
+) -> anyhow::Result<Pass> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let locked = tx
