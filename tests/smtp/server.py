@@ -5,7 +5,7 @@ system, with a throwaway CA and server certificate made by openssl.
 
 Prints one JSON line {"port": N, "ca": PATH} once listening, then one JSON line per
 accepted message: mail_from, rcpt_tos, tls (the session was encrypted), login, data.
---stall never answers DATA (a server that hangs). Exits when stdin closes.
+--stall never answers RCPT TO (a server that hangs before it takes the message). Exits when stdin closes.
 """
 
 import argparse
@@ -43,9 +43,13 @@ class Handler:
     def __init__(self, stall):
         self.stall = stall
 
-    async def handle_DATA(self, server, session, envelope):
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if self.stall:
             await asyncio.sleep(3600)
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
         login = session.auth_data.login.decode() if isinstance(session.auth_data, LoginPassword) else None
         print(json.dumps({
             "mail_from": envelope.mail_from,
