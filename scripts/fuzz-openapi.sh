@@ -3,7 +3,10 @@
 # description. Starts the real service (debug build) on a fresh database with the
 # demo exporter's data, then runs schemathesis `--checks all` against
 # /api/openapi.json twice: with the API key and without it. Fails on any 5xx or any
-# answer that does not match the description.
+# answer that does not match the description. `positive_data_acceptance` is left
+# out: it expects every schema-valid request to succeed, and some rules span fields
+# or a grammar OpenAPI cannot state (start_date before end_date, a log filter's
+# syntax); those answers are documented 400s.
 #
 # schemathesis comes from PyPI into a virtualenv under .dev/ (installed once, reused
 # after). FUZZ_MAX_EXAMPLES (default 30) bounds the cases per operation.
@@ -86,7 +89,7 @@ for auth in with without; do
     headers=()
     [[ $auth == with ]] && headers=(--header "X-API-KEY: $KEY")
     log "schemathesis --checks all, $auth the API key"
-    "$ST" run "$URL/api/openapi.json" --checks all "${headers[@]}" \
+    "$ST" run "$URL/api/openapi.json" --checks all --exclude-checks positive_data_acceptance "${headers[@]}" \
         --max-examples "${FUZZ_MAX_EXAMPLES:-30}" --workers 1 --no-color || failed=1
 done
 if ! kill -0 "${PIDS[-1]}" 2>/dev/null; then

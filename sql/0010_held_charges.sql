@@ -58,3 +58,16 @@ CREATE TABLE stale_series (
     last_seen_at timestamptz NOT NULL,
     missing_since timestamptz NOT NULL
 );
+
+-- A held charge is announced to the cloud governance through the notification
+-- outbox (mail to CLOUD_GOVERNANCE_MAIL and the portal webhook, "charge held for
+-- review"): such a notification names the held charge and has no threshold.
+ALTER TABLE notifications
+    ADD COLUMN held_charge_id bigint,
+    ALTER COLUMN threshold DROP NOT NULL,
+    ALTER COLUMN granted DROP NOT NULL,
+    DROP CONSTRAINT notifications_cause_check,
+    ADD CONSTRAINT notifications_cause_check
+        CHECK (cause IN ('usage', 'grant', 'adjustment', 'held')),
+    ADD CONSTRAINT notifications_kind_check
+        CHECK ((held_charge_id IS NULL) = (threshold IS NOT NULL AND granted IS NOT NULL));

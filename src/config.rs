@@ -210,6 +210,11 @@ pub struct Settings {
     pub api_contact_base_url: Option<url::Url>,
     /// `API_CONTACT_KEY`: `X-Api-Key` sent to the portal.
     pub api_contact_key: Secret,
+    /// `METRICS_REFRESH_INTERVAL`: the database-derived gauges of `/metrics` are
+    /// read at most this often and shared by every scrape in between, so scraping
+    /// often costs the database nothing more (0: read at every scrape, concurrent
+    /// scrapes still share one read).
+    pub metrics_refresh_interval: Duration,
     /// `API_CONTACT_SYNC_INTERVAL`: time between two rounds of fetching grants from
     /// the portal (its own worker: billing never waits for the portal).
     pub api_contact_sync_interval: Duration,
@@ -271,6 +276,7 @@ pub const SETTINGS: &[&str] = &[
     "API_CONTACT_BASE_URL",
     "API_CONTACT_KEY",
     "API_CONTACT_SYNC_INTERVAL",
+    "METRICS_REFRESH_INTERVAL",
     "API_CONTACT_SYNC_DEADLINE",
     "NOTIFICATION_THRESHOLDS",
     "MAIL_SMTP_SERVER",
@@ -372,6 +378,19 @@ impl Settings {
             },
             api_contact_key: Secret::new(env.string("API_CONTACT_KEY", "")),
             api_contact_sync_interval: env.seconds("API_CONTACT_SYNC_INTERVAL", 300)?,
+            metrics_refresh_interval: {
+                let expected = "a number of seconds, 0 or more";
+                let secs = env.parse::<f64>("METRICS_REFRESH_INTERVAL", 15.0, expected)?;
+                Duration::try_from_secs_f64(secs)
+                    .ok()
+                    .filter(|d| d.as_secs() < 1_000_000_000)
+                    .ok_or_else(|| {
+                        bad(
+                            "METRICS_REFRESH_INTERVAL",
+                            format!("expected {expected}, got {secs}"),
+                        )
+                    })?
+            },
             api_contact_sync_deadline: env.seconds("API_CONTACT_SYNC_DEADLINE", 60)?,
             notification_thresholds: thresholds::parse_list(
                 &env.string("NOTIFICATION_THRESHOLDS", "0.5,1.0"),

@@ -1471,6 +1471,7 @@ async fn rules_lists_every_metric_with_its_prices() {
             "metric": metric, "kind": "counter", "decrease_policy": "rebase",
             "max_gap_seconds": 900, "friendly_name": null, "description": null, "unit": null,
             "prices": [{"default": price, "by_label": {}, "label": null, "valid_from": null}],
+            "jump_guard": {"max_rate_per_hour": null, "jump_factor": "100", "jump_floor_per_hour": "10"},
         })
     };
     assert_eq!(
@@ -1577,6 +1578,8 @@ async fn the_openapi_description_lists_every_endpoint_and_the_doc_page_serves() 
             "/api/costs_per_hour",
             "/api/credits_history/{project_name}",
             "/api/current_credits/{project_name}",
+            "/api/held/{id}/approve",
+            "/api/held/{id}/reject",
             "/api/metrics",
             "/api/notifications/{id}/resend",
             "/api/projects",
@@ -1584,6 +1587,7 @@ async fn the_openapi_description_lists_every_endpoint_and_the_doc_page_serves() 
             "/api/projects/{project_name}/adjustments",
             "/api/projects/{project_name}/contacts",
             "/api/projects/{project_name}/grant",
+            "/api/projects/{project_name}/held",
             "/api/projects/{project_name}/notifications",
             "/api/rules",
             "/health",

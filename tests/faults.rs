@@ -213,7 +213,7 @@ async fn a_value_no_decimal_holds_is_quarantined_and_the_series_goes_on_billing(
     ])));
     let detail = eventually(WAIT, "the sample quarantined", || async {
         let detail: Value = app.get("/api/projects/Alpha").await.json().await.ok()?;
-        (detail["quarantined_samples"].as_array()?.len() > 0).then_some(detail)
+        (!detail["quarantined_samples"].as_array()?.is_empty()).then_some(detail)
     })
     .await;
     let quarantined = &detail["quarantined_samples"][0];
@@ -623,4 +623,38 @@ async fn a_replica_frozen_inside_a_billing_transaction_does_not_freeze_the_other
     .await;
     assert_invariants(&db).await;
     drop(replica);
+}
+
+#[tokio::test]
+async fn concurrent_metrics_scrapes_share_one_database_read_per_interval() {
+    let app = spawn_app_on(
+        TestDb::create().await,
+        &[("METRICS_REFRESH_INTERVAL", "3600")],
+        false,
+    )
+    .await;
+    let db = app.db.connect().await;
+    db.batch_execute("INSERT INTO projects (name) SELECT 'p' || i FROM generate_series(1, 5) i")
+        .await
+        .expect("projects");
+    let projects = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("os_credits_projects "))
+            .map(str::to_owned)
+    };
+    let scrapes = futures::future::join_all(
+        (0..64).map(|_| async { app.get("/metrics").await.text().await.expect("metrics") }),
+    )
+    .await;
+    // More projects now: the scrapes within the interval still show the shared read.
+    db.batch_execute("INSERT INTO projects (name) VALUES ('late')")
+        .await
+        .expect("one more");
+    let later = app.get("/metrics").await.text().await.expect("metrics");
+    for text in scrapes.iter().chain([&later]) {
+        assert_eq!(projects(text).as_deref(), Some("5"), "{text}");
+    }
+    // The process's own counters are not held back.
+    assert!(later.contains("os_credits_http_requests_total{"));
+    assert_invariants(&db).await;
 }

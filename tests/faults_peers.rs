@@ -148,7 +148,10 @@ fn has_header(head: &str, name: &str) -> bool {
 #[derive(Clone, Copy)]
 enum FinalReply {
     After(Duration),
+    /// The connection closes instead.
     Never,
+    /// The connection stays open, silent.
+    Hang,
 }
 
 struct Smtp {
@@ -216,6 +219,10 @@ fn converse(
                     writer.write_all(b"250 queued\r\n")?;
                 }
                 FinalReply::Never => return Ok(()),
+                FinalReply::Hang => {
+                    std::thread::sleep(Duration::from_secs(3600));
+                    return Ok(());
+                }
             }
         } else if command.starts_with("QUIT") {
             writer.write_all(b"221 bye\r\n")?;
@@ -236,6 +243,10 @@ struct World {
 
 impl World {
     async fn start(extra: &[(&str, &str)]) -> Self {
+        Self::start_workers(extra, false).await
+    }
+
+    async fn start_workers(extra: &[(&str, &str)], with_workers: bool) -> Self {
         let mut vars: Vec<(String, String)> = vec![
             ("API_KEY".into(), KEY.into()),
             ("MAIL_FROM".into(), "credits@example.org".into()),
@@ -243,7 +254,8 @@ impl World {
         vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let borrowed: Vec<(&str, &str)> =
             vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let app = spawn_app(&borrowed).await;
+        let app =
+            common::spawn_app_on(common::TestDb::create().await, &borrowed, with_workers).await;
         Self { app, vars }
     }
 
@@ -550,6 +562,47 @@ async fn a_missing_final_smtp_reply_makes_the_mail_unknown_and_it_is_never_resen
     assert_eq!(email[0].1, "unknown", "{email:?}");
     assert!(email[0].2.contains("resend it by hand"), "{email:?}");
     common::invariants::assert_invariants(&world.app.db.connect().await).await;
+}
+
+#[tokio::test]
+async fn shutdown_cuts_the_wait_for_a_final_smtp_reply_short_and_leaves_the_mail_unknown() {
+    let smtp = Smtp::start(FinalReply::Hang);
+    let port = smtp.port.to_string();
+    let world = World::start_workers(
+        &[
+            ("MAIL_SMTP_SERVER", "127.0.0.1"),
+            ("MAIL_SMTP_PORT", &port),
+            ("MAIL_NOT_STARTTLS", "true"),
+            ("MAIL_SMTP_TIMEOUT", "3"),
+        ],
+        true,
+    )
+    .await;
+    world.project_over_half("Alpha", now()).await;
+    common::eventually(
+        Duration::from_secs(60),
+        "the mail at the server",
+        || async { (smtp.received() == 1).then_some(()) },
+    )
+    .await;
+
+    // The sender now waits for the final reply (up to 10 minutes); stopping the
+    // service ends the wait within the workers' grace period.
+    let db = world.app.shutdown().await;
+
+    let status: String = db
+        .connect()
+        .await
+        .query_one(
+            "SELECT status FROM notification_deliveries WHERE channel = 'email'",
+            &[],
+        )
+        .await
+        .expect("the email delivery")
+        .get(0);
+    assert_eq!(status, "unknown");
+    assert_eq!(smtp.received(), 1);
+    common::invariants::assert_invariants(&db.connect().await).await;
 }
 
 // ---------------------------------------------------------------------------

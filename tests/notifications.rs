@@ -1341,3 +1341,87 @@ async fn send_test_email_delivers_or_says_what_to_fix() {
         "{plain_server}"
     );
 }
+
+#[tokio::test]
+async fn a_held_charge_is_announced_to_the_governance_by_mail_and_webhook_once() {
+    let smtp = SmtpServer::start();
+    let portal = FixtureExporter::start(Answer::ok("ok")).await;
+    let base = portal.url.replace("/metrics", "/portal");
+    let world = World::start(
+        smtp.port,
+        &[
+            ("MAIL_CONTACT_URL", &base),
+            ("API_CONTACT_KEY", "portal-key"),
+        ],
+    )
+    .await;
+    let t = now();
+    world.grant("Alpha", 1000).await;
+    world.contacts("Alpha", &[OWNER]).await;
+    // An hour at 4 vCPU-hours an hour, then the history re-weighted within 5 s.
+    world
+        .usage(
+            "Alpha",
+            &[
+                (t - hours(2), 197.35),
+                (t - hours(1), 201.35),
+                (t - hours(1) + ChronoDuration::seconds(5), 1006.79),
+            ],
+        )
+        .await;
+    let notifier = world.notifier();
+    world.bill(t).await;
+
+    let sent = send(&notifier, t).await;
+
+    assert_eq!(sent.sent, 2, "one mail, one post: {sent:?}");
+    let mails = smtp.mails();
+    assert_eq!(mails.len(), 1, "exactly one mail");
+    let mail = &mails[0];
+    assert_eq!(
+        mail.envelope_to,
+        [GOVERNANCE],
+        "the governance, not the owner"
+    );
+    assert_eq!(
+        mail.header("Subject"),
+        "Alpha: charge held for review (805.44 credits)"
+    );
+    for value in [
+        "project_vcpu_usage",
+        "201.35 to 1006.79",
+        "805.44",
+        "/approve",
+    ] {
+        assert!(
+            mail.text.contains(value),
+            "{value} missing from {}",
+            mail.text
+        );
+    }
+    let bodies = portal.bodies.lock().expect("lock").clone();
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    let form: BTreeMap<String, String> = url::form_urlencoded::parse(bodies[0].as_bytes())
+        .into_owned()
+        .collect();
+    assert_eq!(form["limit_type"], "charge held for review");
+    assert_eq!(form["project_name"], "Alpha");
+    assert_eq!(
+        form["used_credits"], "4.00",
+        "the jump is not in used credits"
+    );
+    assert_eq!(form["granted_credits"], "1000.00");
+    // Nothing more: no threshold crossed, nothing sent twice.
+    world.bill(t + ChronoDuration::minutes(1)).await;
+    assert_eq!(send(&notifier, t + hours(3)).await, SendSummary::default());
+    assert_eq!(smtp.mails().len(), 1);
+    // The threshold list of the project does not show it.
+    let list: serde_json::Value = world
+        .app
+        .get("/api/projects/Alpha/notifications")
+        .await
+        .json()
+        .await
+        .expect("list");
+    assert_eq!(list, json!([]), "held notices are not threshold crossings");
+}

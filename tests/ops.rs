@@ -145,7 +145,13 @@ async fn bill(app: &TestApp) -> Value {
 #[tokio::test]
 async fn metrics_show_scrapes_billing_backlog_and_the_pool_after_a_scrape_and_a_billing_run() {
     let (_exporter, targets) = exporter_and_target("ops-metrics-site").await;
-    let app = spawn_app(&[("SCRAPE_TARGETS", &targets), ("API_KEY", KEY)]).await;
+    // Read the database at every scrape, to see the run's effect at once.
+    let app = spawn_app(&[
+        ("SCRAPE_TARGETS", &targets),
+        ("API_KEY", KEY),
+        ("METRICS_REFRESH_INTERVAL", "0"),
+    ])
+    .await;
     app.scrape().await;
     app.scrape().await;
     // One more vCPU sample, an hour older than the scraped ones: the oldest unbilled.

@@ -14,6 +14,10 @@ use serde_json::value::RawValue;
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 64 * 1024;
 
+/// Credits and amounts sent to the API stay below this in magnitude (10^15): far
+/// beyond any real grant, far inside what a decimal and the ledger hold.
+pub const MAX_AMOUNT: Decimal = Decimal::from_parts(2_764_472_320, 232_830, 0, false, 0);
+
 /// Longest project name accepted in a path, in bytes.
 pub const PROJECT_NAME_MAX: usize = 255;
 
@@ -155,9 +159,11 @@ pub fn decimal_from_json(raw: &RawValue, field: &str) -> Result<Decimal, ApiErro
             "Parameter {field} had wrong type: expected a number"
         ))
     })?;
-    exact_decimal(&number).ok_or_else(|| {
+    exact_decimal(&number)
+        .filter(|d| d.abs() < MAX_AMOUNT)
+        .ok_or_else(|| {
         ApiError::BadRequest(format!(
-            "Parameter {field} is not a decimal number (JSON number syntax, at most 28 significant digits and in range): {}",
+            "Parameter {field} is not a decimal number below 10^15 in magnitude (JSON number syntax): {}",
             text.chars().take(60).collect::<String>()
         ))
     })
@@ -237,8 +243,8 @@ mod tests {
             ),
             (
                 "28 significant digits",
-                "1234567890123456789012345678",
-                Some("1234567890123456789012345678"),
+                "0.1234567890123456789012345678",
+                Some("0.1234567890123456789012345678"),
             ),
             (
                 "29 significant digits",
@@ -255,6 +261,7 @@ mod tests {
             ("a bool", "true", None),
             ("null", "null", None),
             ("beyond the decimal range", "1e300", None),
+            ("beyond the amount limit", "1e20", None),
         ];
         for (case, raw, expected) in cases {
             let raw =
@@ -262,6 +269,15 @@ mod tests {
             let got = decimal_from_json(&raw, "x").ok().map(|d| d.to_string());
             assert_eq!(got.as_deref(), expected, "{case}: {raw}");
         }
+    }
+
+    #[test]
+    fn the_amount_limit_is_ten_to_the_fifteenth() {
+        assert_eq!(MAX_AMOUNT, Decimal::from(1_000_000_000_000_000_i64));
+        let raw = |t: &str| RawValue::from_string(t.to_owned()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(decimal_from_json(&raw("999999999999999.99"), "x").is_ok());
+        assert!(decimal_from_json(&raw("1e15"), "x").is_err());
+        assert!(decimal_from_json(&raw("-1000000000000000"), "x").is_err());
     }
 
     #[test]

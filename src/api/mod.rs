@@ -43,6 +43,9 @@ pub struct AppState {
     pub storage: crate::store::storage::SharedReport,
     /// The background workers' states (empty while none run).
     pub workers: crate::workers::Workers,
+    /// The database's view behind `/metrics`, shared by scrapes within
+    /// `METRICS_REFRESH_INTERVAL`.
+    pub metrics_snapshot: Arc<crate::telemetry::shared::SharedSnapshot>,
     /// Answers from memory, kept fresh by change notifications.
     pub memo: Arc<memo::Memo>,
 }
@@ -55,6 +58,9 @@ impl AppState {
         settings: Arc<Settings>,
         logs: Option<LogHandle>,
     ) -> Self {
+        let metrics_snapshot = Arc::new(crate::telemetry::shared::SharedSnapshot::new(
+            settings.metrics_refresh_interval,
+        ));
         Self {
             pool,
             mode,
@@ -63,6 +69,7 @@ impl AppState {
             started_at: chrono::Utc::now(),
             storage: Default::default(),
             workers: crate::workers::Workers::new(),
+            metrics_snapshot,
             memo: Arc::default(),
         }
     }

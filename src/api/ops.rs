@@ -144,7 +144,11 @@ impl PoolState {
 pub async fn prometheus(state: web::Data<AppState>) -> HttpResponse {
     let mut out = metrics::render();
     let pool = PoolState::of(&state);
-    let database = snapshot(&state).await;
+    // At most one database read per METRICS_REFRESH_INTERVAL, whatever the call rate.
+    let shared = state.metrics_snapshot.get(|| snapshot(&state));
+    let database = tokio::time::timeout(SNAPSHOT_TIMEOUT, shared)
+        .await
+        .unwrap_or_else(|_| Err(format!("timed out after {SNAPSHOT_TIMEOUT:?}")));
     for (name, help, value) in [
         (
             "os_credits_db_pool_max_connections",

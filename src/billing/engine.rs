@@ -261,6 +261,9 @@ impl ProjectBilled {
     }
 }
 
+/// What one pass did per project, and the projects with samples left for another.
+type Pass = (Vec<(String, Outcome)>, Vec<String>);
+
 /// One pass over the given projects in one transaction: locks those no other replica
 /// holds, charges each one's next samples (at most `max_samples` in all, shared
 /// evenly by their series) in memory, then writes everything in a few statements
@@ -274,7 +277,7 @@ async fn bill_pass(
     names: &[String],
     now: DateTime<Utc>,
     max_samples: usize,
-) -> anyhow::Result<(Vec<(String, Outcome)>, Vec<String>)> {
+) -> anyhow::Result<Pass> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let locked = tx
@@ -543,14 +546,6 @@ async fn apply(
         .await
         .context("recording quarantined samples")?;
     }
-    super::held::GuardWrites::apply(
-        tx,
-        writes
-            .iter()
-            .map(|(p, w)| (p.as_str(), &w.guard, &w.decreases)),
-        now,
-    )
-    .await?;
     if !ledger.project.is_empty() {
         // The day rollup of these rows is written by the same statement (see
         // `crate::store::rollup`), not row by row by the ledger trigger.
@@ -653,6 +648,15 @@ async fn apply(
         .await
         .context("updating project balances")?;
     }
+    // After the new totals, so a held charge's announcement carries them.
+    super::held::GuardWrites::apply(
+        tx,
+        writes
+            .iter()
+            .map(|(p, w)| (p.as_str(), &w.guard, &w.decreases)),
+        now,
+    )
+    .await?;
     let crossings: Vec<_> = writes
         .iter()
         .flat_map(|(project, w)| {

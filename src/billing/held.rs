@@ -159,13 +159,28 @@ async fn record(
 ) -> anyhow::Result<(u64, u64)> {
     let mut written = 0;
     for (project, h) in held {
-        written += tx
-            .execute(
+        // Held and announced together: the notification (one delivery per channel)
+        // commits with the held charge.
+        let row = tx
+            .query_one(
                 &tx.prepare_cached(
-                    "INSERT INTO held_charges (project, series_id, metric, from_time, to_time,
-                         from_value, to_value, quantity, price, credits, reason, held_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-                     ON CONFLICT (series_id, to_time) DO NOTHING",
+                    "WITH held AS (
+                         INSERT INTO held_charges (project, series_id, metric, from_time, to_time,
+                             from_value, to_value, quantity, price, credits, reason, held_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                         ON CONFLICT (series_id, to_time) DO NOTHING
+                         RETURNING id, project
+                     ), notice AS (
+                         INSERT INTO notifications (project, used, crossed_at, cause, held_charge_id)
+                         SELECT held.project, p.used_credits, $12, 'held', held.id
+                         FROM held JOIN projects p ON p.name = held.project
+                         RETURNING id
+                     ), deliveries AS (
+                         INSERT INTO notification_deliveries (notification_id, channel, status, next_attempt_at)
+                         SELECT notice.id, c, 'pending', $12
+                         FROM notice CROSS JOIN unnest(ARRAY['email', 'webhook']) AS c
+                     )
+                     SELECT count(*) FROM held",
                 )
                 .await?,
                 &[
@@ -185,6 +200,7 @@ async fn record(
             )
             .await
             .context("recording a held charge")?;
+        written += u64::try_from(row.get::<_, i64>(0)).unwrap_or_default();
     }
     if !rates.is_empty() {
         let ids: Vec<i64> = rates.iter().map(|r| r.0).collect();

@@ -257,7 +257,9 @@ mod tests {
             time: minute(0),
             value: Decimal::ONE,
         });
-        let cases: &[(&str, &[f64], i64, usize, Option<Option<i64>>)] = &[
+        // (case, values, credits billed, quarantined, the cursor's value)
+        type Case<'a> = (&'a str, &'a [f64], i64, usize, Option<Option<i64>>);
+        let cases: &[Case] = &[
             ("all good", &[2.0, 4.0], 3, 0, Some(Some(4))),
             (
                 "a huge value in the middle",

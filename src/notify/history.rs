@@ -45,7 +45,7 @@ pub struct Notification {
 }
 
 const NOTIFICATION_QUERY: &str =
-    "SELECT n.id, n.project, n.threshold, n.used, n.granted, n.crossed_at, n.cause,
+    "SELECT n.id, n.project, coalesce(n.threshold, 1), n.used, coalesce(n.granted, 0), n.crossed_at, n.cause,
             d.channel, d.status, d.attempts, d.next_attempt_at, d.last_error, d.sent_at
      FROM notifications n LEFT JOIN notification_deliveries d ON d.notification_id = n.id";
 
@@ -102,7 +102,8 @@ pub async fn list(
         .query(
             &format!(
                 "{NOTIFICATION_QUERY}
-                 WHERE n.id IN (SELECT id FROM notifications WHERE project = $1
+                 WHERE n.id IN (SELECT id FROM notifications
+                                WHERE project = $1 AND held_charge_id IS NULL
                                 ORDER BY crossed_at DESC, id DESC LIMIT $2)
                  ORDER BY n.crossed_at DESC, n.id DESC, d.channel"
             ),

@@ -36,6 +36,7 @@
 
 pub mod contacts;
 pub mod email;
+pub mod held_notice;
 pub mod history;
 pub mod outbox;
 pub mod templates;

@@ -201,6 +201,8 @@ pub struct Claimed {
     pub charged_in_window: Decimal,
     /// Start of the project's first billed usage.
     pub first_usage: Option<DateTime<Utc>>,
+    /// Set when this announces a held charge rather than a threshold crossing.
+    pub held: Option<HeldNotice>,
 }
 
 /// Marks deliveries whose sender vanished mid-send (lease expired) as `unknown`:
@@ -251,18 +253,25 @@ pub async fn claim(
                      LIMIT 1 FOR UPDATE SKIP LOCKED)
                  RETURNING d.notification_id, d.channel, d.attempts
              )
-             SELECT c.notification_id, c.channel, c.attempts, n.project, n.threshold,
-                    n.used, n.granted, n.crossed_at, coalesce(pc.emails, '{}'),
+             SELECT c.notification_id, c.channel, c.attempts, n.project,
+                    -- a held-charge notice has no threshold: 1 is a placeholder, never shown
+                    coalesce(n.threshold, 1),
+                    n.used, coalesce(n.granted, p.granted_credits, 0), n.crossed_at,
+                    coalesce(pc.emails, '{}'),
                     (SELECT coalesce(sum(l.used_delta), 0) FROM ledger l
                      WHERE l.project = n.project AND l.kind = 'usage'
                        AND l.time > n.crossed_at - make_interval(secs => $3)
                        AND l.time <= n.crossed_at),
                     (SELECT coalesce(l.usage_from, l.time) FROM ledger l
                      WHERE l.project = n.project AND l.kind = 'usage'
-                     ORDER BY l.time LIMIT 1)
+                     ORDER BY l.time LIMIT 1),
+                    h.id, h.metric, h.quantity, h.credits, h.reason, h.from_time, h.to_time,
+                    h.from_value, h.to_value
              FROM claimed c
              JOIN notifications n ON n.id = c.notification_id
-             LEFT JOIN project_contacts pc ON pc.project = n.project",
+             LEFT JOIN project_contacts pc ON pc.project = n.project
+             LEFT JOIN projects p ON p.name = n.project
+             LEFT JOIN held_charges h ON h.id = n.held_charge_id",
             &[&now, &lease_until, &window_seconds],
         )
         .await
@@ -286,7 +295,41 @@ fn claimed_from(row: &Row) -> anyhow::Result<Claimed> {
         contacts: row.get(8),
         charged_in_window: row.get(9),
         first_usage: row.get(10),
+        held: row.get::<_, Option<i64>>(11).map(|id| HeldNotice {
+            id,
+            metric: row.get(12),
+            quantity: row.get(13),
+            credits: row.get(14),
+            reason: row.get(15),
+            from: row.get(16),
+            to: row.get(17),
+            from_value: row.get(18),
+            to_value: row.get(19),
+        }),
     })
+}
+
+/// A held charge announced to the cloud governance (see `crate::billing::guard`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeldNotice {
+    /// The held charge.
+    pub id: i64,
+    /// Its series' metric.
+    pub metric: String,
+    /// Usage of the held step.
+    pub quantity: Decimal,
+    /// Exact credits it costs when approved.
+    pub credits: Decimal,
+    /// Why it was held.
+    pub reason: String,
+    /// The step's first sample time.
+    pub from: DateTime<Utc>,
+    /// The step's last sample time.
+    pub to: DateTime<Utc>,
+    /// Counter value before the step.
+    pub from_value: Decimal,
+    /// Counter value after it.
+    pub to_value: Decimal,
 }
 
 /// How a claimed delivery ended.

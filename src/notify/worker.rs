@@ -156,6 +156,23 @@ impl Notifier {
         cancel: &CancellationToken,
     ) -> Result<Outcome, SendError> {
         let mail = &self.settings.mail;
+        if let Some(held) = &claimed.held {
+            let recipients = super::held_notice::recipients(mail);
+            if recipients.is_empty() {
+                return Ok(Outcome::Skipped("CLOUD_GOVERNANCE_MAIL is not set".into()));
+            }
+            let url = history_url(self.settings.public_base_url.as_ref(), &claimed.project);
+            let rendered = super::held_notice::render(
+                &claimed.project,
+                held,
+                self.settings.precision,
+                url.as_deref(),
+            );
+            let id = format!("os-credits-notification-{}", claimed.id);
+            let message = email::compose(&mail.from, &recipients, &rendered, &id)?;
+            self.mailer.send(message, cancel).await?;
+            return Ok(Outcome::Sent(Some(recipients.addresses())));
+        }
         let recipients = Recipients::new(mail, &claimed.contacts);
         if recipients.is_empty() {
             return Ok(Outcome::Skipped(
@@ -184,7 +201,10 @@ impl Notifier {
             granted_credits: round_credits(claimed.level.granted, precision).to_string(),
             used_credits: round_credits(claimed.level.used, precision).to_string(),
             timestamp: claimed.crossed_at.timestamp(),
-            limit_type: claimed.threshold.limit_type(),
+            limit_type: match claimed.held {
+                Some(_) => super::held_notice::LIMIT_TYPE.to_owned(),
+                None => claimed.threshold.limit_type(),
+            },
         };
         let key = self.settings.api_contact_key.expose();
         webhook::post(&self.http, base, key, &form).await?;

@@ -37,7 +37,7 @@ pub fn pg_config(settings: &DatabaseSettings) -> tokio_postgres::Config {
         // Every wait bounded on the server side too: a lock wait (the API answers 503
         // instead of hanging), a statement, and a session idle inside a transaction
         // (a frozen replica's locks are freed).
-        .options(&format!(
+        .options(format!(
             "-c lock_timeout={} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
             millis(settings.lock_timeout),
             millis(settings.statement_timeout),

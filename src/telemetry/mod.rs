@@ -2,6 +2,7 @@
 //! the service's own Prometheus metrics ([`metrics`], [`snapshot`]).
 
 pub mod metrics;
+pub mod shared;
 pub mod snapshot;
 
 use crate::config::LogFormat;
