@@ -27,6 +27,10 @@ fuzz: ## Fuzz the HTTP API against its OpenAPI description (schemathesis, with a
 bench: ## Run cargo bench against the same PostgreSQL as the tests
 	@bash scripts/bench.sh
 
+.PHONY: mutants
+mutants: ## Mutation testing (cargo-mutants) of billing charges/money/rules and the parser
+	@bash scripts/mutants.sh
+
 .PHONY: lint
 lint: ## Check formatting and clippy warnings
 	cargo fmt --all -- --check
