@@ -1590,6 +1590,7 @@ async fn the_openapi_description_lists_every_endpoint_and_the_doc_page_serves() 
             "/api/projects/{project_name}/held",
             "/api/projects/{project_name}/notifications",
             "/api/rules",
+            "/api/v1/write",
             "/health",
             "/logconfig",
             "/metrics",
