@@ -914,6 +914,15 @@ async fn a_slow_target_delays_only_itself() {
 // ---------------------------------------------------------------------------
 // 11. Small input and conformance gaps.
 
+/// A case: what it is, method, path, JSON body, the statuses that are right.
+type BadInput<'a> = (
+    &'a str,
+    reqwest::Method,
+    &'a str,
+    Option<&'a str>,
+    &'a [u16],
+);
+
 #[tokio::test]
 async fn bad_input_is_a_json_400_and_every_405_says_what_is_allowed() {
     let world = World::start(&[]).await;
@@ -925,7 +934,7 @@ async fn bad_input_is_a_json_400_and_every_405_says_what_is_allowed() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    let cases: Vec<(&str, reqwest::Method, &str, Option<&str>, &[u16])> = vec![
+    let cases: Vec<BadInput> = vec![
         (
             "NUL in a project name",
             reqwest::Method::GET,
