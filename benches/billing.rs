@@ -124,9 +124,9 @@ async fn main() -> anyhow::Result<()> {
                     CASE WHEN k % 2 = 0 THEN 'project_vcpu_usage' ELSE 'project_mb_usage' END,
                     '2025-11-22'::timestamptz + (k - 1) * interval '5 minutes', 0.25, 1, 0.25, (k + 1) * 0.25, 100000
              FROM generate_series(0, 365 * 288 - 1) k;
-             INSERT INTO projects (name, granted_credits) VALUES ('h238', 1000);
+             INSERT INTO projects (name, granted_credits) VALUES ('rows238', 1000);
              INSERT INTO ledger (project, time, kind, metric, usage_from, quantity, price, used_delta, used_after, granted_after)
-             SELECT 'h238', '2026-11-21'::timestamptz + k * interval '5 minutes', 'usage',
+             SELECT 'rows238', '2026-11-21'::timestamptz + k * interval '5 minutes', 'usage',
                     CASE WHEN k % 2 = 0 THEN 'project_vcpu_usage' ELSE 'project_mb_usage' END,
                     '2026-11-21'::timestamptz + (k - 1) * interval '5 minutes', 0.5, 1, 0.5, (k + 1) * 0.5, 1000
              FROM generate_series(0, 237) k;
@@ -204,7 +204,7 @@ async fn main() -> anyhow::Result<()> {
         ("GET /api/current_credits/{p}", "/api/current_credits/p42"),
         (
             "GET /api/credits_history/{p} (238 rows)",
-            "/api/credits_history/h238",
+            "/api/credits_history/rows238",
         ),
     ];
     let measure = |phase: &'static str| {

@@ -23,6 +23,7 @@ esac
 
 bash "$ROOT/scripts/ensure-chromium.sh"
 bash "$ROOT/scripts/ensure-aiosmtpd.sh"
+bash "$ROOT/scripts/ensure-prometheus.sh"
 cd "$ROOT"
 for run in "${runs[@]}"; do
     export_test_postgres "$run"

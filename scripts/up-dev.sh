@@ -84,7 +84,12 @@ up_local() {
     export SCRAPE_TARGETS=${SCRAPE_TARGETS:-$DEMO_METRICS_URL}
 
     local demo_args=()
-    read -r -a demo_args <<<"${DEMO_EXPORTER_ARGS:-}"
+    # By default the demo's weights are edited 15 minutes after the start, re-weighting
+    # every vCPU counter's history at once: the jump guard holds those steps for review
+    # (GET /api/projects/{project}/held, the history page).
+    local reweight_at
+    reweight_at=$(date -u -d '+15 min' +%Y-%m-%dT%H:%M:%SZ)
+    read -r -a demo_args <<<"${DEMO_EXPORTER_ARGS:---reweight-at $reweight_at}"
     start_bg "demo exporter" "$DEV_DIR/demo-exporter.pid" "$DEV_DIR/demo-exporter.log" \
         "${DEMO_EXPORTER_PORT:-9100}" \
         "$BIN" demo-exporter --host 127.0.0.1 --port "${DEMO_EXPORTER_PORT:-9100}" "${demo_args[@]}"

@@ -68,6 +68,14 @@ pub struct DemoArgs {
     /// Reference start of usage (RFC 3339); default 2026-01-01T00:00:00Z.
     #[arg(long)]
     pub start: Option<DateTime<Utc>>,
+    /// From this instant (RFC 3339) the vCPU weight is multiplied by
+    /// --reweight-factor, re-weighting the whole history at once as an operator
+    /// editing de.NBI's exporter weights does (the jump guard holds that step).
+    #[arg(long)]
+    pub reweight_at: Option<DateTime<Utc>>,
+    /// Factor of --reweight-at.
+    #[arg(long, default_value_t = 5.0)]
+    pub reweight_factor: f64,
 }
 
 impl DemoArgs {
@@ -77,6 +85,12 @@ impl DemoArgs {
             return Err(format!(
                 "--drop-fraction must be between 0 and 1, got {}",
                 self.drop_fraction
+            ));
+        }
+        if !(self.reweight_factor.is_finite() && self.reweight_factor > 0.0) {
+            return Err(format!(
+                "--reweight-factor must be a number greater than 0, got {}",
+                self.reweight_factor
             ));
         }
         if self.drop_period_secs == 0 {
@@ -89,6 +103,7 @@ impl DemoArgs {
             start: self.start.unwrap_or(defaults.start),
             drop_fraction: self.drop_fraction,
             drop_period: Duration::from_secs(self.drop_period_secs),
+            reweight: self.reweight_at.map(|at| (at, self.reweight_factor)),
         })
     }
 }

@@ -186,6 +186,11 @@ pub struct Settings {
     pub scrape_timeout: Duration,
     /// `SCRAPE_MAX_BYTES`: a body larger than this (after decompression) fails.
     pub scrape_max_bytes: usize,
+    /// `REMOTE_WRITE_SENDERS`: who may push with Prometheus remote write (empty: `POST
+    /// /api/v1/write` answers 404).
+    pub remote_write_senders: Vec<crate::receive::senders::RemoteWriteSender>,
+    /// `REMOTE_WRITE_MAX_BYTES`: a push larger than this (compressed or not) is refused.
+    pub remote_write_max_bytes: usize,
     /// `PROJECT_LABEL`: the label whose value names the project.
     pub project_label: String,
     /// `SAMPLES_RETENTION_DAYS`: samples older than this and already billed are removed
@@ -267,6 +272,8 @@ pub const SETTINGS: &[&str] = &[
     "SCRAPE_TIMEOUT",
     "SCRAPE_MAX_BYTES",
     "PROJECT_LABEL",
+    "REMOTE_WRITE_SENDERS",
+    "REMOTE_WRITE_MAX_BYTES",
     "SAMPLES_RETENTION_DAYS",
     "MAINTENANCE_INTERVAL",
     "BILLING_INTERVAL",
@@ -345,6 +352,11 @@ impl Settings {
             scrape_interval: env.seconds("SCRAPE_INTERVAL", 30)?,
             scrape_timeout: env.seconds("SCRAPE_TIMEOUT", 10)?,
             scrape_max_bytes: env.positive("SCRAPE_MAX_BYTES", 64 * 1024 * 1024)?,
+            remote_write_senders: crate::receive::senders::parse_senders(
+                &env.string("REMOTE_WRITE_SENDERS", ""),
+            )
+            .map_err(|reason| bad("REMOTE_WRITE_SENDERS", reason))?,
+            remote_write_max_bytes: env.positive("REMOTE_WRITE_MAX_BYTES", 32 * 1024 * 1024)?,
             project_label: parse_label_name(&env.string("PROJECT_LABEL", "project_name"))?,
             samples_retention_days: env.parse(
                 "SAMPLES_RETENTION_DAYS",

@@ -1,8 +1,16 @@
 //! A synthetic usage exporter for development and benchmarks.
 //!
 //! It serves what de.NBI's `OS_project_usage_exporter` serves: per project the
-//! counters `project_vcpu_usage` (vCPU-hours) and `project_mb_usage` (MB-hours of
-//! RAM), labelled `domain_id`, `domain_name`, `project_id` and `project_name`.
+//! counters `project_vcpu_usage` (weighted vCPU-hours) and `project_mb_usage`
+//! (weighted **GiB**-hours of RAM, despite its name), labelled `domain_id`,
+//! `domain_name`, `project_id` and `project_name`.
+//! - SimpleVM pools: every fourth project (index 3, 7, …) shares the `project_id`
+//!   and domain of the project before it under its own `project_name`, as several
+//!   SimpleVM projects share one OpenStack project.
+//! - Weights: the exporter recomputes everything from scratch with the weights in
+//!   force, so editing a weight re-weights the whole history at once. With
+//!   `reweight` set, from that instant on every vCPU counter is multiplied by its
+//!   factor (the jump guard holds the step; see `crate::billing::guard`).
 //!
 //! Everything is a pure function of [`DemoConfig`] and the time passed to [`render`]:
 //! - Project `i` gets its vCPUs (1..=64), RAM (1..=256 GiB, in MB), name, id, domain
@@ -36,6 +44,9 @@ pub struct DemoConfig {
     pub drop_fraction: f64,
     /// How often a dropping series drops.
     pub drop_period: Duration,
+    /// From this instant on the vCPU weight is multiplied by this factor, for the
+    /// whole history at once (an operator editing the exporter's weights).
+    pub reweight: Option<(DateTime<Utc>, f64)>,
 }
 
 impl Default for DemoConfig {
@@ -46,6 +57,7 @@ impl Default for DemoConfig {
             start: DateTime::<Utc>::from_timestamp(1_767_225_600, 0).unwrap_or_default(),
             drop_fraction: 0.0,
             drop_period: Duration::from_secs(3600),
+            reweight: None,
         }
     }
 }
@@ -106,13 +118,13 @@ struct Metric {
 const METRICS: [Metric; 2] = [
     Metric {
         name: "project_vcpu_usage",
-        help: "Cumulative vCPU-hours used by the project since its start.",
-        amount: |p| f64::from(p.vcpus),
+        help: "Cumulative weighted vCPU-hours used by the project since its start.",
+        amount: |p| f64::from(p.vcpus) * p.vcpu_weight,
     },
     Metric {
         name: "project_mb_usage",
-        help: "Cumulative MB-hours of RAM used by the project since its start.",
-        amount: |p| f64::from(p.mb),
+        help: "Cumulative weighted GiB-hours of RAM used by the project since its start.",
+        amount: |p| f64::from(p.mb) / 1024.0,
     },
 ];
 
@@ -147,6 +159,8 @@ struct Project {
     mb: u32,
     start_ms: i64,
     drops: bool,
+    /// Weight of its vCPUs in force at the time rendered.
+    vcpu_weight: f64,
 }
 
 impl Project {
@@ -170,7 +184,25 @@ impl Project {
             mb,
             start_ms: cfg.start.timestamp_millis() + offset_ms,
             drops: is_dropping(cfg.drop_fraction, index),
+            vcpu_weight: 1.0,
         }
+    }
+
+    /// Project `index` at `now_ms`: pool members take their owner's id and domain,
+    /// and the weights in force apply.
+    fn at(cfg: &DemoConfig, index: usize, now_ms: i64) -> Self {
+        let mut p = Self::new(cfg, index);
+        if index % 4 == 3 {
+            let owner = Self::new(cfg, index - 1);
+            p.id = owner.id;
+            p.domain = owner.domain;
+        }
+        if let Some((at, factor)) = cfg.reweight {
+            if now_ms >= at.timestamp_millis() {
+                p.vcpu_weight = factor;
+            }
+        }
+        p
     }
 
     /// Hours counted at `now_ms`: since the start, or since the last drop boundary.
@@ -209,7 +241,7 @@ pub fn render(cfg: &DemoConfig, now: DateTime<Utc>, out: &mut String) {
         let _ = writeln!(out, "# HELP {} {}", metric.name, metric.help);
         let _ = writeln!(out, "# TYPE {} counter", metric.name);
         for index in 0..cfg.projects {
-            let p = Project::new(cfg, index);
+            let p = Project::at(cfg, index, now_ms);
             let value = (metric.amount)(&p) * p.hours(cfg, now_ms);
             let _ = writeln!(
                 out,
@@ -230,8 +262,9 @@ pub fn render(cfg: &DemoConfig, now: DateTime<Utc>, out: &mut String) {
 }
 
 const INDEX_TEXT: &str = "os-credits demo exporter\n\n\
-GET /metrics serves synthetic de.NBI usage counters (project_vcpu_usage in vCPU-hours,\n\
-project_mb_usage in MB-hours) for deterministic demo projects, growing in real time.\n";
+GET /metrics serves synthetic de.NBI usage counters (project_vcpu_usage in weighted\n\
+vCPU-hours, project_mb_usage in weighted GiB-hours) for deterministic demo projects\n\
+(every fourth one a SimpleVM pool member sharing a project_id), growing in real time.\n";
 
 async fn metrics(cfg: web::Data<DemoConfig>) -> HttpResponse {
     let mut body = String::new();
@@ -484,5 +517,51 @@ mod tests {
 
         handle.stop(true).await;
         running.await.expect("join").expect("server result");
+    }
+
+    #[test]
+    fn ram_is_in_gib_hours_pools_share_ids_and_a_reweighting_moves_the_whole_history() {
+        let cfg = DemoConfig {
+            projects: 8,
+            start: DateTime::<Utc>::UNIX_EPOCH,
+            ..DemoConfig::default()
+        };
+        let now = at(&cfg, AFTER_ALL_STARTS);
+        let now_ms = now.timestamp_millis();
+        let text = rendered(&cfg, now);
+        let values = samples(&text);
+        let p = Project::at(&cfg, 0, now_ms);
+        let hours = p.hours(&cfg, now_ms);
+        let name = format!("{}-{}-0000", p.topic, p.kind);
+        let gib = values
+            .iter()
+            .find(|(s, _)| s.starts_with("project_mb_usage") && project_name(s) == name)
+            .map(|(_, v)| *v)
+            .expect("project 0's RAM");
+        assert_eq!(
+            gib,
+            f64::from(p.mb / 1024) * hours,
+            "GiB-hours, not MB-hours"
+        );
+        let id = |index: usize| Project::at(&cfg, index, now_ms).id;
+        assert_eq!(id(3), id(2), "a pool member shares its owner's project_id");
+        assert_ne!(id(2), id(1));
+
+        let edit = now - chrono::Duration::minutes(5);
+        let reweighted = DemoConfig {
+            reweight: Some((edit, 5.0)),
+            ..cfg.clone()
+        };
+        let before = samples(&rendered(&reweighted, edit - chrono::Duration::seconds(5)));
+        let after = samples(&rendered(&reweighted, edit));
+        for (series, value) in &after {
+            if series.starts_with("project_vcpu_usage") && before[series] > 0.0 {
+                assert!(
+                    *value > 4.9 * before[series],
+                    "{series}: {} → {value}",
+                    before[series]
+                );
+            }
+        }
     }
 }

@@ -10,6 +10,7 @@ pub mod domain;
 pub mod maintenance;
 pub mod notify;
 pub mod outbound;
+pub mod receive;
 pub mod scrape;
 pub mod startup;
 pub mod store;

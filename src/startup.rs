@@ -65,6 +65,12 @@ impl Application {
             .mode;
 
         let cache = SeriesCache::default();
+        let receiver = match settings.endpoints_only {
+            true => None,
+            false => {
+                crate::receive::Receiver::new(&settings, pool.clone(), cache.clone()).map(Arc::new)
+            }
+        };
         let scraper = match (settings.endpoints_only, settings.scrape_targets.is_empty()) {
             (true, _) => {
                 tracing::info!("ENDPOINTS_ONLY is set: serving the API without scraping");
@@ -99,8 +105,9 @@ impl Application {
             false => Some(Arc::new(Notifier::new(pool.clone(), settings.clone())?)),
         };
         let cancel = CancellationToken::new();
-        let state =
-            AppState::new(pool.clone(), mode, settings.clone(), logs).with_storage(storage.clone());
+        let state = AppState::new(pool.clone(), mode, settings.clone(), logs)
+            .with_storage(storage.clone())
+            .with_receiver(receiver);
         // Balances are answered from memory while this listens (see api::memo); it
         // runs with or without the other workers, supervised like them.
         let memo = state.memo.clone();

@@ -100,6 +100,15 @@ function toPoints(rows) {
   return Array.from(byTime.values()).sort(function (a, b) { return a.time - b.time; });
 }
 
+// Buckets start at their aligned boundary (weeks on Mondays), which may lie before
+// the project existed: draw none earlier than the project's creation.
+function clipToStart(points, createdAt) {
+  var start = createdAt ? new Date(createdAt) : null;
+  if (!start || isNaN(start.getTime())) return points;
+  points.forEach(function (p) { if (p.time < start) p.time = start; });
+  return points;
+}
+
 function breakdown(rows) {
   var sums = new Map();
   rows.forEach(function (row) {
@@ -298,7 +307,7 @@ async function load() {
     link.href = csvUrl;
     link.setAttribute("download", project + "-" + range.key + ".csv");
     var chart = document.getElementById("chart");
-    chart.replaceChildren(renderChart(toPoints(rows), range));
+    chart.replaceChildren(renderChart(clipToStart(toPoints(rows), detail.body.created_at), range));
     renderBreakdown(rows);
     renderNotifications(results[1].body || []);
     document.getElementById("content").hidden = false;

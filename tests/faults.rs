@@ -343,7 +343,8 @@ async fn endless_portal() -> (String, tokio::task::JoinHandle<()>) {
 }
 
 /// Billing goes on with the last known grants while grant sync fails with `cause`.
-async fn billing_goes_on_while_the_portal_fails(portal: &str, cause: &str) {
+/// `idle` more projects make a round long (each one asks the portal).
+async fn billing_goes_on_while_the_portal_fails(portal: &str, cause: &str, idle: i32) {
     let exporter = FixtureExporter::start(Answer::ok(vcpu("Alpha", "1"))).await;
     let app = running_app(
         &exporter,
@@ -354,6 +355,17 @@ async fn billing_goes_on_while_the_portal_fails(portal: &str, cause: &str) {
         ],
     )
     .await;
+    // Projects to ask the portal about: synced before each billing run (as it was),
+    // a hung portal held billing for 10 s per OS_CREDITS_WORKERS of them.
+    app.db
+        .connect()
+        .await
+        .execute(
+            "INSERT INTO projects (name) SELECT 'idle' || i FROM generate_series(1, $1) i",
+            &[&idle],
+        )
+        .await
+        .expect("projects");
     let failing = health_where(&app, "grant sync to fail", |h| {
         h["workers"]["grant_sync"]["consecutive_failures"].as_u64() >= Some(1)
     })
@@ -386,13 +398,13 @@ async fn billing_goes_on_while_the_portal_fails(portal: &str, cause: &str) {
 #[tokio::test]
 async fn a_portal_that_never_answers_fails_grant_sync_rounds_not_billing() {
     let (portal, _task) = silent_portal().await;
-    billing_goes_on_while_the_portal_fails(&portal, "API_CONTACT_SYNC_DEADLINE").await;
+    billing_goes_on_while_the_portal_fails(&portal, "API_CONTACT_SYNC_DEADLINE", 100).await;
 }
 
 #[tokio::test]
 async fn an_endless_portal_answer_is_cut_off_at_the_size_limit() {
     let (portal, _task) = endless_portal().await;
-    billing_goes_on_while_the_portal_fails(&portal, "larger than 65536 bytes").await;
+    billing_goes_on_while_the_portal_fails(&portal, "larger than 65536 bytes", 0).await;
 }
 
 /// A real replica process (the binary), continued and killed when dropped.

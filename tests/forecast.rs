@@ -76,4 +76,32 @@ async fn a_project_billed_for_6_minutes_forecasts_from_those_6_minutes() {
         (7.0..=8.5).contains(&hours),
         "run-out in {hours} h: {detail}"
     );
+
+    // The history page says the same before its script runs.
+    let page = app
+        .get("/credits_history/young")
+        .await
+        .text()
+        .await
+        .expect("page");
+    let summary = page
+        .split("<div id=\"summary\">")
+        .nth(1)
+        .and_then(|rest| rest.split("</div>\n").next())
+        .unwrap_or_default();
+    let run_out_item = format!(
+        "<span>forecast run-out</span><b>{}",
+        run_out.format("%Y-%m-%d")
+    );
+    for item in [
+        "<span>granted</span><b>100.00</b>",
+        "<span>used</span><b>1.36</b>",
+        "<span>remaining</span><b>98.64</b>",
+        run_out_item.as_str(),
+    ] {
+        assert!(
+            summary.contains(item),
+            "{item} not in the served summary: {summary}"
+        );
+    }
 }

@@ -51,7 +51,7 @@ fn check(req: &HttpRequest) -> Result<ApiKey, ApiError> {
 /// Whether `given` equals `expected`, taking time that depends only on the length of
 /// `given` (which the caller knows anyway), never on where the first difference is
 /// or on the expected key. `expected` must not be empty.
-fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
+pub fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
     let mut diff = u8::from(given.len() != expected.len());
     for (i, byte) in given.iter().enumerate() {
         // Cycling through `expected` keeps the loop the same for every key length.

@@ -18,6 +18,9 @@ struct Health {
     storage: crate::store::storage::StorageReport,
     endpoints_only: bool,
     targets: Vec<TargetStatus>,
+    /// Remote-write senders (absent while none is configured).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    senders: Vec<crate::receive::SenderStatus>,
     workers: BTreeMap<String, WorkerStatus>,
 }
 
@@ -68,11 +71,18 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         ),
     };
     let workers = state.workers.snapshot();
+    let senders = state
+        .receiver
+        .as_ref()
+        .map(|r| r.statuses())
+        .unwrap_or_default();
+    let senders_up = senders.iter().all(|s| s.up || s.last_push_at.is_none());
     let status = match (
         database.reachable,
         targets
             .iter()
             .all(|t| (t.up || t.last_attempt_at.is_none()) && t.problem.is_none())
+            && senders_up
             && workers_healthy(&workers, state.settings.billing_interval, Utc::now()),
     ) {
         (false, _) => "unavailable",
@@ -86,6 +96,7 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         storage: state.storage.read().map(|r| r.clone()).unwrap_or_default(),
         endpoints_only: state.settings.endpoints_only,
         targets,
+        senders,
         workers,
     };
     if body.database.reachable {

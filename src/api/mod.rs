@@ -15,7 +15,8 @@ mod ops;
 mod page;
 mod projects;
 
-pub use errors::ApiError;
+pub use auth::constant_time_eq;
+pub use errors::{ApiError, ErrorBody};
 
 use crate::config::Settings;
 use crate::store::StorageMode;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub metrics_snapshot: Arc<crate::telemetry::shared::SharedSnapshot>,
     /// Answers from memory, kept fresh by change notifications.
     pub memo: Arc<memo::Memo>,
+    /// Remote-write pushes (`None` while `REMOTE_WRITE_SENDERS` is empty).
+    pub receiver: Option<Arc<crate::receive::Receiver>>,
 }
 
 impl AppState {
@@ -71,12 +74,19 @@ impl AppState {
             workers: crate::workers::Workers::new(),
             metrics_snapshot,
             memo: Arc::default(),
+            receiver: None,
         }
     }
 
     /// Shares the storage report start-up made (and the maintenance worker refreshes).
     pub fn with_storage(mut self, storage: crate::store::storage::SharedReport) -> Self {
         self.storage = storage;
+        self
+    }
+
+    /// Accepts remote-write pushes through `receiver`.
+    pub fn with_receiver(mut self, receiver: Option<Arc<crate::receive::Receiver>>) -> Self {
+        self.receiver = receiver;
         self
     }
 }
@@ -140,6 +150,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/api/held/{id}/reject").post(held::reject))
         .service(resource("/api/notifications/{id}/resend").post(notifications::resend))
         .service(resource("/api/billing/run").post(billing_run::run))
+        .service(resource("/api/v1/write").post(crate::receive::http::write))
         .configure(ops::routes)
         .configure(openapi::routes);
 }

@@ -40,6 +40,7 @@ use utoipa_swagger_ui::SwaggerUi;
         ops::stats,
         ops::get_logconfig,
         ops::set_logconfig,
+        crate::receive::http::write,
     ),
     components(schemas(errors::ErrorBody)),
     modifiers(&ApiKeyScheme)

@@ -247,6 +247,8 @@ struct Verbose {
     backlog: BTreeMap<String, MetricBacklog>,
     /// Per configured scrape target, as `/health`.
     targets: Vec<TargetStatus>,
+    /// Per remote-write sender, as `/health`.
+    remote_write_senders: Vec<crate::receive::SenderStatus>,
     database_pool: PoolState,
     /// Deliveries by channel, then status.
     notifications: Option<BTreeMap<String, BTreeMap<String, i64>>>,
@@ -278,6 +280,11 @@ impl Verbose {
                 })
                 .collect(),
             targets: db.map(|s| s.targets.clone()).unwrap_or_default(),
+            remote_write_senders: state
+                .receiver
+                .as_ref()
+                .map(|r| r.statuses())
+                .unwrap_or_default(),
             database_pool: PoolState::of(state),
             notifications,
             log_filter: state.logs.as_ref().and_then(|l| l.current()),

@@ -119,7 +119,7 @@ impl Notifier {
                 Outcome::Skipped(_) => summary.skipped += 1,
                 Outcome::Unknown(_) => summary.unknown += 1,
             }
-            record(&client, &claimed, &outcome, now).await;
+            record(&self.pool, &client, &claimed, &outcome, now).await;
         }
         summary.unknown += expired;
         Ok(summary)
@@ -292,13 +292,24 @@ fn log(claimed: &Claimed, outcome: &Outcome) {
 /// the message, the record must not be lost (else the lease runs out and the
 /// delivery shows as `unknown`).
 async fn record(
-    client: &deadpool_postgres::Client,
+    pool: &Pool,
+    held: &deadpool_postgres::Client,
     claimed: &Claimed,
     outcome: &Outcome,
     now: DateTime<Utc>,
 ) {
     let mut delay = Duration::from_millis(200);
     for attempt in 1..=6 {
+        // The connection held through a long send (up to the SMTP final-reply wait)
+        // may be gone by now: after a failure, each retry takes a fresh one.
+        let fresh = match attempt {
+            1 => None,
+            _ => pool.get().await.ok(),
+        };
+        let client: &tokio_postgres::Client = match &fresh {
+            Some(fresh) => fresh,
+            None => held,
+        };
         match outbox::finish(client, claimed, outcome, now).await {
             Ok(true) => return,
             Ok(false) => {

@@ -125,73 +125,119 @@ pub fn prepare(
     let stats = parse::parse(
         body,
         |name| ctx.billed.contains(name),
-        |mut sample: Sample<'_>| {
-            sample.labels.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            let project = label(&sample.labels, &ctx.project_label)
-                .or_else(|| {
-                    ctx.target_labels
-                        .get(&ctx.project_label)
-                        .map(String::as_str)
-                })
-                .unwrap_or_default();
-            let skipped = &mut prepared.skipped;
-            if project.is_empty() {
-                skipped.no_project += 1;
-                return;
-            }
-            if ctx.whitelist.as_ref().is_some_and(|w| !w.contains(project)) {
-                skipped.not_whitelisted += 1;
-                return;
-            }
-            if !servable_project(project) {
-                skipped.bad_project += 1;
-                return;
-            }
-            if merged(&sample.labels, &ctx.target_labels).any(|(_, v)| v.contains('\0')) {
-                skipped.nul_label += 1;
-                return;
-            }
-            if !sample.value.is_finite() {
-                skipped.not_finite += 1;
-                return;
-            }
-            let time = sample
-                .timestamp_ms
-                .and_then(DateTime::from_timestamp_millis)
-                .unwrap_or(scrape_time);
-            write_series_key(
+        |sample: Sample<'_>| {
+            sort_sample(
+                &mut prepared,
+                &mut new_index,
                 &mut key,
-                sample.name,
-                merged(&sample.labels, &ctx.target_labels),
-            );
-            if key.len() > MAX_SERIES_KEY_BYTES {
-                skipped.too_long += 1;
-                return;
-            }
-            if let Some(series_id) = state.id(&key) {
-                prepared.rows.push(SampleRow {
-                    series_id,
-                    time,
-                    value: sample.value,
-                });
-                return;
-            }
-            let index = *new_index.entry(key.clone()).or_insert_with(|| {
-                prepared.new_series.push(NewSeries {
-                    key: key.clone(),
-                    metric: sample.name.to_owned(),
-                    labels: merged(&sample.labels, &ctx.target_labels)
-                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                        .collect(),
-                    project: project.to_owned(),
-                });
-                prepared.new_series.len() - 1
-            });
-            prepared.new_rows.push((index, time, sample.value));
+                ctx,
+                state,
+                sample,
+                scrape_time,
+            )
         },
     )?;
     prepared.stats = stats;
     Ok(prepared)
+}
+
+/// Samples decoded elsewhere (a remote-write batch) sorted as [`prepare`] sorts parsed
+/// ones: the same filters, series keys and skip reasons. Samples of metrics that are
+/// not billed are ignored, as the parser ignores them.
+pub fn prepare_samples<'a>(
+    samples: impl IntoIterator<Item = Sample<'a>>,
+    ctx: &IngestContext,
+    state: &SeriesState,
+    default_time: DateTime<Utc>,
+) -> Prepared {
+    let mut prepared = Prepared::default();
+    let mut new_index: HashMap<String, usize> = HashMap::new();
+    let mut key = String::with_capacity(256);
+    for sample in samples {
+        if ctx.billed.contains(sample.name) {
+            sort_sample(
+                &mut prepared,
+                &mut new_index,
+                &mut key,
+                ctx,
+                state,
+                sample,
+                default_time,
+            );
+        }
+    }
+    prepared
+}
+
+/// Where one billed sample goes: a row of a known series, a row of a new series, or a
+/// skip reason. The one place where samples of every source become rows.
+fn sort_sample(
+    prepared: &mut Prepared,
+    new_index: &mut HashMap<String, usize>,
+    key: &mut String,
+    ctx: &IngestContext,
+    state: &SeriesState,
+    mut sample: Sample<'_>,
+    scrape_time: DateTime<Utc>,
+) {
+    sample.labels.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let project = label(&sample.labels, &ctx.project_label)
+        .or_else(|| {
+            ctx.target_labels
+                .get(&ctx.project_label)
+                .map(String::as_str)
+        })
+        .unwrap_or_default();
+    let skipped = &mut prepared.skipped;
+    if project.is_empty() {
+        skipped.no_project += 1;
+        return;
+    }
+    if ctx.whitelist.as_ref().is_some_and(|w| !w.contains(project)) {
+        skipped.not_whitelisted += 1;
+        return;
+    }
+    if !servable_project(project) {
+        skipped.bad_project += 1;
+        return;
+    }
+    if merged(&sample.labels, &ctx.target_labels).any(|(_, v)| v.contains('\0')) {
+        skipped.nul_label += 1;
+        return;
+    }
+    if !sample.value.is_finite() {
+        skipped.not_finite += 1;
+        return;
+    }
+    let time = sample
+        .timestamp_ms
+        .and_then(DateTime::from_timestamp_millis)
+        .unwrap_or(scrape_time);
+    write_series_key(key, sample.name, merged(&sample.labels, &ctx.target_labels));
+    if key.len() > MAX_SERIES_KEY_BYTES {
+        skipped.too_long += 1;
+        return;
+    }
+    if let Some(series_id) = state.id(key) {
+        prepared.rows.push(SampleRow {
+            series_id,
+            time,
+            value: sample.value,
+        });
+        return;
+    }
+    let index = *new_index.entry(key.clone()).or_insert_with(|| {
+        prepared.new_series.push(NewSeries {
+            key: key.clone(),
+            metric: sample.name.to_owned(),
+            labels: merged(&sample.labels, &ctx.target_labels)
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            project: project.to_owned(),
+        });
+        prepared.new_series.len() - 1
+    });
+    prepared.new_rows.push((index, time, sample.value));
 }
 
 /// Bytes of exposition text parsed at a time: each chunk streams into `COPY` while
@@ -217,6 +263,20 @@ pub async fn ingest(
         .await
         .map_err(|e| ScrapeError::Store(anyhow::Error::new(e).context("parse task failed")))?;
     stored
+}
+
+/// Stores samples sorted by [`prepare_samples`] atomically, through the same `COPY`
+/// and merge as parsed bodies: samples already stored count as duplicates.
+pub async fn store_prepared(
+    pool: &Pool,
+    cache: &SeriesCache,
+    prepared: Prepared,
+) -> Result<IngestOutcome, ScrapeError> {
+    let (sender, receiver) = mpsc::channel(1);
+    // The channel has room for this one message and the receiver is alive.
+    let _ = sender.send(Ok(prepared)).await;
+    drop(sender);
+    store_stream(pool, cache, receiver).await
 }
 
 /// Parses `body` chunk by chunk (chunks end at line ends), sending each result; stops

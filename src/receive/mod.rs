@@ -1,0 +1,264 @@
+//! Receiving: Prometheus remote-write 1.0 (`POST /api/v1/write`). A thin source: the
+//! decoded samples go through the same filters, series keys and `COPY`/merge as
+//! scraped ones (`scrape::ingest`), so a batch Prometheus retries is stored once.
+
+pub mod http;
+pub mod proto;
+pub mod senders;
+
+use crate::config::Settings;
+use crate::scrape::ingest::{self, IngestContext, IngestOutcome};
+use crate::scrape::parse::Sample;
+use crate::store::series::SeriesCache;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use prost::Message;
+use senders::RemoteWriteSender;
+use serde::Serialize;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+/// What `/health` and `/stats` show of one sender (kept by this replica, since start).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct SenderStatus {
+    /// Sender name.
+    pub name: String,
+    /// Whether its last push was stored.
+    pub up: bool,
+    /// When it last pushed (authenticated).
+    pub last_push_at: Option<DateTime<Utc>>,
+    /// When a push was last stored.
+    pub last_success_at: Option<DateTime<Utc>>,
+    /// Why its last push failed (absent after a success).
+    pub last_error: Option<String>,
+    /// Samples stored by its last successful push.
+    pub last_samples: Option<u64>,
+    /// Samples stored since start.
+    pub samples_stored_total: u64,
+    /// Samples already stored (a retried batch) since start.
+    pub duplicates_total: u64,
+    /// Billed samples dropped by the filters (no project, whitelist, bad labels, NaN).
+    pub skipped_total: u64,
+    /// Pushes since start.
+    pub pushes_total: u64,
+    /// Pushes that failed since start.
+    pub failures_total: u64,
+}
+
+/// Why a push was refused. Each maps to the status remote-write senders act on:
+/// 4xx are dropped by the sender, 5xx retried.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// The body can never be read: not snappy, not a `WriteRequest`.
+    #[error("{0}")]
+    Invalid(String),
+    /// Larger than `REMOTE_WRITE_MAX_BYTES` (compressed or decompressed).
+    #[error("body larger than REMOTE_WRITE_MAX_BYTES ({0} bytes)")]
+    TooLarge(usize),
+    /// The database could not store it; a retry may succeed.
+    #[error("storing samples failed: {0}")]
+    Unavailable(String),
+}
+
+/// Accepts pushes from the configured senders.
+pub struct Receiver {
+    pool: Pool,
+    cache: SeriesCache,
+    senders: Vec<(RemoteWriteSender, String, Arc<IngestContext>)>,
+    statuses: Mutex<BTreeMap<String, SenderStatus>>,
+    max_bytes: usize,
+}
+
+impl Receiver {
+    /// A receiver for `REMOTE_WRITE_SENDERS`; `None` when none is configured.
+    pub fn new(settings: &Settings, pool: Pool, cache: SeriesCache) -> Option<Self> {
+        if settings.remote_write_senders.is_empty() {
+            return None;
+        }
+        let senders = settings
+            .remote_write_senders
+            .iter()
+            .map(|s| {
+                (
+                    s.clone(),
+                    senders::expected_authorization(&s.auth),
+                    Arc::new(IngestContext::new(settings, s.labels.clone())),
+                )
+            })
+            .collect::<Vec<_>>();
+        let statuses = senders
+            .iter()
+            .map(|(s, _, _)| {
+                (
+                    s.name.clone(),
+                    SenderStatus {
+                        name: s.name.clone(),
+                        ..SenderStatus::default()
+                    },
+                )
+            })
+            .collect();
+        Some(Self {
+            pool,
+            cache,
+            senders,
+            statuses: Mutex::new(statuses),
+            max_bytes: settings.remote_write_max_bytes,
+        })
+    }
+
+    /// The largest body accepted, compressed or not.
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+
+    /// The sender whose credentials `authorization` carries (compared in constant
+    /// time against each).
+    pub fn authenticate(&self, authorization: &[u8]) -> Option<usize> {
+        let mut found = None;
+        for (index, (_, expected, _)) in self.senders.iter().enumerate() {
+            if crate::api::constant_time_eq(authorization, expected.as_bytes()) {
+                found = Some(index);
+            }
+        }
+        found
+    }
+
+    /// The name of the sender at `index`.
+    pub fn sender_name(&self, index: usize) -> &str {
+        self.senders
+            .get(index)
+            .map_or("", |(s, _, _)| s.name.as_str())
+    }
+
+    /// Every sender's status, by name.
+    pub fn statuses(&self) -> Vec<SenderStatus> {
+        self.lock().values().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, SenderStatus>> {
+        // A poisoned lock only means a thread panicked mid-update of a counter.
+        self.statuses.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Decodes and stores one push of the sender at `index`, and records the outcome.
+    pub async fn receive(&self, index: usize, body: &[u8]) -> Result<IngestOutcome, ReceiveError> {
+        let at = Utc::now();
+        let result = self.decode_and_store(index, body, at).await;
+        let name = self.sender_name(index).to_owned();
+        {
+            let mut statuses = self.lock();
+            let status = statuses.entry(name.clone()).or_default();
+            status.name = name.clone();
+            status.pushes_total += 1;
+            status.last_push_at = Some(at);
+            match &result {
+                Ok(outcome) => {
+                    status.up = true;
+                    status.last_success_at = Some(at);
+                    status.last_error = None;
+                    status.last_samples = Some(outcome.stored);
+                    status.samples_stored_total += outcome.stored;
+                    status.duplicates_total += outcome.duplicates;
+                    status.skipped_total += outcome
+                        .skipped
+                        .by_reason()
+                        .iter()
+                        .map(|(_, n)| n)
+                        .sum::<u64>();
+                }
+                Err(e) => {
+                    status.up = false;
+                    status.failures_total += 1;
+                    status.last_error = Some(e.to_string());
+                }
+            }
+        }
+        record_metrics(&name, &result);
+        result
+    }
+
+    async fn decode_and_store(
+        &self,
+        index: usize,
+        body: &[u8],
+        at: DateTime<Utc>,
+    ) -> Result<IngestOutcome, ReceiveError> {
+        let Some((_, _, ctx)) = self.senders.get(index) else {
+            return Err(ReceiveError::Invalid("unknown sender".into()));
+        };
+        let request = decode(body, self.max_bytes)?;
+        let prepared = self
+            .cache
+            .read(|state| ingest::prepare_samples(samples_of(&request), ctx, state, at));
+        ingest::store_prepared(&self.pool, &self.cache, prepared)
+            .await
+            .map_err(|e| ReceiveError::Unavailable(e.to_string()))
+    }
+}
+
+/// Snappy-decompresses (block format, as remote write sends) and decodes a
+/// `WriteRequest`, refusing more than `max_bytes` decompressed.
+pub fn decode(body: &[u8], max_bytes: usize) -> Result<proto::WriteRequest, ReceiveError> {
+    let len = snap::raw::decompress_len(body)
+        .map_err(|e| ReceiveError::Invalid(format!("body is not snappy-compressed: {e}")))?;
+    if len > max_bytes {
+        return Err(ReceiveError::TooLarge(max_bytes));
+    }
+    let raw = snap::raw::Decoder::new()
+        .decompress_vec(body)
+        .map_err(|e| ReceiveError::Invalid(format!("body is not snappy-compressed: {e}")))?;
+    proto::WriteRequest::decode(raw.as_slice())
+        .map_err(|e| ReceiveError::Invalid(format!("body is not a remote-write WriteRequest: {e}")))
+}
+
+/// Every sample of the request as the ingest path takes them: the metric name from
+/// `__name__`, the other labels (internal `__` labels dropped), the sample's own time.
+fn samples_of(request: &proto::WriteRequest) -> impl Iterator<Item = Sample<'_>> {
+    request.timeseries.iter().flat_map(|series| {
+        let name = series
+            .labels
+            .iter()
+            .find(|l| l.name == "__name__")
+            .map_or("", |l| l.value.as_str());
+        let labels: Vec<(&str, Cow<'_, str>)> = series
+            .labels
+            .iter()
+            .filter(|l| !l.name.starts_with("__"))
+            .map(|l| (l.name.as_str(), Cow::Borrowed(l.value.as_str())))
+            .collect();
+        series.samples.iter().map(move |s| Sample {
+            name,
+            labels: labels.clone(),
+            value: s.value,
+            timestamp_ms: Some(s.timestamp),
+        })
+    })
+}
+
+fn record_metrics(sender: &str, result: &Result<IngestOutcome, ReceiveError>) {
+    let sender = sender.to_owned();
+    match result {
+        Ok(outcome) => {
+            metrics::counter!("os_credits_remote_write_pushes_total", "sender" => sender.clone(), "result" => "success").increment(1);
+            metrics::counter!("os_credits_remote_write_samples_total", "sender" => sender.clone(), "outcome" => "stored").increment(outcome.stored);
+            metrics::counter!("os_credits_remote_write_samples_total", "sender" => sender.clone(), "outcome" => "duplicate").increment(outcome.duplicates);
+            for (reason, count) in outcome.skipped.by_reason() {
+                if count > 0 {
+                    metrics::counter!("os_credits_remote_write_samples_total", "sender" => sender.clone(), "outcome" => reason).increment(count);
+                }
+            }
+            metrics::gauge!("os_credits_remote_write_last_success_timestamp_seconds", "sender" => sender)
+                .set(Utc::now().timestamp() as f64);
+        }
+        Err(e) => {
+            let kind = match e {
+                ReceiveError::Invalid(_) => "invalid",
+                ReceiveError::TooLarge(_) => "too_large",
+                ReceiveError::Unavailable(_) => "unavailable",
+            };
+            metrics::counter!("os_credits_remote_write_pushes_total", "sender" => sender, "result" => kind).increment(1);
+        }
+    }
+}

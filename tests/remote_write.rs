@@ -1,0 +1,614 @@
+//! Prometheus remote write (`POST /api/v1/write`): pushes built here, and a real
+//! Prometheus (Debian's `prometheus`, installed by `scripts/ensure-prometheus.sh`)
+//! scraping a fixture exporter and remote-writing to the service.
+
+mod common;
+
+use chrono::{DateTime, Utc};
+use common::exporter::{Answer, FixtureExporter};
+use common::{eventually, spawn_app, PgServer, TestApp};
+use os_credits::receive::proto::{Label, Sample, TimeSeries, WriteRequest};
+use prost::Message;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+const TOKEN: &str = "site-a-secret";
+
+fn senders() -> String {
+    format!(
+        r#"[{{"name": "site-a", "bearer_token": "{TOKEN}", "labels": {{"location": "Bielefeld"}}}},
+            {{"name": "site-b", "basic_auth": {{"username": "b", "password": "pw"}}}}]"#
+    )
+}
+
+async fn app() -> TestApp {
+    spawn_app(&[("REMOTE_WRITE_SENDERS", &senders())]).await
+}
+
+fn series(labels: &[(&str, &str)], samples: &[(i64, f64)]) -> TimeSeries {
+    TimeSeries {
+        labels: labels
+            .iter()
+            .map(|(name, value)| Label {
+                name: (*name).into(),
+                value: (*value).into(),
+            })
+            .collect(),
+        samples: samples
+            .iter()
+            .map(|&(timestamp, value)| Sample { value, timestamp })
+            .collect(),
+    }
+}
+
+/// A remote-write body as Prometheus sends it: protobuf, snappy block format.
+fn body(timeseries: Vec<TimeSeries>) -> Vec<u8> {
+    let raw = WriteRequest { timeseries }.encode_to_vec();
+    snap::raw::Encoder::new()
+        .compress_vec(&raw)
+        .expect("snappy compresses")
+}
+
+async fn push(app: &TestApp, authorization: Option<&str>, body: Vec<u8>) -> (u16, String) {
+    let mut request = app
+        .http
+        .post(format!("{}/api/v1/write", app.address))
+        .header("Content-Type", "application/x-protobuf")
+        .header("Content-Encoding", "snappy")
+        .header("X-Prometheus-Remote-Write-Version", "0.1.0")
+        .body(body);
+    if let Some(authorization) = authorization {
+        request = request.header("Authorization", authorization);
+    }
+    let response = request.send().await.expect("push reaches the service");
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
+const T0: i64 = 1_764_000_000_000;
+
+fn batch() -> Vec<TimeSeries> {
+    vec![
+        series(
+            &[
+                ("__name__", "project_vcpu_usage"),
+                ("project_name", "Alpha"),
+                ("job", "openstack"),
+            ],
+            &[(T0, 1.0), (T0 + 30_000, 2.5)],
+        ),
+        series(
+            &[("__name__", "project_mb_usage"), ("project_name", "Beta")],
+            &[(T0, 512.0)],
+        ),
+        // not billed, no project, NaN (a staleness marker): none is stored
+        series(
+            &[("__name__", "up"), ("project_name", "Alpha")],
+            &[(T0, 1.0)],
+        ),
+        series(
+            &[("__name__", "project_vcpu_usage"), ("job", "x")],
+            &[(T0, 7.0)],
+        ),
+        series(
+            &[
+                ("__name__", "project_vcpu_usage"),
+                ("project_name", "Gamma"),
+            ],
+            &[(T0, f64::NAN)],
+        ),
+    ]
+}
+
+fn bearer() -> String {
+    format!("Bearer {TOKEN}")
+}
+
+fn sender_status(health: &Value, name: &str) -> Value {
+    health["senders"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == name).cloned())
+        .unwrap_or_else(|| panic!("sender {name} not in {health}"))
+}
+
+fn at(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).expect("a time")
+}
+
+#[tokio::test]
+async fn remote_write_answers_404_until_a_sender_is_configured() {
+    let app = spawn_app(&[]).await;
+    let (status, text) = push(&app, Some(&bearer()), body(batch())).await;
+    assert_eq!(status, 404, "{text}");
+    assert!(text.contains("REMOTE_WRITE_SENDERS"), "{text}");
+    assert_eq!(app.sample_count().await, 0);
+}
+
+#[tokio::test]
+async fn a_push_is_stored_with_its_own_timestamps_filtered_and_labelled_like_a_scrape() {
+    let app = app().await;
+    let (status, text) = push(&app, Some(&bearer()), body(batch())).await;
+    assert_eq!(status, 204, "{text}");
+
+    let stored = app.samples().await;
+    let expected_labels_alpha =
+        serde_json::json!({"job": "openstack", "location": "Bielefeld", "project_name": "Alpha"});
+    let expected_labels_beta = serde_json::json!({"location": "Bielefeld", "project_name": "Beta"});
+    assert_eq!(
+        stored,
+        vec![
+            (
+                "project_mb_usage".into(),
+                "Beta".into(),
+                expected_labels_beta,
+                at(T0),
+                512.0
+            ),
+            (
+                "project_vcpu_usage".into(),
+                "Alpha".into(),
+                expected_labels_alpha.clone(),
+                at(T0),
+                1.0
+            ),
+            (
+                "project_vcpu_usage".into(),
+                "Alpha".into(),
+                expected_labels_alpha,
+                at(T0 + 30_000),
+                2.5
+            ),
+        ]
+    );
+    let status = sender_status(&app.health().await, "site-a");
+    assert_eq!(status["up"], true, "{status}");
+    assert_eq!(status["samples_stored_total"], 3, "{status}");
+    assert_eq!(status["skipped_total"], 2, "{status}");
+    // the recorder is shared by the tests of this process: at least this push's samples
+    let metrics = app.get("/metrics").await.text().await.expect("metrics");
+    let counted = metrics.lines().find_map(|l| {
+        (l.starts_with("os_credits_remote_write_samples_total")
+            && l.contains("sender=\"site-a\"")
+            && l.contains("outcome=\"stored\""))
+        .then(|| l.rsplit(' ').next()?.parse::<f64>().ok())?
+    });
+    assert!(counted >= Some(3.0), "{metrics}");
+}
+
+#[tokio::test]
+async fn a_batch_sent_twice_is_stored_once() {
+    let app = app().await;
+    assert_eq!(push(&app, Some(&bearer()), body(batch())).await.0, 204);
+    let first = app.samples().await;
+    let (status, text) = push(&app, Some(&bearer()), body(batch())).await;
+    assert_eq!(status, 204, "{text}");
+    // and a batch overlapping the stored one: only its new sample is added
+    let mut overlapping = batch();
+    overlapping[0].samples.push(Sample {
+        value: 4.0,
+        timestamp: T0 + 60_000,
+    });
+    assert_eq!(push(&app, Some(&bearer()), body(overlapping)).await.0, 204);
+
+    let stored = app.samples().await;
+    assert_eq!(first.len(), 3);
+    assert_eq!(stored.len(), 4, "{stored:?}");
+    assert_eq!(&stored[..3], &first[..]);
+    let status = sender_status(&app.health().await, "site-a");
+    assert_eq!(status["samples_stored_total"], 4, "{status}");
+    assert_eq!(status["duplicates_total"], 6, "{status}");
+    assert_eq!(status["pushes_total"], 3, "{status}");
+}
+
+#[tokio::test]
+async fn without_valid_credentials_nothing_is_stored() {
+    let app = app().await;
+    for (authorization, expected) in [
+        (None, 401),
+        (Some("Bearer wrong".to_owned()), 403),
+        (Some(format!("Bearer {TOKEN}x")), 403),
+        (Some("Basic Yjp3cm9uZw==".to_owned()), 403), // b:wrong
+    ] {
+        let (status, text) = push(&app, authorization.as_deref(), body(batch())).await;
+        assert_eq!(status, expected, "{authorization:?}: {text}");
+        let error: Value = serde_json::from_str(&text).expect("a JSON error");
+        assert!(error["error"].is_string(), "{text}");
+    }
+    assert_eq!(app.sample_count().await, 0);
+    let health = app.health().await;
+    assert_eq!(
+        sender_status(&health, "site-a")["pushes_total"],
+        0,
+        "{health}"
+    );
+
+    // site-b's basic auth (b:pw) is accepted, and site-a's label is not added to its samples
+    let (status, text) = push(&app, Some("Basic Yjpwdw=="), body(batch())).await;
+    assert_eq!(status, 204, "{text}");
+    let stored = app.samples().await;
+    assert_eq!(stored.len(), 3);
+    assert!(
+        stored.iter().all(|s| s.2.get("location").is_none()),
+        "{stored:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_body_that_can_never_be_read_is_refused_with_400_and_a_reason() {
+    let app = app().await;
+    let not_protobuf = snap::raw::Encoder::new()
+        .compress_vec(b"\xff\xff\xff\xff not a write request")
+        .expect("compress");
+    for (what, bad) in [
+        ("snappy", b"plain text, not snappy".to_vec()),
+        ("WriteRequest", not_protobuf),
+    ] {
+        let (status, text) = push(&app, Some(&bearer()), bad).await;
+        assert_eq!(status, 400, "{what}: {text}");
+        let error: Value = serde_json::from_str(&text).expect("a JSON error");
+        assert!(
+            error["error"].as_str().is_some_and(|e| e.contains(what)),
+            "{what}: {text}"
+        );
+    }
+    assert_eq!(app.sample_count().await, 0);
+    let status = sender_status(&app.health().await, "site-a");
+    assert_eq!(status["up"], false, "{status}");
+    assert_eq!(status["failures_total"], 2, "{status}");
+    assert!(
+        status["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("WriteRequest")),
+        "{status}"
+    );
+    assert_eq!(app.health().await["status"], "degraded");
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_refused_with_413() {
+    let app = spawn_app(&[
+        ("REMOTE_WRITE_SENDERS", &senders()),
+        ("REMOTE_WRITE_MAX_BYTES", "100"),
+    ])
+    .await;
+    let many: Vec<(i64, f64)> = (0..200).map(|i| (T0 + i * 1000, i as f64)).collect();
+    let (status, text) = push(
+        &app,
+        Some(&bearer()),
+        body(vec![series(
+            &[
+                ("__name__", "project_vcpu_usage"),
+                ("project_name", "Alpha"),
+            ],
+            &many,
+        )]),
+    )
+    .await;
+    assert_eq!(status, 413, "{text}");
+    assert_eq!(app.sample_count().await, 0);
+}
+
+/// A connection to the server's `postgres` database.
+async fn admin() -> tokio_postgres::Client {
+    let server = PgServer::from_env();
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(&server.host)
+        .port(server.port)
+        .user(&server.user)
+        .dbname("postgres");
+    if let Some(password) = &server.password {
+        config.password(password);
+    }
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("admin connection");
+    tokio::spawn(connection);
+    client
+}
+
+async fn database_down(app: &TestApp, down: bool) {
+    let admin = admin().await;
+    let name = &app.db.name;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {name} ALLOW_CONNECTIONS {}",
+            !down
+        ))
+        .await
+        .expect("allow or refuse connections");
+    if down {
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                &[name],
+            )
+            .await
+            .expect("cut connections");
+    }
+}
+
+#[tokio::test]
+async fn database_down_answers_5xx_so_the_sender_retries_and_the_retry_stores_it() {
+    let app = app().await;
+    database_down(&app, true).await;
+    let (status, text) = push(&app, Some(&bearer()), body(batch())).await;
+    database_down(&app, false).await;
+    assert!((500..600).contains(&status), "{status}: {text}");
+    let retried = eventually(
+        Duration::from_secs(30),
+        "the retry to be stored",
+        || async {
+            let (status, _) = push(&app, Some(&bearer()), body(batch())).await;
+            (status == 204).then_some(status)
+        },
+    )
+    .await;
+    assert_eq!(retried, 204);
+    assert_eq!(app.sample_count().await, 3);
+    let status = sender_status(&app.health().await, "site-a");
+    assert!(status["failures_total"].as_u64() >= Some(1), "{status}");
+    assert_eq!(status["up"], true, "{status}");
+}
+
+// --- a real Prometheus --------------------------------------------------------------
+
+/// Prometheus running from its binary with its own config and storage in a temp dir.
+struct Prometheus {
+    child: std::process::Child,
+    url: String,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Prometheus {
+    /// Starts Prometheus scraping `exporter` every second and remote-writing to `write_url`
+    /// with `authorization`; picks a free port and tries another when it was taken.
+    async fn start(exporter: &str, write_url: &str, token: &str) -> Self {
+        let binary = std::env::var("PROMETHEUS").unwrap_or_else(|_| "prometheus".into());
+        let exporter = url::Url::parse(exporter).expect("exporter URL");
+        let dir = std::env::temp_dir().join(format!(
+            "os-credits-prometheus-{}-{}",
+            std::process::id(),
+            Utc::now().timestamp_nanos_opt().unwrap_or_default()
+        ));
+        std::fs::create_dir_all(dir.join("data")).expect("temp dir");
+        let dir = TempDir(dir);
+        let config = format!(
+            r#"global:
+  scrape_interval: 1s
+scrape_configs:
+  - job_name: fixture
+    scrape_interval: 1s
+    metrics_path: {path}
+    static_configs:
+      - targets: ["{host}:{port}"]
+remote_write:
+  - url: {write_url}
+    authorization:
+      credentials: {token}
+    queue_config:
+      batch_send_deadline: 500ms
+      min_backoff: 100ms
+      max_backoff: 500ms
+"#,
+            path = exporter.path(),
+            host = exporter.host_str().expect("host"),
+            port = exporter.port().expect("port"),
+        );
+        let config_path = dir.0.join("prometheus.yml");
+        std::fs::write(&config_path, config).expect("write config");
+        for _attempt in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let log = std::fs::File::create(dir.0.join("prometheus.log")).expect("log file");
+            let child = std::process::Command::new(&binary)
+                .arg(format!("--config.file={}", config_path.display()))
+                .arg(format!("--storage.tsdb.path={}", dir.0.join("data").display()))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot run {binary} ({e}): run scripts/ensure-prometheus.sh (make test does)")
+                });
+            let mut prometheus = Prometheus {
+                child,
+                url: format!("http://127.0.0.1:{port}"),
+                _dir: TempDir(std::path::PathBuf::new()),
+            };
+            let http = reqwest::Client::new();
+            let started = std::time::Instant::now();
+            let ready = loop {
+                if let Ok(Some(_)) = prometheus.child.try_wait() {
+                    break false; // exited: most likely the port was taken meanwhile
+                }
+                let ok = http
+                    .get(format!("{}/-/ready", prometheus.url))
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+                if ok {
+                    break true;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "prometheus did not become ready: {}",
+                    std::fs::read_to_string(dir.0.join("prometheus.log")).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            if ready {
+                prometheus._dir = dir;
+                return prometheus;
+            }
+        }
+        panic!(
+            "prometheus did not start: {}",
+            std::fs::read_to_string(dir.0.join("prometheus.log")).unwrap_or_default()
+        );
+    }
+
+    /// Every raw sample Prometheus holds of `metric`: series labels → (time, value).
+    async fn raw_samples(
+        &self,
+        metric: &str,
+    ) -> BTreeMap<BTreeMap<String, String>, Vec<(DateTime<Utc>, f64)>> {
+        let mut url = url::Url::parse(&format!("{}/api/v1/query", self.url)).expect("URL");
+        url.query_pairs_mut()
+            .append_pair("query", &format!("{metric}[1h]"));
+        let answer: Value = reqwest::Client::new()
+            .get(url)
+            .send()
+            .await
+            .expect("query Prometheus")
+            .json()
+            .await
+            .expect("JSON");
+        let mut out = BTreeMap::new();
+        for series in answer["data"]["result"].as_array().expect("a result") {
+            let labels: BTreeMap<String, String> = series["metric"]
+                .as_object()
+                .expect("labels")
+                .iter()
+                .filter(|(k, _)| *k != "__name__")
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .collect();
+            let values = series["values"]
+                .as_array()
+                .expect("values")
+                .iter()
+                .map(|pair| {
+                    let seconds = pair[0].as_f64().expect("time");
+                    let value: f64 = pair[1].as_str().expect("value").parse().expect("a number");
+                    (at((seconds * 1000.0).round() as i64), value)
+                })
+                .collect();
+            out.insert(labels, values);
+        }
+        out
+    }
+}
+
+const EXPOSITION: &str = r#"# TYPE project_vcpu_usage counter
+project_vcpu_usage{project_name="Alpha",project_id="p1"} 10.5
+project_vcpu_usage{project_name="Beta",project_id="p2"} 3
+project_mb_usage{project_name="Alpha",project_id="p1"} 2048
+project_vcpu_usage{project_id="p3"} 99
+other_metric{project_name="Alpha"} 1
+"#;
+
+/// Stored samples of `metric`: series labels → (time, value).
+async fn stored(
+    app: &TestApp,
+    metric: &str,
+) -> BTreeMap<BTreeMap<String, String>, Vec<(DateTime<Utc>, f64)>> {
+    let mut out: BTreeMap<_, Vec<_>> = BTreeMap::new();
+    for (m, _, labels, time, value) in app.samples().await {
+        if m != metric {
+            continue;
+        }
+        let labels: BTreeMap<String, String> =
+            serde_json::from_value(labels).expect("labels are strings");
+        out.entry(labels).or_default().push((time, value));
+    }
+    out
+}
+
+#[tokio::test]
+async fn samples_a_real_prometheus_pushes_are_stored_exactly_as_prometheus_holds_them() {
+    let exporter = FixtureExporter::start(Answer::ok(EXPOSITION)).await;
+    let app = app().await;
+    let prometheus = Prometheus::start(
+        &exporter.url,
+        &format!("{}/api/v1/write", app.address),
+        TOKEN,
+    )
+    .await;
+    // at least three pushes' worth of samples of each billed series
+    eventually(
+        Duration::from_secs(90),
+        "samples pushed by Prometheus",
+        || async {
+            let vcpu = stored(&app, "project_vcpu_usage").await;
+            let mb = stored(&app, "project_mb_usage").await;
+            (vcpu.len() == 2
+                && mb.len() == 1
+                && vcpu.values().chain(mb.values()).all(|s| s.len() >= 3))
+            .then_some(())
+        },
+    )
+    .await;
+    // the database being down meanwhile: Prometheus retries, and nothing is lost
+    database_down(&app, true).await;
+    eventually(
+        Duration::from_secs(60),
+        "a push refused while the database is down",
+        || async {
+            let status = sender_status(&app.health().await, "site-a");
+            (status["failures_total"].as_u64() >= Some(1)).then_some(())
+        },
+    )
+    .await;
+    database_down(&app, false).await;
+    let before_recovery = app.samples().await.len();
+    eventually(Duration::from_secs(90), "pushes stored again", || async {
+        (app.samples().await.len() > before_recovery + 3).then_some(())
+    })
+    .await;
+
+    for metric in ["project_vcpu_usage", "project_mb_usage"] {
+        let ours = stored(&app, metric).await;
+        let theirs = prometheus.raw_samples(metric).await;
+        assert_eq!(
+            ours.len(),
+            if metric == "project_mb_usage" { 1 } else { 2 },
+            "{ours:?}"
+        );
+        for (labels, samples) in &ours {
+            // what we stored carries the sender's label; Prometheus' series does not
+            let mut theirs_labels = labels.clone();
+            assert_eq!(
+                theirs_labels.remove("location").as_deref(),
+                Some("Bielefeld")
+            );
+            assert_eq!(
+                theirs_labels.get("job").map(String::as_str),
+                Some("fixture")
+            );
+            let theirs = theirs
+                .get(&theirs_labels)
+                .unwrap_or_else(|| panic!("{metric}{labels:?} is not in Prometheus: {theirs:?}"));
+            // each series arrives in order: up to our newest sample, we hold all of theirs
+            let newest = samples.last().expect("samples").0;
+            let theirs_up_to: Vec<_> = theirs
+                .iter()
+                .filter(|(t, _)| *t <= newest)
+                .cloned()
+                .collect();
+            assert_eq!(samples, &theirs_up_to, "{metric}{labels:?}");
+        }
+    }
+    let status = sender_status(&app.health().await, "site-a");
+    assert_eq!(status["up"], true, "{status}");
+    assert!(status["last_error"].is_null(), "{status}");
+}
