@@ -158,7 +158,11 @@ async fn endpoints_only_serves_the_api_and_runs_no_worker() {
         .expect("workers")
         .keys()
         .collect();
-    assert_eq!(workers, ["change_listener"], "no background worker: {health}");
+    assert_eq!(
+        workers,
+        ["change_listener"],
+        "no background worker: {health}"
+    );
     assert_eq!(
         health["targets"],
         json!([]),
