@@ -89,7 +89,10 @@ for auth in with without; do
     headers=()
     [[ $auth == with ]] && headers=(--header "X-API-KEY: $KEY")
     log "schemathesis --checks all, $auth the API key"
+    # /api/v1/write takes snappy protobuf, which schemathesis cannot generate; its bad
+    # bodies are covered by tests/remote_write.rs against a real Prometheus.
     "$ST" run "$URL/api/openapi.json" --checks all --exclude-checks positive_data_acceptance "${headers[@]}" \
+        --exclude-path /api/v1/write \
         --max-examples "${FUZZ_MAX_EXAMPLES:-30}" --workers 1 --no-color || failed=1
 done
 if ! kill -0 "${PIDS[-1]}" 2>/dev/null; then
