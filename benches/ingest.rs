@@ -11,9 +11,9 @@
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use os_credits::config::{ScrapeTarget, Settings, TargetAuth};
 use os_credits::demo_exporter::{self, DemoConfig};
-use os_credits::scrape::{self, ingest};
 use os_credits::store::samples::{write_rows, SampleRow};
 use os_credits::store::series::SeriesCache;
+use os_credits::{ingest, scrape};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,7 +63,7 @@ async fn main() -> anyhow::Result<()> {
     let mut stored = 0;
     let mut first_scrape = Duration::ZERO;
     for (now, body) in &bodies {
-        let outcome = ingest::ingest(&pool, &cache, ctx.clone(), body.clone(), *now).await?;
+        let outcome = ingest::ingest_text(&pool, &cache, ctx.clone(), body.clone(), *now).await?;
         stored += outcome.stored;
         if first_scrape.is_zero() {
             first_scrape = clock.elapsed();

@@ -16,7 +16,7 @@ if ! cargo mutants --version 2>/dev/null | grep -q "$CARGO_MUTANTS_VERSION"; the
         die "cargo install cargo-mutants failed (see above)"
 fi
 cd "$ROOT"
-files=(src/billing/charge.rs src/billing/money.rs src/billing/rules.rs src/scrape/parse.rs)
+files=(src/billing/charge.rs src/billing/money.rs src/billing/rules.rs src/ingest/parse.rs)
 args=()
 if [[ $* != *--file* && $* != *-f\ * ]]; then
     for file in "${files[@]}"; do args+=(--file "$file"); done

@@ -191,6 +191,10 @@ pub struct Settings {
     pub remote_write_senders: Vec<crate::receive::senders::RemoteWriteSender>,
     /// `REMOTE_WRITE_MAX_BYTES`: a push larger than this (compressed or not) is refused.
     pub remote_write_max_bytes: usize,
+    /// `REMOTE_WRITE_STALE_AFTER`: a billed series a sender has not pushed for this
+    /// long is recorded as stale (and a sender that pushes none makes `/health`
+    /// degraded).
+    pub remote_write_stale_after: Duration,
     /// `PROJECT_LABEL`: the label whose value names the project.
     pub project_label: String,
     /// `SAMPLES_RETENTION_DAYS`: samples older than this and already billed are removed
@@ -274,6 +278,7 @@ pub const SETTINGS: &[&str] = &[
     "PROJECT_LABEL",
     "REMOTE_WRITE_SENDERS",
     "REMOTE_WRITE_MAX_BYTES",
+    "REMOTE_WRITE_STALE_AFTER",
     "SAMPLES_RETENTION_DAYS",
     "MAINTENANCE_INTERVAL",
     "BILLING_INTERVAL",
@@ -357,6 +362,7 @@ impl Settings {
             )
             .map_err(|reason| bad("REMOTE_WRITE_SENDERS", reason))?,
             remote_write_max_bytes: env.positive("REMOTE_WRITE_MAX_BYTES", 32 * 1024 * 1024)?,
+            remote_write_stale_after: env.seconds("REMOTE_WRITE_STALE_AFTER", 300)?,
             project_label: parse_label_name(&env.string("PROJECT_LABEL", "project_name"))?,
             samples_retention_days: env.parse(
                 "SAMPLES_RETENTION_DAYS",

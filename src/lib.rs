@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod demo_exporter;
 pub mod domain;
+pub mod ingest;
 pub mod maintenance;
 pub mod notify;
 pub mod outbound;

@@ -37,6 +37,7 @@ pub struct Application {
     mode: StorageMode,
     storage: SharedReport,
     scraper: Option<Arc<Scraper>>,
+    receiver: Option<Arc<crate::receive::Receiver>>,
     notifier: Option<Arc<Notifier>>,
     settings: Arc<Settings>,
     cancel: CancellationToken,
@@ -107,7 +108,7 @@ impl Application {
         let cancel = CancellationToken::new();
         let state = AppState::new(pool.clone(), mode, settings.clone(), logs)
             .with_storage(storage.clone())
-            .with_receiver(receiver);
+            .with_receiver(receiver.clone());
         // Balances are answered from memory while this listens (see api::memo); it
         // runs with or without the other workers, supervised like them.
         let memo = state.memo.clone();
@@ -140,6 +141,7 @@ impl Application {
             mode,
             storage,
             scraper,
+            receiver,
             notifier,
             settings,
             cancel,
@@ -273,6 +275,18 @@ impl Application {
                 backoff,
                 cancel.clone(),
                 move || billing::worker::sync_grants(pool.clone(), s.clone(), http.clone()),
+            ));
+        }
+        if let Some(receiver) = self.receiver.clone() {
+            handles.push(self.workers.spawn(
+                "remote_write_completeness",
+                receiver.check_interval(),
+                backoff,
+                cancel.clone(),
+                move || {
+                    let receiver = receiver.clone();
+                    async move { receiver.check_completeness().await }
+                },
             ));
         }
         if let Some(notifier) = self.notifier.clone() {

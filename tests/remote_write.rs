@@ -7,6 +7,7 @@ mod common;
 use chrono::{DateTime, Utc};
 use common::exporter::{Answer, FixtureExporter};
 use common::{eventually, spawn_app, PgServer, TestApp};
+use os_credits::config::Settings;
 use os_credits::receive::proto::{Label, Sample, TimeSeries, WriteRequest};
 use prost::Message;
 use serde_json::Value;
@@ -611,4 +612,244 @@ async fn samples_a_real_prometheus_pushes_are_stored_exactly_as_prometheus_holds
     let status = sender_status(&app.health().await, "site-a");
     assert_eq!(status["up"], true, "{status}");
     assert!(status["last_error"].is_null(), "{status}");
+}
+
+/// A project's counter over time: project, metric, (ms, value) per step.
+type Counter = (&'static str, &'static str, Vec<(i64, f64)>);
+
+/// One exporter's counters over time, with a restart (a drop towards 0) and a step
+/// without change, as real exporters give them.
+fn history() -> Vec<Counter> {
+    let steps = |values: &[f64]| -> Vec<(i64, f64)> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (T0 + i as i64 * 30_000, v))
+            .collect()
+    };
+    vec![
+        (
+            "Alpha",
+            "project_vcpu_usage",
+            steps(&[10.0, 10.5, 11.25, 12.0, 0.5, 1.5, 2.0]),
+        ),
+        (
+            "Alpha",
+            "project_mb_usage",
+            steps(&[2048.0, 2050.0, 2100.0, 2100.0, 2300.0, 2301.5, 2400.0]),
+        ),
+        (
+            "Beta",
+            "project_vcpu_usage",
+            steps(&[3.0, 3.0, 4.75, 6.0, 6.5, 9.0, 9.125]),
+        ),
+    ]
+}
+
+/// The used credits and the usage ledger rows of every project, comparable across
+/// databases.
+async fn billed(app: &TestApp) -> (Vec<(String, String)>, Vec<String>) {
+    let client = app.db.connect().await;
+    let used = client
+        .query(
+            "SELECT name, used_credits::text AS used FROM projects ORDER BY name",
+            &[],
+        )
+        .await
+        .expect("projects")
+        .iter()
+        .map(|r| (r.get("name"), r.get("used")))
+        .collect();
+    let ledger = client
+        .query(
+            "SELECT concat_ws(' ', project, metric, usage_from, time, quantity, price, used_delta, used_after) AS row
+             FROM ledger WHERE kind = 'usage' ORDER BY project, metric, time",
+            &[],
+        )
+        .await
+        .expect("ledger")
+        .iter()
+        .map(|r| r.get("row"))
+        .collect();
+    (used, ledger)
+}
+
+#[tokio::test]
+async fn billing_over_pushed_samples_equals_billing_over_the_same_samples_scraped() {
+    let history = history();
+    let steps = history[0].2.len();
+    // Pulled: an exporter exposing each step with its timestamp, scraped once per step.
+    let exporter = FixtureExporter::start(Answer::ok("")).await;
+    let target = format!(r#"[{{"name": "site", "url": "{}"}}]"#, exporter.url);
+    let scraped = spawn_app(&[("SCRAPE_TARGETS", &target)]).await;
+    for step in 0..steps {
+        let text: String = history
+            .iter()
+            .map(|(project, metric, samples)| {
+                let (ms, value) = samples[step];
+                format!("{metric}{{project_name=\"{project}\",job=\"openstack\"}} {value} {ms}\n")
+            })
+            .collect();
+        exporter.set(Answer::ok(text));
+        let attempts = scraped.scrape().await;
+        assert!(
+            attempts.iter().all(|(_, a)| a.result.is_ok()),
+            "{attempts:?}"
+        );
+    }
+    // Pushed: the same samples as a Prometheus shard sends them, batches cutting
+    // across steps and series, one batch retried whole.
+    let pushed = spawn_app(&[("REMOTE_WRITE_SENDERS", &senders())]).await;
+    let mut all: Vec<TimeSeries> = Vec::new();
+    for step in 0..steps {
+        for (project, metric, samples) in &history {
+            all.push(series(
+                &[
+                    ("__name__", metric),
+                    ("project_name", project),
+                    ("job", "openstack"),
+                ],
+                &[samples[step]],
+            ));
+        }
+    }
+    let batches: Vec<Vec<TimeSeries>> = all.chunks(4).map(<[TimeSeries]>::to_vec).collect();
+    for (i, batch) in batches.iter().enumerate() {
+        let (status, text) = push(&pushed, Some(&bearer()), body(batch.clone())).await;
+        assert_eq!(status, 204, "{text}");
+        if i == 2 {
+            let (status, text) = push(&pushed, Some(&bearer()), body(batch.clone())).await;
+            assert_eq!(status, 204, "a retried batch: {text}");
+        }
+    }
+    let samples = (history.len() * steps) as i64;
+    assert_eq!(scraped.sample_count().await, samples);
+    assert_eq!(
+        pushed.sample_count().await,
+        samples,
+        "the retry stored nothing twice"
+    );
+
+    let now = Utc::now();
+    for app in [&scraped, &pushed] {
+        let settings = Settings::from_vars(app.db.vars()).expect("settings");
+        os_credits::billing::engine::run(&app.app_pool, &settings, now)
+            .await
+            .expect("billing run");
+    }
+    let (scraped_used, scraped_ledger) = billed(&scraped).await;
+    let (pushed_used, pushed_ledger) = billed(&pushed).await;
+    assert_eq!(
+        scraped_used.len(),
+        2,
+        "both projects billed: {scraped_used:?}"
+    );
+    assert!(
+        scraped_used.iter().all(|(_, used)| used != "0"),
+        "usage was billed: {scraped_used:?}"
+    );
+    assert_eq!(
+        scraped_ledger.len(),
+        history.len(),
+        "one usage row per series: {scraped_ledger:#?}"
+    );
+    assert_eq!(pushed_used, scraped_used, "the same used credits");
+    assert_eq!(pushed_ledger, scraped_ledger, "the same ledger rows");
+}
+
+#[tokio::test]
+async fn a_series_a_sender_stops_pushing_is_reported_stale_until_it_comes_back() {
+    let db = common::TestDb::create().await;
+    let app = common::spawn_app_on(
+        db,
+        &[
+            ("REMOTE_WRITE_SENDERS", &senders()),
+            ("REMOTE_WRITE_STALE_AFTER", "1"),
+        ],
+        true,
+    )
+    .await;
+    let alpha = |ms: i64| {
+        series(
+            &[
+                ("__name__", "project_vcpu_usage"),
+                ("project_name", "Alpha"),
+            ],
+            &[(ms, 1.0)],
+        )
+    };
+    let beta = |ms: i64| {
+        series(
+            &[("__name__", "project_vcpu_usage"), ("project_name", "Beta")],
+            &[(ms, 1.0)],
+        )
+    };
+    let (status, text) = push(&app, Some(&bearer()), body(vec![alpha(T0), beta(T0)])).await;
+    assert_eq!(status, 204, "{text}");
+    // Alpha keeps coming, Beta does not.
+    let mut ms = T0;
+    let stale_beta = loop {
+        ms += 1_000;
+        let (status, _) = push(&app, Some(&bearer()), body(vec![alpha(ms)])).await;
+        assert_eq!(status, 204);
+        let detail: Value = app
+            .get("/api/projects/Beta")
+            .await
+            .json()
+            .await
+            .expect("JSON");
+        let stale = detail["stale_series"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if !stale.is_empty() {
+            break stale;
+        }
+        assert!(ms - T0 < 30_000, "Beta never reported stale: {detail}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(stale_beta.len(), 1, "{stale_beta:?}");
+    assert_eq!(stale_beta[0]["target"], "remote_write:site-a");
+    let alpha_detail: Value = app
+        .get("/api/projects/Alpha")
+        .await
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(
+        alpha_detail["stale_series"].as_array().map(Vec::len),
+        Some(0),
+        "a series still pushed is not stale: {alpha_detail}"
+    );
+    let status = eventually(Duration::from_secs(10), "sender status counted", || async {
+        let s = sender_status(&app.health().await, "site-a");
+        (s["stale_series"] == 1 && s["billed_series"] == 1).then_some(s)
+    })
+    .await;
+    assert!(status["problem"].is_null(), "still pushing: {status}");
+
+    // Beta comes back: no longer stale.
+    ms += 1_000;
+    let (status, _) = push(&app, Some(&bearer()), body(vec![alpha(ms), beta(ms)])).await;
+    assert_eq!(status, 204);
+    eventually(Duration::from_secs(10), "Beta no longer stale", || async {
+        let detail: Value = app.get("/api/projects/Beta").await.json().await.ok()?;
+        (detail["stale_series"].as_array().map(Vec::len) == Some(0)).then_some(())
+    })
+    .await;
+
+    // The sender goes silent: /health says so and names it.
+    let health = eventually(Duration::from_secs(15), "health degraded", || async {
+        let health = app.health().await;
+        (health["status"] == "degraded").then_some(health)
+    })
+    .await;
+    let site = sender_status(&health, "site-a");
+    let problem = site["problem"].as_str().unwrap_or_default();
+    assert!(problem.contains("pushed no billed series"), "{site}");
+    assert_eq!(site["stale_series"], 2, "{site}");
+    assert!(
+        sender_status(&health, "site-b")["problem"].is_null(),
+        "a sender that never pushed is not reported: {health}"
+    );
 }

@@ -76,7 +76,9 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
         .as_ref()
         .map(|r| r.statuses())
         .unwrap_or_default();
-    let senders_up = senders.iter().all(|s| s.up || s.last_push_at.is_none());
+    let senders_up = senders
+        .iter()
+        .all(|s| (s.up || s.last_push_at.is_none()) && s.problem.is_none());
     let status = match (
         database.reachable,
         targets

@@ -1,15 +1,16 @@
 //! Receiving: Prometheus remote-write 1.0 (`POST /api/v1/write`). A thin source: the
 //! decoded samples go through the same filters, series keys and `COPY`/merge as
-//! scraped ones (`scrape::ingest`), so a batch Prometheus retries is stored once.
+//! scraped ones (`crate::ingest`), so a batch Prometheus retries is stored once.
 
+pub mod completeness;
 pub mod http;
 pub mod proto;
 pub mod senders;
 
 use crate::config::Settings;
-use crate::scrape::ingest::{self, IngestContext, IngestOutcome};
-use crate::scrape::parse::Sample;
+use crate::ingest::{self, IngestContext, IngestOutcome, Sample};
 use crate::store::series::SeriesCache;
+use anyhow::Context;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use prost::Message;
@@ -44,6 +45,15 @@ pub struct SenderStatus {
     pub pushes_total: u64,
     /// Pushes that failed since start.
     pub failures_total: u64,
+    /// Billed series pushed within `REMOTE_WRITE_STALE_AFTER` (at the last check).
+    pub billed_series: Option<u64>,
+    /// Its series recorded as stale (not pushed within `REMOTE_WRITE_STALE_AFTER`).
+    pub stale_series: Option<i64>,
+    /// Why `/health` is degraded because of this sender (it stopped pushing).
+    pub problem: Option<String>,
+    /// The last check that found billed series pushed, and how many.
+    #[serde(skip)]
+    last_nonzero: Option<(DateTime<Utc>, u64)>,
 }
 
 /// Why a push was refused. Each maps to the status remote-write senders act on:
@@ -65,9 +75,19 @@ pub enum ReceiveError {
 pub struct Receiver {
     pool: Pool,
     cache: SeriesCache,
-    senders: Vec<(RemoteWriteSender, String, Arc<IngestContext>)>,
+    senders: Vec<Sender>,
     statuses: Mutex<BTreeMap<String, SenderStatus>>,
     max_bytes: usize,
+    stale_after: std::time::Duration,
+}
+
+/// One configured sender: who it is, the credentials it must send, what its samples
+/// get, and which billed series it pushed when.
+struct Sender {
+    config: RemoteWriteSender,
+    expected: String,
+    ctx: Arc<IngestContext>,
+    pushed: completeness::Pushed,
 }
 
 impl Receiver {
@@ -79,21 +99,20 @@ impl Receiver {
         let senders = settings
             .remote_write_senders
             .iter()
-            .map(|s| {
-                (
-                    s.clone(),
-                    senders::expected_authorization(&s.auth),
-                    Arc::new(IngestContext::new(settings, s.labels.clone())),
-                )
+            .map(|s| Sender {
+                config: s.clone(),
+                expected: senders::expected_authorization(&s.auth),
+                ctx: Arc::new(IngestContext::new(settings, s.labels.clone())),
+                pushed: completeness::Pushed::default(),
             })
             .collect::<Vec<_>>();
         let statuses = senders
             .iter()
-            .map(|(s, _, _)| {
+            .map(|s| {
                 (
-                    s.name.clone(),
+                    s.config.name.clone(),
                     SenderStatus {
-                        name: s.name.clone(),
+                        name: s.config.name.clone(),
                         ..SenderStatus::default()
                     },
                 )
@@ -105,6 +124,7 @@ impl Receiver {
             senders,
             statuses: Mutex::new(statuses),
             max_bytes: settings.remote_write_max_bytes,
+            stale_after: settings.remote_write_stale_after,
         })
     }
 
@@ -117,8 +137,8 @@ impl Receiver {
     /// time against each).
     pub fn authenticate(&self, authorization: &[u8]) -> Option<usize> {
         let mut found = None;
-        for (index, (_, expected, _)) in self.senders.iter().enumerate() {
-            if crate::api::constant_time_eq(authorization, expected.as_bytes()) {
+        for (index, sender) in self.senders.iter().enumerate() {
+            if crate::api::constant_time_eq(authorization, sender.expected.as_bytes()) {
                 found = Some(index);
             }
         }
@@ -129,7 +149,7 @@ impl Receiver {
     pub fn sender_name(&self, index: usize) -> &str {
         self.senders
             .get(index)
-            .map_or("", |(s, _, _)| s.name.as_str())
+            .map_or("", |s| s.config.name.as_str())
     }
 
     /// Every sender's status, by name.
@@ -185,16 +205,64 @@ impl Receiver {
         body: &[u8],
         at: DateTime<Utc>,
     ) -> Result<IngestOutcome, ReceiveError> {
-        let Some((_, _, ctx)) = self.senders.get(index) else {
+        let Some(sender) = self.senders.get(index) else {
             return Err(ReceiveError::Invalid("unknown sender".into()));
         };
         let request = decode(body, self.max_bytes)?;
         let prepared = self
             .cache
-            .read(|state| ingest::prepare_samples(samples_of(&request), ctx, state, at));
-        ingest::store_prepared(&self.pool, &self.cache, prepared)
+            .read(|state| ingest::prepare_samples(samples_of(&request), &sender.ctx, state, at));
+        let outcome = ingest::store_prepared(&self.pool, &self.cache, prepared)
             .await
-            .map_err(|e| ReceiveError::Unavailable(e.to_string()))
+            .map_err(|e| ReceiveError::Unavailable(e.to_string()))?;
+        sender.pushed.observe(at, &outcome.series);
+        Ok(outcome)
+    }
+
+    /// How often [`Receiver::check_completeness`] should run: a quarter of
+    /// `REMOTE_WRITE_STALE_AFTER`, at least every 250 ms.
+    pub fn check_interval(&self) -> std::time::Duration {
+        (self.stale_after / 4).max(std::time::Duration::from_millis(250))
+    }
+
+    /// One completeness check of every sender (see [`completeness`]): series not
+    /// pushed within `REMOTE_WRITE_STALE_AFTER` are recorded as stale, series that
+    /// came back are cleared, and a sender that stopped pushing billed series gets a
+    /// `problem` in `/health`.
+    pub async fn check_completeness(&self) -> anyhow::Result<()> {
+        let now = Utc::now();
+        let client = self.pool.get().await.context("checking pushed series")?;
+        let window = chrono::Duration::from_std(self.stale_after).unwrap_or(chrono::Duration::MAX);
+        for sender in &self.senders {
+            let name = &sender.config.name;
+            let target = completeness::target_of(name);
+            let check = sender.pushed.check(now, self.stale_after);
+            let stale = completeness::record(&client, &target, now, &check).await?;
+            sender.pushed.forget(&check.gone);
+            crate::telemetry::metrics::stale_series(&target, stale);
+            let current = check.current.len() as u64;
+            let mut statuses = self.lock();
+            let status = statuses.entry(name.clone()).or_default();
+            status.billed_series = Some(current);
+            status.stale_series = Some(stale);
+            if current > 0 {
+                status.last_nonzero = Some((now, current));
+            }
+            let silent = status.last_push_at.is_some_and(|at| now - at > window);
+            status.problem = match (current, status.last_nonzero, silent) {
+                (0, Some((at, before)), _) => Some(format!(
+                    "pushed no billed series for {} s, {before} until {}: is the site's Prometheus or its exporter down? Their usage is not billed until they return",
+                    self.stale_after.as_secs(),
+                    at.to_rfc3339()
+                )),
+                (_, _, true) => Some(format!(
+                    "no push for {} s (REMOTE_WRITE_STALE_AFTER): is the site's Prometheus down?",
+                    self.stale_after.as_secs()
+                )),
+                _ => None,
+            };
+        }
+        Ok(())
     }
 }
 

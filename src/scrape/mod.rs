@@ -1,18 +1,16 @@
-//! Scraping: fetch each exporter, parse its exposition, keep the billed samples, store.
+//! Scraping: a thin source. Fetch each exporter (or a site Prometheus' `/federate`)
+//! on its own schedule and hand the body to the one ingest path (`crate::ingest`).
 
-pub mod completeness;
-pub mod ingest;
-pub mod parse;
 pub mod targets;
 
 use crate::config::{ScrapeTarget, Settings, TargetAuth};
+use crate::ingest::{self, completeness, IngestContext, IngestError, IngestOutcome};
 use crate::store::series::SeriesCache;
 use crate::store::targets::{self as target_store, Attempt};
 use anyhow::Context;
 use chrono::Utc;
 use deadpool_postgres::Pool;
 use futures::StreamExt;
-use ingest::{IngestContext, IngestOutcome};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,12 +29,22 @@ pub enum ScrapeError {
     /// The body is not UTF-8 text.
     #[error("body is not UTF-8 text")]
     NotUtf8,
-    /// The body is not a valid exposition; nothing of it was stored.
-    #[error("unparseable exposition, nothing stored: {0}")]
-    Parse(#[from] parse::ParseError),
-    /// The samples could not be stored.
-    #[error("storing samples failed: {0:#}")]
-    Store(#[source] anyhow::Error),
+    /// The body was fetched but not stored (unparseable, or the database failed).
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+}
+
+impl ScrapeError {
+    /// The `outcome` label of a failed scrape: a few fixed words, never the message.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ScrapeError::Fetch(_) => "unreachable",
+            ScrapeError::Status(_) => "bad_status",
+            ScrapeError::TooLarge(_) => "too_large",
+            ScrapeError::NotUtf8 => "not_utf8",
+            ScrapeError::Ingest(e) => e.kind(),
+        }
+    }
 }
 
 /// Scrapes the configured targets ([`Scraper::scrape_all`], run every
@@ -169,12 +177,19 @@ impl Scraper {
         let result = async {
             let body = fetch(&self.http, target, self.timeout, self.max_bytes).await?;
             let outcome: IngestOutcome =
-                ingest::ingest(&self.pool, &self.cache, ctx.clone(), body, started_at).await?;
+                ingest::ingest_text(&self.pool, &self.cache, ctx.clone(), body, started_at).await?;
             Ok::<_, ScrapeError>(outcome)
         }
         .await;
         let duration = clock.elapsed();
-        crate::telemetry::metrics::scrape_finished(&target.name, result.as_ref(), duration);
+        crate::telemetry::metrics::scrape_finished(
+            &target.name,
+            result
+                .as_ref()
+                .map(|o| o.counts())
+                .map_err(ScrapeError::kind),
+            duration,
+        );
         let result = match result {
             Ok(outcome) => {
                 tracing::debug!(stored = outcome.stored, duplicates = outcome.duplicates, skipped = ?outcome.skipped, "scraped");

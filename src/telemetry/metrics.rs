@@ -8,8 +8,6 @@
 //! is rendered, by [`super::snapshot`], so every replica reports the same truth.
 
 use crate::billing::engine::BillingSummary;
-use crate::scrape::ingest::IngestOutcome;
-use crate::scrape::ScrapeError;
 use chrono::{DateTime, Utc};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -150,10 +148,21 @@ fn describe() {
     );
 }
 
-/// One scrape ended (`outcome` is what `scrape_target` got before recording it).
+/// What one ingest stored, as plain figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IngestCounts {
+    /// Samples written.
+    pub stored: u64,
+    /// Samples already stored.
+    pub duplicates: u64,
+    /// Samples dropped, by reason label.
+    pub dropped: [(&'static str, u64); 6],
+}
+
+/// One scrape ended: what it stored, or the fixed word naming why it failed.
 pub fn scrape_finished(
     target: &str,
-    outcome: Result<&IngestOutcome, &ScrapeError>,
+    outcome: Result<IngestCounts, &'static str>,
     duration: Duration,
 ) {
     let target = target.to_owned();
@@ -163,7 +172,7 @@ pub fn scrape_finished(
                 .increment(ingested.stored);
             counter!("os_credits_samples_duplicate_total", "target" => target.clone())
                 .increment(ingested.duplicates);
-            for (reason, dropped) in ingested.skipped.by_reason() {
+            for (reason, dropped) in ingested.dropped {
                 if dropped > 0 {
                     counter!("os_credits_samples_dropped_total", "target" => target.clone(), "reason" => reason)
                         .increment(dropped);
@@ -171,23 +180,11 @@ pub fn scrape_finished(
             }
             "success"
         }
-        Err(e) => scrape_failure(e),
+        Err(kind) => kind,
     };
     histogram!("os_credits_scrape_duration_seconds", "target" => target.clone())
         .record(duration.as_secs_f64());
     counter!("os_credits_scrapes_total", "target" => target, "outcome" => result).increment(1);
-}
-
-/// The `outcome` label of a failed scrape: a few fixed words, never the message.
-fn scrape_failure(error: &ScrapeError) -> &'static str {
-    match error {
-        ScrapeError::Fetch(_) => "unreachable",
-        ScrapeError::Status(_) => "bad_status",
-        ScrapeError::TooLarge(_) => "too_large",
-        ScrapeError::NotUtf8 => "not_utf8",
-        ScrapeError::Parse(_) => "unparseable",
-        ScrapeError::Store(_) => "store_failed",
-    }
 }
 
 /// What `/stats` shows of the last billing run of this process.
@@ -308,7 +305,7 @@ pub fn listener_failed() {
     counter!("os_credits_change_listener_failures_total").increment(1);
 }
 
-/// A target's stale series after its last scrape (see `crate::scrape::completeness`).
+/// A target's stale series after its last scrape (see `crate::ingest::completeness`).
 pub fn stale_series(target: &str, count: i64) {
     gauge!("os_credits_stale_series", "target" => target.to_owned()).set(count as f64);
 }

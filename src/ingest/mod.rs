@@ -1,0 +1,301 @@
+//! One ingest path for every source. A source turns what it received into
+//! [`Sample`]s: scraping and `/federate` through the text exposition parser
+//! ([`text`]), remote write by decoding its protobuf (`crate::receive`). Here each
+//! sample goes through the same filters (billed metric, project label, whitelist,
+//! storable labels, finite value), gets its series key, and all of a body or batch is
+//! stored atomically by [`store`]: the same `COPY`/merge, the same outcomes, never a
+//! sample twice. [`completeness`] then follows which billed series each source still
+//! delivers.
+
+pub mod completeness;
+pub mod parse;
+pub mod store;
+pub mod text;
+
+pub use parse::Sample;
+pub use store::store_prepared;
+pub use text::{ingest_text, prepare};
+
+use crate::config::Settings;
+use crate::store::samples::SampleRow;
+use crate::store::series::{write_series_key, NewSeries, SeriesState};
+use chrono::{DateTime, Utc};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+/// Why a body or batch was not stored. Nothing of it was.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The text is not a valid exposition.
+    #[error("unparseable exposition, nothing stored: {0}")]
+    Parse(#[from] parse::ParseError),
+    /// The database could not store the samples; a later attempt may.
+    #[error("storing samples failed: {0:#}")]
+    Store(#[source] anyhow::Error),
+}
+
+impl IngestError {
+    /// A few fixed words for metric labels, never the message.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            IngestError::Parse(_) => "unparseable",
+            IngestError::Store(_) => "store_failed",
+        }
+    }
+}
+
+/// What decides which samples of a target are kept.
+#[derive(Debug, Clone)]
+pub struct IngestContext {
+    /// Metric names that are billed; everything else is ignored.
+    pub billed: HashSet<String>,
+    /// The label naming the project.
+    pub project_label: String,
+    /// When set, only these projects are kept.
+    pub whitelist: Option<BTreeSet<String>>,
+    /// Labels added to every sample (an exposed label of the same name wins).
+    pub target_labels: BTreeMap<String, String>,
+}
+
+impl IngestContext {
+    /// The context for one target.
+    pub fn new(settings: &Settings, target_labels: BTreeMap<String, String>) -> Self {
+        Self {
+            billed: settings.rules.metric_names().map(str::to_owned).collect(),
+            project_label: settings.project_label.clone(),
+            whitelist: settings.project_whitelist.clone(),
+            target_labels,
+        }
+    }
+}
+
+/// Billed samples that were not kept, by reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Skipped {
+    /// No (or an empty) project label.
+    pub no_project: u64,
+    /// Project not on `OS_CREDITS_PROJECT_WHITELIST`.
+    pub not_whitelisted: u64,
+    /// NaN or infinite value: not usage.
+    pub not_finite: u64,
+    /// Series whose identity is too long to index (over 2 KiB of labels).
+    pub too_long: u64,
+    /// A project name the API could never serve: blank, over 255 bytes, or with a
+    /// NUL.
+    pub bad_project: u64,
+    /// A label value with a NUL character, which PostgreSQL text cannot store.
+    pub nul_label: u64,
+}
+
+impl Skipped {
+    /// The counts by reason, as the `reason` label of the dropped-samples metric.
+    pub fn by_reason(&self) -> [(&'static str, u64); 6] {
+        [
+            ("no_project", self.no_project),
+            ("not_whitelisted", self.not_whitelisted),
+            ("not_finite", self.not_finite),
+            ("too_long", self.too_long),
+            ("bad_project", self.bad_project),
+            ("nul_label", self.nul_label),
+        ]
+    }
+}
+
+/// Longest project name the API serves, in bytes (as `ProjectName` in the API).
+const MAX_PROJECT_BYTES: usize = 255;
+
+/// Whether the API could serve `project` (see `api::input::ProjectName`).
+fn servable_project(project: &str) -> bool {
+    !project.trim().is_empty()
+        && project.len() <= MAX_PROJECT_BYTES
+        && !project.chars().any(|c| c == '\0')
+}
+
+/// A parsed body, split into samples of known series and of series still to create.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    /// Samples of series the cache knows.
+    pub rows: Vec<SampleRow>,
+    /// Series seen for the first time.
+    pub new_series: Vec<NewSeries>,
+    /// Samples of new series: index into `new_series`, time, value.
+    pub new_rows: Vec<(usize, DateTime<Utc>, f64)>,
+    /// Samples not kept.
+    pub skipped: Skipped,
+    /// Parser statistics.
+    pub stats: parse::ParseStats,
+}
+
+/// What one ingest did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IngestOutcome {
+    /// Samples written.
+    pub stored: u64,
+    /// Samples already stored (same series and time) or repeated in the body.
+    pub duplicates: u64,
+    /// Samples not kept.
+    pub skipped: Skipped,
+    /// The billed series the body held (for completeness: see `super::completeness`).
+    pub series: Vec<i64>,
+}
+
+impl IngestOutcome {
+    /// The plain figures metrics record.
+    pub fn counts(&self) -> crate::telemetry::metrics::IngestCounts {
+        crate::telemetry::metrics::IngestCounts {
+            stored: self.stored,
+            duplicates: self.duplicates,
+            dropped: self.skipped.by_reason(),
+        }
+    }
+}
+
+/// Longest series identity that can be indexed (see `sql/0001_series_and_samples.sql`).
+const MAX_SERIES_KEY_BYTES: usize = 2048;
+
+/// Samples decoded elsewhere (a remote-write batch) sorted as [`prepare`] sorts parsed
+/// ones: the same filters, series keys and skip reasons. Samples of metrics that are
+/// not billed are ignored, as the parser ignores them.
+pub fn prepare_samples<'a>(
+    samples: impl IntoIterator<Item = Sample<'a>>,
+    ctx: &IngestContext,
+    state: &SeriesState,
+    default_time: DateTime<Utc>,
+) -> Prepared {
+    let mut prepared = Prepared::default();
+    let mut new_index: HashMap<String, usize> = HashMap::new();
+    let mut key = String::with_capacity(256);
+    for sample in samples {
+        if ctx.billed.contains(sample.name) {
+            sort_sample(
+                &mut prepared,
+                &mut new_index,
+                &mut key,
+                ctx,
+                state,
+                sample,
+                default_time,
+            );
+        }
+    }
+    prepared
+}
+
+/// Where one billed sample goes: a row of a known series, a row of a new series, or a
+/// skip reason. The one place where samples of every source become rows.
+pub(crate) fn sort_sample(
+    prepared: &mut Prepared,
+    new_index: &mut HashMap<String, usize>,
+    key: &mut String,
+    ctx: &IngestContext,
+    state: &SeriesState,
+    mut sample: Sample<'_>,
+    scrape_time: DateTime<Utc>,
+) {
+    sample.labels.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let project = label(&sample.labels, &ctx.project_label)
+        .or_else(|| {
+            ctx.target_labels
+                .get(&ctx.project_label)
+                .map(String::as_str)
+        })
+        .unwrap_or_default();
+    let skipped = &mut prepared.skipped;
+    if project.is_empty() {
+        skipped.no_project += 1;
+        return;
+    }
+    if ctx.whitelist.as_ref().is_some_and(|w| !w.contains(project)) {
+        skipped.not_whitelisted += 1;
+        return;
+    }
+    if !servable_project(project) {
+        skipped.bad_project += 1;
+        return;
+    }
+    if merged(&sample.labels, &ctx.target_labels).any(|(_, v)| v.contains('\0')) {
+        skipped.nul_label += 1;
+        return;
+    }
+    if !sample.value.is_finite() {
+        skipped.not_finite += 1;
+        return;
+    }
+    let time = sample
+        .timestamp_ms
+        .and_then(DateTime::from_timestamp_millis)
+        .unwrap_or(scrape_time);
+    write_series_key(key, sample.name, merged(&sample.labels, &ctx.target_labels));
+    if key.len() > MAX_SERIES_KEY_BYTES {
+        skipped.too_long += 1;
+        return;
+    }
+    if let Some(series_id) = state.id(key) {
+        prepared.rows.push(SampleRow {
+            series_id,
+            time,
+            value: sample.value,
+        });
+        return;
+    }
+    let index = *new_index.entry(key.clone()).or_insert_with(|| {
+        prepared.new_series.push(NewSeries {
+            key: key.clone(),
+            metric: sample.name.to_owned(),
+            labels: merged(&sample.labels, &ctx.target_labels)
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            project: project.to_owned(),
+        });
+        prepared.new_series.len() - 1
+    });
+    prepared.new_rows.push((index, time, sample.value));
+}
+
+fn label<'s>(labels: &'s [(&str, Cow<'_, str>)], name: &str) -> Option<&'s str> {
+    labels
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.as_ref())
+}
+
+/// Sample labels and target labels, merged in name order; on a clash the sample's wins.
+fn merged<'a>(
+    sample: &'a [(&'a str, Cow<'a, str>)],
+    target: &'a BTreeMap<String, String>,
+) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+    let mut own = sample.iter().map(|(k, v)| (*k, v.as_ref())).peekable();
+    let mut added = target
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .peekable();
+    std::iter::from_fn(move || match (own.peek(), added.peek()) {
+        (Some(a), Some(b)) if a.0 == b.0 => {
+            added.next();
+            own.next()
+        }
+        (Some(a), Some(b)) if b.0 < a.0 => added.next(),
+        (Some(_), _) => own.next(),
+        (None, _) => added.next(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_labels_merge_in_order_and_exposed_labels_win() {
+        let sample = vec![("b", Cow::Borrowed("own")), ("d", Cow::Borrowed("4"))];
+        let target: BTreeMap<String, String> =
+            [("a", "1"), ("b", "target"), ("c", "3"), ("e", "5")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        let merged: Vec<_> = merged(&sample, &target).collect();
+        assert_eq!(
+            merged,
+            vec![("a", "1"), ("b", "own"), ("c", "3"), ("d", "4"), ("e", "5")]
+        );
+    }
+}

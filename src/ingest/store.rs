@@ -1,0 +1,175 @@
+//! The one store step of every source: sorted samples into one transaction, new
+//! series created in it, optimistic direct `COPY` with a merging retry.
+
+use super::{IngestError, IngestOutcome, Prepared, Skipped};
+use crate::store::samples::{self, SampleBatch, SampleRow};
+use crate::store::series::{self, NewSeries, Resolved, SeriesCache};
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use std::collections::{HashMap, HashSet};
+use tokio::sync::mpsc;
+
+/// Stores samples sorted by [`prepare_samples`] atomically, through the same `COPY`
+/// and merge as parsed bodies: samples already stored count as duplicates.
+pub async fn store_prepared(
+    pool: &Pool,
+    cache: &SeriesCache,
+    prepared: Prepared,
+) -> Result<IngestOutcome, IngestError> {
+    let (sender, receiver) = mpsc::channel(1);
+    // The channel has room for this one message and the receiver is alive.
+    let _ = sender.send(Ok(prepared)).await;
+    drop(sender);
+    store_stream(pool, cache, receiver).await
+}
+
+/// Everything a body yielded, kept for the cache update and a possible retry.
+#[derive(Default)]
+struct Collected {
+    rows: Vec<SampleRow>,
+    new_series: Vec<NewSeries>,
+    new_index: HashMap<String, usize>,
+    new_rows: Vec<(usize, DateTime<Utc>, f64)>,
+    skipped: Skipped,
+}
+
+impl Collected {
+    fn add(&mut self, prepared: Prepared) {
+        self.rows.extend_from_slice(&prepared.rows);
+        let mut local_to_global = Vec::with_capacity(prepared.new_series.len());
+        for series in prepared.new_series {
+            let next = self.new_series.len();
+            let index = *self.new_index.entry(series.key.clone()).or_insert(next);
+            if index == next {
+                self.new_series.push(series);
+            }
+            local_to_global.push(index);
+        }
+        self.new_rows.extend(
+            prepared
+                .new_rows
+                .into_iter()
+                .map(|(i, time, value)| (local_to_global[i], time, value)),
+        );
+        let (s, p) = (&mut self.skipped, prepared.skipped);
+        s.no_project += p.no_project;
+        s.not_whitelisted += p.not_whitelisted;
+        s.not_finite += p.not_finite;
+        s.too_long += p.too_long;
+        s.bad_project += p.bad_project;
+        s.nul_label += p.nul_label;
+    }
+
+    fn total(&self) -> u64 {
+        (self.rows.len() + self.new_rows.len()) as u64
+    }
+
+    /// Rows of the new series, now that their ids are known.
+    fn new_series_rows(&self, resolved: &Resolved) -> anyhow::Result<Vec<SampleRow>> {
+        self.new_rows
+            .iter()
+            .map(|&(index, time, value)| {
+                let key = &self.new_series[index].key;
+                let series_id = *resolved
+                    .ids
+                    .get(key)
+                    .ok_or_else(|| anyhow::anyhow!("series {key} was neither created nor found"))?;
+                Ok(SampleRow {
+                    series_id,
+                    time,
+                    value,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Receives parsed chunks and streams them into one transaction. When the optimistic
+/// direct `COPY` meets a duplicate (another writer got there first), everything is
+/// stored again through the merging path.
+pub(crate) async fn store_stream(
+    pool: &Pool,
+    cache: &SeriesCache,
+    mut receiver: mpsc::Receiver<Result<Prepared, super::parse::ParseError>>,
+) -> Result<IngestOutcome, IngestError> {
+    let mut client = pool.get().await.map_err(|e| IngestError::Store(e.into()))?;
+    let mut collected = Collected::default();
+    let mut batch = SampleBatch::begin(&mut client)
+        .await
+        .map_err(IngestError::Store)?;
+    let mut failure = None;
+    while let Some(chunk) = receiver.recv().await {
+        let prepared = chunk?;
+        if failure.is_none() {
+            let newer = cache.all_newer(&prepared.rows);
+            failure = batch.push(&prepared.rows, newer).await.err();
+        }
+        collected.add(prepared);
+    }
+    let attempt = match failure {
+        Some(e) => {
+            drop(batch); // rolls back
+            Err(e)
+        }
+        None => finish(batch, &collected, false).await,
+    };
+    let (stored, resolved) = match attempt {
+        Ok(done) => done,
+        Err(e) if samples::is_unique_violation(&e) => {
+            tracing::debug!("direct COPY met a stored sample; merging instead");
+            let batch = SampleBatch::begin(&mut client)
+                .await
+                .map_err(IngestError::Store)?;
+            finish(batch, &collected, true)
+                .await
+                .map_err(IngestError::Store)?
+        }
+        Err(e) => return Err(IngestError::Store(e)),
+    };
+    cache.remember(&resolved);
+    samples::remember_stored(cache, &collected.rows);
+    samples::remember_stored(
+        cache,
+        &collected
+            .new_series_rows(&resolved)
+            .map_err(IngestError::Store)?,
+    );
+    let series = collected
+        .rows
+        .iter()
+        .map(|r| r.series_id)
+        .chain(
+            collected
+                .new_series
+                .iter()
+                .filter_map(|s| resolved.ids.get(&s.key).copied()),
+        )
+        .collect();
+    Ok(IngestOutcome {
+        stored,
+        duplicates: collected.total() - stored,
+        skipped: collected.skipped,
+        series,
+    })
+}
+
+/// Creates the new series in the batch's transaction, writes their rows (and, when
+/// `merge_all`, every row through the merging path) and commits.
+async fn finish(
+    mut batch: SampleBatch<'_>,
+    collected: &Collected,
+    merge_all: bool,
+) -> anyhow::Result<(u64, Resolved)> {
+    if merge_all {
+        batch.push(&collected.rows, false).await?;
+    }
+    let resolved = match collected.new_series.is_empty() {
+        true => Resolved::default(),
+        false => series::create_or_find(batch.transaction().await?, &collected.new_series).await?,
+    };
+    let new_rows = collected.new_series_rows(&resolved)?;
+    let created: HashSet<i64> = resolved.created.iter().copied().collect();
+    let all_created = !merge_all && new_rows.iter().all(|r| created.contains(&r.series_id));
+    batch.push(&new_rows, all_created).await?;
+    Ok((batch.commit().await?, resolved))
+}
