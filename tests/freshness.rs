@@ -141,3 +141,81 @@ async fn a_grant_put_on_one_replica_is_seen_by_the_very_next_read_on_the_other()
     b_stop.stop().await;
     b_task.await.expect("second replica stops");
 }
+
+#[tokio::test]
+async fn the_project_detail_is_answered_from_memory_and_fresh_after_its_other_parts_change() {
+    let a = spawn_app(&[("API_KEY", KEY)]).await;
+    let (b, b_stop, b_task) = second_replica(&a).await;
+    let http = &a.http;
+    let detail = || async {
+        let (status, body) = get_json(http, format!("{b}/api/projects/Alpha")).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    grant(&a, "Alpha", 10).await;
+    sql(
+        &a,
+        r#"INSERT INTO series (metric, labels, series_key, project)
+           VALUES ('project_vcpu_usage', '{"project_name": "Alpha"}',
+                   'project_vcpu_usage{project_name="Alpha"}', 'Alpha')"#,
+    )
+    .await;
+    let first = detail().await;
+    for part in ["stale_series", "quarantined_samples", "held_charges"] {
+        assert_eq!(first[part], json!([]), "{part}: {first}");
+    }
+
+    // B holds the whole detail: a stale series written without notifying stays unseen.
+    sql(
+        &a,
+        "ALTER TABLE stale_series DISABLE TRIGGER stale_series_changed;
+         INSERT INTO stale_series SELECT id, 'hidden', now(), now() FROM series;
+         ALTER TABLE stale_series ENABLE TRIGGER stale_series_changed",
+    )
+    .await;
+    assert_eq!(
+        detail().await["stale_series"],
+        json!([]),
+        "answered from memory, not from the database"
+    );
+    // Each part's change is seen by the very next read on B.
+    sql(&a, "UPDATE stale_series SET target = 'site-a'").await;
+    let now = detail().await;
+    assert_eq!(now["stale_series"][0]["target"], "site-a", "{now}");
+
+    sql(
+        &a,
+        "INSERT INTO quarantined_samples (series_id, time, value, reason)
+         SELECT id, now(), 1e30, 'too large' FROM series",
+    )
+    .await;
+    let now = detail().await;
+    assert_eq!(
+        now["quarantined_samples"][0]["reason"], "too large",
+        "{now}"
+    );
+
+    sql(
+        &a,
+        "INSERT INTO held_charges (project, series_id, metric, from_time, to_time, from_value,
+                                   to_value, quantity, credits, reason, held_at)
+         SELECT 'Alpha', id, metric, now() - interval '1 hour', now(), 1, 800, 799, 799,
+                'jump', now() FROM series",
+    )
+    .await;
+    let now = detail().await;
+    assert_eq!(now["held_credits"], "799.00", "{now}");
+    assert_eq!(now["held_charges"][0]["reason"], "jump", "{now}");
+
+    sql(
+        &a,
+        "UPDATE held_charges SET status = 'rejected', decided_at = now(), decided_by = 'op'",
+    )
+    .await;
+    assert_eq!(detail().await["held_credits"], "0.00");
+    sql(&a, "DELETE FROM stale_series").await;
+    assert_eq!(detail().await["stale_series"], json!([]));
+
+    b_stop.stop().await;
+    b_task.await.expect("second replica stops");
+}

@@ -1,5 +1,5 @@
-//! Answers from memory: project balances, project details and credits-history
-//! bodies, dropped per project when the database says it changed
+//! Answers from memory: project balances, project details (with their held charges,
+//! quarantined samples and stale series) and credits-history bodies, dropped per project when the database says it changed
 //! ([`crate::store::changes`]).
 //!
 //! Never stale: a request first passes the listener's read barrier (every change
@@ -8,12 +8,15 @@
 //! listening connection every request reads the database.
 //!
 //! Bounded: at most [`MAX_PROJECTS`] balances and details (about 250 bytes per
-//! balance and 1–2 KiB per detail: under 250 MB for 100,000 projects even with every
-//! detail held, typically ~25 MB for their balances), and history bodies of at most
+//! balance; 1–2 KiB per detail, at most ~5 KiB with the 10 held charges, quarantined
+//! samples and stale series a held detail may list: under 550 MB for 100,000
+//! projects even with every detail held, typically ~25 MB for their balances), and
+//! history bodies of at most
 //! [`MAX_HISTORY_BODY`] each, [`MAX_HISTORY_BYTES`] together (all are dropped when
 //! that is reached).
 
-use crate::billing::account::{Balance, Detail};
+use super::projects::FullDetail as Detail;
+use crate::billing::account::Balance;
 use crate::store::changes::{Change, Listener};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};

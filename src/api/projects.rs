@@ -96,7 +96,7 @@ pub struct DetailView {
     held_charges: Vec<super::held::HeldView>,
     /// Series a target returned once and no longer returns: their usage is not
     /// billed while they are missing.
-    stale_series: Vec<crate::scrape::completeness::StaleSeries>,
+    stale_series: Vec<crate::ingest::completeness::StaleSeries>,
 }
 
 /// How far billing has come for one metric.
@@ -130,6 +130,26 @@ pub struct GapView {
     to_time: DateTime<Utc>,
 }
 
+/// Most held charges, quarantined samples and stale series together of a detail the
+/// memo holds (each ~300 bytes; a project with more is read from the database).
+const MEMO_LIST_ENTRIES: usize = 10;
+
+/// Everything the project detail shows, read in one go and held by the memo: every
+/// part's table notifies a change of its project (migrations 0012, 0013).
+#[derive(Debug, Clone)]
+pub struct FullDetail {
+    /// Totals, burn rate inputs, cursors, decreases, gaps.
+    pub detail: account::Detail,
+    /// The latest held charges.
+    pub held: Vec<crate::billing::held::HeldCharge>,
+    /// Credits of the charges still held.
+    pub held_open: Decimal,
+    /// The latest quarantined samples.
+    pub quarantined: Vec<quarantine::QuarantinedView>,
+    /// Series that stopped arriving.
+    pub stale: Vec<crate::ingest::completeness::StaleSeries>,
+}
+
 /// `GET /api/projects/{project_name}` → totals, burn rate over `FORECAST_WINDOW_HOURS`,
 /// forecast run-out time, billing progress per metric, latest decreases and gaps.
 #[utoipa::path(get, path = "/api/projects/{project_name}", tag = "projects",
@@ -148,33 +168,43 @@ pub async fn detail(
         .context("forecast window out of range")?;
     let read = state.memo.begin(project.as_str()).await;
     let now = Utc::now();
-    let detail = match state.memo.detail(&read, project.as_str(), now) {
+    let full = match state.memo.detail(&read, project.as_str(), now) {
         Some(held) => held,
         None => {
             let client = state.client().await?;
-            let detail = Arc::new(
-                account::detail(&client, project.as_str(), window, now)
-                    .await?
-                    .ok_or_else(|| unknown(&project))?,
-            );
+            let (detail, held, (_, held_open), quarantined, stale) = futures::try_join!(
+                account::detail(&client, project.as_str(), window, now),
+                crate::billing::held::list(&client, project.as_str(), account::DETAIL_EVENTS),
+                crate::billing::held::open_total(&client, project.as_str()),
+                quarantine::latest(&client, project.as_str(), 100),
+                crate::ingest::completeness::of_project(&client, project.as_str()),
+            )?;
+            let detail = detail.ok_or_else(|| unknown(&project))?;
             let until = detail.charged_until;
-            state
-                .memo
-                .keep_detail(&read, project.as_str(), detail.clone(), until);
-            detail
+            let full = Arc::new(FullDetail {
+                detail,
+                held,
+                held_open,
+                quarantined,
+                stale,
+            });
+            // A detail listing many events is read each time: memory stays bounded.
+            if full.held.len() + full.quarantined.len() + full.stale.len() <= MEMO_LIST_ENTRIES {
+                state
+                    .memo
+                    .keep_detail(&read, project.as_str(), full.clone(), until);
+            }
+            full
         }
     };
-    let detail = Arc::unwrap_or_clone(detail);
+    let FullDetail {
+        detail,
+        held: held_list,
+        held_open,
+        quarantined,
+        stale: stale_series,
+    } = Arc::unwrap_or_clone(full);
     let balance = &detail.balance;
-    // Held charges, quarantined samples and stale series are not part of the memo:
-    // read them now.
-    let client = state.client().await?;
-    let (held_list, (_, held_open), quarantined, stale_series) = futures::try_join!(
-        crate::billing::held::list(&client, project.as_str(), account::DETAIL_EVENTS),
-        crate::billing::held::open_total(&client, project.as_str()),
-        quarantine::latest(&client, project.as_str(), 100),
-        crate::scrape::completeness::of_project(&client, project.as_str()),
-    )?;
     let covered = account::covered(window, now, detail.first_usage);
     let burn_rate = account::burn_rate_per_hour(detail.charged_in_window, covered);
     let rate_quantum = settings.precision * Decimal::new(1, 4);

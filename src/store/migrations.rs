@@ -60,6 +60,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0012_ledger_rollup_and_change_notifications.sql",
         sql: include_str!("../../sql/0012_ledger_rollup_and_change_notifications.sql"),
     },
+    Migration {
+        version: 13,
+        name: "0013_detail_change_notifications.sql",
+        sql: include_str!("../../sql/0013_detail_change_notifications.sql"),
+    },
 ];
 
 /// Arbitrary but fixed key of the advisory lock that serialises migrations.
