@@ -13,7 +13,7 @@
 //! billing has reached. `os-credits migrate` removes one if it finds it.
 
 use crate::store::storage::{self, SharedReport};
-use crate::store::StorageMode;
+use crate::store::{col, StorageMode};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
@@ -65,13 +65,14 @@ pub async fn round(
         ..Round::default()
     };
     let tx = client.transaction().await?;
-    let locked: bool = tx
-        .query_one(
-            "SELECT pg_try_advisory_xact_lock($1)",
+    let locked: bool = col(
+        &tx.query_one(
+            "SELECT pg_try_advisory_xact_lock($1) AS locked",
             &[&MAINTENANCE_LOCK_KEY],
         )
-        .await?
-        .get(0);
+        .await?,
+        "locked",
+    )?;
     if !locked {
         done.skipped = true;
         return Ok(done);
@@ -107,8 +108,8 @@ pub async fn round(
                 .context("finding the oldest unbilled sample")?;
             let horizon = match &held {
                 Some(row) => {
-                    done.held_by_series = Some(row.get(1));
-                    row.get::<_, DateTime<Utc>>(0)
+                    done.held_by_series = Some(col(row, "id")?);
+                    col::<DateTime<Utc>>(row, "time")?
                 }
                 None => cutoff,
             };

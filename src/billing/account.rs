@@ -7,6 +7,7 @@
 
 use crate::notify::outbox::{self, Cause};
 use crate::notify::thresholds::{Level, Threshold};
+use crate::store::col;
 use anyhow::Context;
 use chrono::{DateTime, Duration, Utc};
 use rust_decimal::Decimal;
@@ -37,14 +38,14 @@ impl Balance {
         self.granted.saturating_sub(self.used)
     }
 
-    fn from_row(row: &Row) -> Self {
-        Self {
-            name: row.get("name"),
-            granted: row.get("granted_credits"),
-            used: row.get("used_credits"),
-            created_at: row.get("created_at"),
-            last_billed_at: row.get("last_billed_at"),
-        }
+    fn from_row(row: &Row) -> anyhow::Result<Self> {
+        Ok(Self {
+            name: col(row, "name")?,
+            granted: col(row, "granted_credits")?,
+            used: col(row, "used_credits")?,
+            created_at: col(row, "created_at")?,
+            last_billed_at: col(row, "last_billed_at")?,
+        })
     }
 }
 
@@ -66,7 +67,7 @@ pub async fn balance(
         .query_opt(&statement, &[&project])
         .await
         .context("reading the project")?;
-    Ok(row.as_ref().map(Balance::from_row))
+    row.as_ref().map(Balance::from_row).transpose()
 }
 
 /// Every project's totals, by name.
@@ -78,7 +79,7 @@ pub async fn balances(client: &Client) -> anyhow::Result<Vec<Balance>> {
         )
         .await
         .context("listing projects")?;
-    Ok(rows.iter().map(Balance::from_row).collect())
+    rows.iter().map(Balance::from_row).collect()
 }
 
 /// Locks a project's row for the rest of the transaction.
@@ -90,7 +91,7 @@ async fn lock(tx: &Transaction<'_>, project: &str) -> anyhow::Result<Option<Bala
         )
         .await
         .context("locking the project")?;
-    Ok(row.as_ref().map(Balance::from_row))
+    row.as_ref().map(Balance::from_row).transpose()
 }
 
 /// What setting a grant did.
@@ -233,9 +234,9 @@ pub async fn adjust(
     let (from, to) = (level(before.used), level(used));
     outbox::level_changed(tx, project, thresholds, from, to, Cause::Adjustment, now).await?;
     Ok(Adjustment {
-        id: row.get(0),
+        id: col(&row, "id")?,
         // As stored (microseconds), not the nanoseconds of `now`.
-        time: row.get(1),
+        time: col(&row, "time")?,
         credits,
         balance: Balance { used, ..before },
     })
@@ -314,11 +315,12 @@ pub async fn detail(
         async {
             client
                 .query_one(
-                    "SELECT coalesce(sum(used_delta) FILTER (WHERE time <= $3), 0),
-                            min(time) FILTER (WHERE time <= $3),
-                            min(time) FILTER (WHERE time > $3),
+                    "SELECT coalesce(sum(used_delta) FILTER (WHERE time <= $3), 0) AS charged,
+                            min(time) FILTER (WHERE time <= $3) AS oldest,
+                            min(time) FILTER (WHERE time > $3) AS next_future,
                             (SELECT coalesce(usage_from, time) FROM ledger
                              WHERE project = $1 AND kind = 'usage' ORDER BY time LIMIT 1)
+                                AS first_usage
                      FROM ledger
                      WHERE project = $1 AND kind = 'usage' AND time > $2",
                     &[&project, &since, &now],
@@ -329,7 +331,7 @@ pub async fn detail(
         async {
             client
                 .query(
-                    "SELECT s.metric, max(c.last_time)
+                    "SELECT s.metric, max(c.last_time) AS last_time
                      FROM billing_cursors c JOIN series s ON s.id = c.series_id
                      WHERE s.project = $1
                      GROUP BY s.metric ORDER BY s.metric",
@@ -368,42 +370,47 @@ pub async fn detail(
     };
     Ok(Some(Detail {
         balance,
-        charged_in_window: charged.get(0),
-        first_usage: charged.get(3),
+        charged_in_window: col(&charged, "charged")?,
+        first_usage: col(&charged, "first_usage")?,
         charged_until: {
-            let leaves = charged
-                .get::<_, Option<DateTime<Utc>>>(1)
+            let leaves = col::<Option<DateTime<Utc>>>(&charged, "oldest")?
                 .and_then(|oldest| oldest.checked_add_signed(window));
-            let enters: Option<DateTime<Utc>> = charged.get(2);
+            let enters: Option<DateTime<Utc>> = col(&charged, "next_future")?;
             leaves.into_iter().chain(enters).min()
         },
         cursors: cursors
             .iter()
-            .map(|r| MetricCursor {
-                metric: r.get(0),
-                last_billed_sample_at: r.get(1),
+            .map(|r| {
+                Ok(MetricCursor {
+                    metric: col(r, "metric")?,
+                    last_billed_sample_at: col(r, "last_time")?,
+                })
             })
-            .collect(),
+            .collect::<anyhow::Result<_>>()?,
         decreases: decreases
             .iter()
-            .map(|r| Decrease {
-                metric: r.get(0),
-                labels: r.get(1),
-                time: r.get(2),
-                from_value: r.get(3),
-                to_value: r.get(4),
-                policy: r.get(5),
+            .map(|r| {
+                Ok(Decrease {
+                    metric: col(r, "metric")?,
+                    labels: col(r, "labels")?,
+                    time: col(r, "time")?,
+                    from_value: col(r, "from_value")?,
+                    to_value: col(r, "to_value")?,
+                    policy: col(r, "policy")?,
+                })
             })
-            .collect(),
+            .collect::<anyhow::Result<_>>()?,
         gaps: gaps
             .iter()
-            .map(|r| Gap {
-                metric: r.get(0),
-                labels: r.get(1),
-                from_time: r.get(2),
-                to_time: r.get(3),
+            .map(|r| {
+                Ok(Gap {
+                    metric: col(r, "metric")?,
+                    labels: col(r, "labels")?,
+                    from_time: col(r, "from_time")?,
+                    to_time: col(r, "to_time")?,
+                })
             })
-            .collect(),
+            .collect::<anyhow::Result<_>>()?,
     }))
 }
 

@@ -14,6 +14,7 @@ use super::rules::{DecreasePolicy, Rules};
 use crate::config::Settings;
 use crate::notify::outbox::{self, Cause};
 use crate::notify::thresholds::{Level, Threshold};
+use crate::store::col;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
@@ -162,21 +163,24 @@ pub async fn run(
 
 /// Every project billing looks at, by name: all, or the whitelisted ones.
 pub async fn project_names(pool: &Pool, settings: &Settings) -> anyhow::Result<Vec<String>> {
-    Ok(pool
+    let rows = pool
         .get()
         .await?
         .query("SELECT name FROM projects ORDER BY name", &[])
         .await
-        .context("listing projects")?
-        .iter()
-        .map(|row| row.get::<_, String>(0))
-        .filter(|name| {
-            settings
-                .project_whitelist
-                .as_ref()
-                .is_none_or(|w| w.contains(name))
-        })
-        .collect())
+        .context("listing projects")?;
+    let mut names = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let name: String = col(row, "name")?;
+        if settings
+            .project_whitelist
+            .as_ref()
+            .is_none_or(|w| w.contains(&name))
+        {
+            names.push(name);
+        }
+    }
+    Ok(names)
 }
 
 /// How billing one project ended.
@@ -293,8 +297,11 @@ async fn bill_pass(
         .context("locking projects")?;
     let mut writes: BTreeMap<String, Writes> = locked
         .iter()
-        .map(|r| (r.get::<_, String>(0), Writes::new(r.get(1), r.get(2))))
-        .collect();
+        .map(|r| {
+            let writes = Writes::new(col(r, "granted_credits")?, col(r, "used_credits")?);
+            Ok((col(r, "name")?, writes))
+        })
+        .collect::<anyhow::Result<_>>()?;
     let locked_names: Vec<&str> = writes.keys().map(String::as_str).collect();
     let metrics: Vec<&str> = rules.iter().map(|r| r.metric.as_str()).collect();
     let series = tx
@@ -310,8 +317,14 @@ async fn bill_pass(
         )
         .await
         .context("reading the projects' series")?;
-    let ids: Vec<i64> = series.iter().map(|r| r.get(0)).collect();
-    let after: Vec<Option<DateTime<Utc>>> = series.iter().map(|r| r.get(3)).collect();
+    let ids: Vec<i64> = series
+        .iter()
+        .map(|r| col(r, "id"))
+        .collect::<anyhow::Result<_>>()?;
+    let after: Vec<Option<DateTime<Utc>>> = series
+        .iter()
+        .map(|r| col(r, "last_time"))
+        .collect::<anyhow::Result<_>>()?;
     // The batch's sample budget, shared by its series (at least one each).
     let per_series = i64::try_from((max_samples / ids.len().max(1)).max(1)).unwrap_or(i64::MAX);
     let samples = tx
@@ -337,12 +350,12 @@ async fn bill_pass(
     let mut failed: BTreeMap<String, anyhow::Error> = BTreeMap::new();
     let mut next = 0;
     for row in &series {
-        let series_id: i64 = row.get(0);
+        let series_id: i64 = col(row, "id")?;
         let start = next;
-        while next < samples.len() && samples[next].get::<_, i64>(0) == series_id {
+        while next < samples.len() && col::<i64>(&samples[next], "series_id")? == series_id {
             next += 1;
         }
-        let project: String = row.get(5);
+        let project: String = col(row, "project")?;
         if start == next || failed.contains_key(&project) {
             continue;
         }
@@ -396,17 +409,20 @@ fn charge_into(
     samples: &[tokio_postgres::Row],
     rate: Option<super::guard::RateState>,
 ) -> anyhow::Result<()> {
-    let series_id: i64 = series.get(0);
-    let metric: String = series.get(1);
+    let series_id: i64 = col(series, "id")?;
+    let metric: String = col(series, "metric")?;
     let Some(rule) = rules.get(&metric) else {
         return Ok(());
     };
-    let points: Vec<(DateTime<Utc>, f64)> = samples.iter().map(|s| (s.get(1), s.get(2))).collect();
+    let points: Vec<(DateTime<Utc>, f64)> = samples
+        .iter()
+        .map(|s| Ok((col(s, "time")?, col(s, "value")?)))
+        .collect::<anyhow::Result<_>>()?;
     let labels: BTreeMap<String, String> =
-        serde_json::from_value(series.get::<_, serde_json::Value>(2)).context("series labels")?;
+        serde_json::from_value(col(series, "labels")?).context("series labels")?;
     let cursor = match (
-        series.get::<_, Option<DateTime<Utc>>>(3),
-        series.get::<_, Option<Decimal>>(4),
+        col::<Option<DateTime<Utc>>>(series, "last_time")?,
+        col::<Option<Decimal>>(series, "last_value")?,
     ) {
         (Some(time), Some(value)) => Some(Point { time, value }),
         _ => None,

@@ -5,6 +5,7 @@
 use super::guard::{self, Held, RateState};
 use crate::notify::outbox::{self, Cause};
 use crate::notify::thresholds::{Level, Threshold};
+use crate::store::col;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -54,16 +55,15 @@ pub async fn rates(
         )
         .await
         .context("reading the series' recent rates")?;
-    Ok(rows
-        .iter()
+    rows.iter()
         .map(|r| {
             let state = RateState {
-                rate_per_hour: r.get(1),
-                covered_seconds: r.get(2),
+                rate_per_hour: col(r, "rate_per_hour")?,
+                covered_seconds: col(r, "covered_seconds")?,
             };
-            (r.get(0), state)
+            Ok((col(r, "series_id")?, state))
         })
-        .collect())
+        .collect()
 }
 
 /// What one project's billing run gives the guard to write.
@@ -180,7 +180,7 @@ async fn record(
                          SELECT notice.id, c, 'pending', $12
                          FROM notice CROSS JOIN unnest(ARRAY['email', 'webhook']) AS c
                      )
-                     SELECT count(*) FROM held",
+                     SELECT count(*) AS n FROM held",
                 )
                 .await?,
                 &[
@@ -200,7 +200,7 @@ async fn record(
             )
             .await
             .context("recording a held charge")?;
-        written += u64::try_from(row.get::<_, i64>(0)).unwrap_or_default();
+        written += u64::try_from(col::<i64>(&row, "n")?).unwrap_or_default();
     }
     if !rates.is_empty() {
         let ids: Vec<i64> = rates.iter().map(|r| r.0).collect();
@@ -243,8 +243,12 @@ async fn reject_dropped(
         .context("reading open held charges")?;
     let mut rejected = 0;
     for row in &open {
-        let (id, series_id, to_time, quantity): (i64, i64, DateTime<Utc>, Decimal) =
-            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let (id, series_id, to_time, quantity): (i64, i64, DateTime<Utc>, Decimal) = (
+            col(row, "id")?,
+            col(row, "series_id")?,
+            col(row, "to_time")?,
+            col(row, "quantity")?,
+        );
         let Some(drop) = drops.iter().find(|d| {
             d.series_id == series_id
                 && d.time > to_time
@@ -317,29 +321,27 @@ const COLUMNS: &str = "h.id, h.project, h.metric, s.labels, h.from_time, h.to_ti
      h.to_value, h.quantity, h.price, h.credits, h.reason, h.held_at, h.status, h.decided_at,
      h.decided_by, h.decision_reason, h.ledger_id";
 
-fn from_row(r: &Row) -> HeldCharge {
-    HeldCharge {
-        id: r.get(0),
-        project: r.get(1),
-        metric: r.get(2),
-        labels: r
-            .get::<_, Option<serde_json::Value>>(3)
-            .unwrap_or(serde_json::Value::Null),
-        from: r.get(4),
-        to: r.get(5),
-        from_value: r.get(6),
-        to_value: r.get(7),
-        quantity: r.get(8),
-        price: r.get(9),
-        credits: r.get(10),
-        reason: r.get(11),
-        held_at: r.get(12),
-        status: r.get(13),
-        decided_at: r.get(14),
-        decided_by: r.get(15),
-        decision_reason: r.get(16),
-        ledger_id: r.get(17),
-    }
+fn from_row(r: &Row) -> anyhow::Result<HeldCharge> {
+    Ok(HeldCharge {
+        id: col(r, "id")?,
+        project: col(r, "project")?,
+        metric: col(r, "metric")?,
+        labels: col::<Option<serde_json::Value>>(r, "labels")?.unwrap_or(serde_json::Value::Null),
+        from: col(r, "from_time")?,
+        to: col(r, "to_time")?,
+        from_value: col(r, "from_value")?,
+        to_value: col(r, "to_value")?,
+        quantity: col(r, "quantity")?,
+        price: col(r, "price")?,
+        credits: col(r, "credits")?,
+        reason: col(r, "reason")?,
+        held_at: col(r, "held_at")?,
+        status: col(r, "status")?,
+        decided_at: col(r, "decided_at")?,
+        decided_by: col(r, "decided_by")?,
+        decision_reason: col(r, "decision_reason")?,
+        ledger_id: col(r, "ledger_id")?,
+    })
 }
 
 /// A project's held charges (open, approved and rejected), newest first; at most `limit`.
@@ -354,20 +356,20 @@ pub async fn list(client: &Client, project: &str, limit: i64) -> anyhow::Result<
         )
         .await
         .context("reading held charges")?;
-    Ok(rows.iter().map(from_row).collect())
+    rows.iter().map(from_row).collect()
 }
 
 /// Exact credits of a project's open held charges and how many there are.
 pub async fn open_total(client: &Client, project: &str) -> anyhow::Result<(i64, Decimal)> {
     let row = client
         .query_one(
-            "SELECT count(*), coalesce(sum(credits), 0) FROM held_charges
+            "SELECT count(*) AS n, coalesce(sum(credits), 0) AS credits FROM held_charges
              WHERE project = $1 AND status = 'held'",
             &[&project],
         )
         .await
         .context("summing open held charges")?;
-    Ok((row.get(0), row.get(1)))
+    Ok((col(&row, "n")?, col(&row, "credits")?))
 }
 
 /// Why a decision was not taken.
@@ -413,12 +415,12 @@ pub async fn decide(
     now: DateTime<Utc>,
     thresholds: &[Threshold],
 ) -> Result<HeldCharge, DecideError> {
-    let project: String = tx
+    let found = tx
         .query_opt("SELECT project FROM held_charges WHERE id = $1", &[&id])
         .await
         .context("finding the held charge")?
-        .ok_or(DecideError::Unknown(id))?
-        .get(0);
+        .ok_or(DecideError::Unknown(id))?;
+    let project: String = col(&found, "project")?;
     let totals = tx
         .query_opt(
             "SELECT granted_credits, used_credits FROM projects WHERE name = $1 FOR UPDATE",
@@ -427,7 +429,10 @@ pub async fn decide(
         .await
         .context("locking the project")?
         .context("the held charge's project is gone")?;
-    let (granted, used): (Decimal, Decimal) = (totals.get(0), totals.get(1));
+    let (granted, used): (Decimal, Decimal) = (
+        col(&totals, "granted_credits")?,
+        col(&totals, "used_credits")?,
+    );
     let row = tx
         .query_one(
             &format!(
@@ -438,7 +443,7 @@ pub async fn decide(
         )
         .await
         .context("locking the held charge")?;
-    let held = from_row(&row);
+    let held = from_row(&row)?;
     if held.status != "held" {
         return Err(DecideError::Decided {
             id,
@@ -490,7 +495,7 @@ pub async fn decide(
                 now,
             )
             .await?;
-            Some(row.get(0))
+            Some(col(&row, "id")?)
         }
     };
     let status = match decision {
@@ -508,7 +513,7 @@ pub async fn decide(
         .context("recording the decision")?;
     Ok(HeldCharge {
         status: status.to_owned(),
-        decided_at: row.get(0),
+        decided_at: col(&row, "decided_at")?,
         decided_by: Some(actor.to_owned()),
         decision_reason: Some(reason.to_owned()),
         ledger_id,

@@ -4,6 +4,7 @@
 //! row (adjustments and grants included), so a range that starts mid-history still
 //! counts what came before it. Whole days come from the day rollup.
 
+use crate::store::col;
 use crate::store::rollup::ORIGIN;
 use anyhow::Context;
 use chrono::{DateTime, Duration, DurationRound, TimeZone, Utc};
@@ -81,7 +82,7 @@ async fn totals_before(
         .query_one(
             &client
                 .prepare_cached(
-                    "SELECT coalesce(sum(u), 0), coalesce(sum(g), 0) FROM (
+                    "SELECT coalesce(sum(u), 0) AS used, coalesce(sum(g), 0) AS granted FROM (
                          SELECT used_delta AS u, granted_delta AS g FROM ledger_daily
                          WHERE project = $1 AND day < $2
                          UNION ALL
@@ -93,7 +94,7 @@ async fn totals_before(
         )
         .await
         .context("summing the history before the range")?;
-    Ok((row.get(0), row.get(1)))
+    Ok((col(&row, "used")?, col(&row, "granted")?))
 }
 
 /// A row or bucket as read: time, metric (`''` for grants and adjustments), and the
@@ -112,7 +113,7 @@ async fn items(
             .query(
                 &client
                     .prepare_cached(
-                        "SELECT time, CASE WHEN kind = 'usage' THEN coalesce(metric, '') ELSE '' END,
+                        "SELECT time, CASE WHEN kind = 'usage' THEN coalesce(metric, '') ELSE '' END AS metric,
                                 used_delta, granted_delta
                          FROM ledger WHERE project = $1 AND time >= $2 AND time <= $3
                          ORDER BY time, id",
@@ -136,7 +137,8 @@ async fn items(
                 .query(
                     &client
                         .prepare_cached(&format!(
-                            "SELECT date_bin(make_interval(secs => $6), t, {ORIGIN}), m, sum(u), sum(g)
+                            "SELECT date_bin(make_interval(secs => $6), t, {ORIGIN}) AS time, m AS metric,
+                                    sum(u) AS used_delta, sum(g) AS granted_delta
                              FROM (
                                  SELECT day AS t, metric AS m, used_delta AS u, granted_delta AS g
                                  FROM ledger_daily
@@ -157,10 +159,16 @@ async fn items(
                 .context("reading the bucketed credits history")?
         }
     };
-    Ok(rows
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-        .collect())
+    rows.iter()
+        .map(|r| {
+            Ok((
+                col(r, "time")?,
+                col(r, "metric")?,
+                col(r, "used_delta")?,
+                col(r, "granted_delta")?,
+            ))
+        })
+        .collect()
 }
 
 /// Turns rows (or, `bucketed`, per-metric bucket sums) in time order into usage

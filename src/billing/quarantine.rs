@@ -193,17 +193,19 @@ pub async fn latest(
         )
         .await
         .context("reading quarantined samples")?;
-    Ok(rows
-        .iter()
-        .map(|row| QuarantinedView {
-            metric: row.get(0),
-            labels: row.get(1),
-            time: row.get(2),
-            value: format!("{:e}", row.get::<_, f64>(3)),
-            reason: row.get(4),
-            recorded_at: row.get(5),
+    use crate::store::col;
+    rows.iter()
+        .map(|row| {
+            Ok(QuarantinedView {
+                metric: col(row, "metric")?,
+                labels: col(row, "labels")?,
+                time: col(row, "time")?,
+                value: format!("{:e}", col::<f64>(row, "value")?),
+                reason: col(row, "reason")?,
+                recorded_at: col(row, "recorded_at")?,
+            })
         })
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]

@@ -46,13 +46,13 @@ pub async fn set(client: &Client, project: &str, emails: &[String]) -> anyhow::R
 pub async fn get(client: &Client, project: &str) -> anyhow::Result<Option<Vec<String>>> {
     let row = client
         .query_opt(
-            "SELECT coalesce(c.emails, '{}') FROM projects p
+            "SELECT coalesce(c.emails, '{}') AS emails FROM projects p
              LEFT JOIN project_contacts c ON c.project = p.name WHERE p.name = $1",
             &[&project],
         )
         .await
         .context("reading contacts")?;
-    Ok(row.map(|r| r.get(0)))
+    row.map(|r| crate::store::col(&r, "emails")).transpose()
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 use super::outbox::Channel;
 use super::thresholds::{Level, Threshold};
+use crate::store::col;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -45,39 +46,40 @@ pub struct Notification {
 }
 
 const NOTIFICATION_QUERY: &str =
-    "SELECT n.id, n.project, coalesce(n.threshold, 1), n.used, coalesce(n.granted, 0), n.crossed_at, n.cause,
+    "SELECT n.id, n.project, coalesce(n.threshold, 1) AS threshold, n.used,
+            coalesce(n.granted, 0) AS granted, n.crossed_at, n.cause,
             d.channel, d.status, d.attempts, d.next_attempt_at, d.last_error, d.sent_at
      FROM notifications n LEFT JOIN notification_deliveries d ON d.notification_id = n.id";
 
 fn notifications_from(rows: &[Row]) -> anyhow::Result<Vec<Notification>> {
     let mut out: Vec<Notification> = Vec::new();
     for row in rows {
-        let id: i64 = row.get(0);
+        let id: i64 = col(row, "id")?;
         if out.last().is_none_or(|n| n.id != id) {
             out.push(Notification {
                 id,
-                project: row.get(1),
-                threshold: Threshold::new(row.get(2)).map_err(anyhow::Error::msg)?,
+                project: col(row, "project")?,
+                threshold: Threshold::new(col(row, "threshold")?).map_err(anyhow::Error::msg)?,
                 level: Level {
-                    used: row.get(3),
-                    granted: row.get(4),
+                    used: col(row, "used")?,
+                    granted: col(row, "granted")?,
                 },
-                crossed_at: row.get(5),
-                cause: row.get(6),
+                crossed_at: col(row, "crossed_at")?,
+                cause: col(row, "cause")?,
                 deliveries: Vec::new(),
             });
         }
-        let Some(channel) = row.get::<_, Option<&str>>(7) else {
+        let Some(channel) = col::<Option<&str>>(row, "channel")? else {
             continue;
         };
         if let (Some(last), Some(channel)) = (out.last_mut(), Channel::parse(channel)) {
             last.deliveries.push(Delivery {
                 channel,
-                status: row.get(8),
-                attempts: row.get(9),
-                next_attempt_at: row.get(10),
-                last_error: row.get(11),
-                sent_at: row.get(12),
+                status: col(row, "status")?,
+                attempts: col(row, "attempts")?,
+                next_attempt_at: col(row, "next_attempt_at")?,
+                last_error: col(row, "last_error")?,
+                sent_at: col(row, "sent_at")?,
             });
         }
     }

@@ -2,6 +2,7 @@
 //! and each channel's delivery state (claimed, recorded, expired, re-queued).
 
 use super::thresholds::{self, Level, Threshold};
+use crate::store::col;
 use anyhow::Context;
 use chrono::{DateTime, Duration, Utc};
 use rust_decimal::Decimal;
@@ -121,7 +122,7 @@ pub async fn record(
                  INSERT INTO notification_deliveries (notification_id, channel, status, next_attempt_at)
                  SELECT w.id, c, 'pending', $5 FROM written w CROSS JOIN unnest($7::text[]) AS c
              )
-             SELECT count(*) FROM written",
+             SELECT count(*) AS n FROM written",
             &[
                 &projects,
                 &levels,
@@ -134,7 +135,7 @@ pub async fn record(
         )
         .await
         .context("writing notifications")?;
-    let written: i64 = row.get(0);
+    let written: i64 = col(&row, "n")?;
     if written > 0 {
         tracing::info!(
             notifications = written,
@@ -221,9 +222,11 @@ resend it by hand if it was not'
         .await
         .context("expiring delivery leases")?;
     for row in &rows {
+        let notification: i64 = col(row, "notification_id")?;
+        let channel: &str = col(row, "channel")?;
         tracing::warn!(
-            notification = row.get::<_, i64>(0),
-            channel = row.get::<_, &str>(1),
+            notification,
+            channel,
             "a delivery was interrupted while sending; marked unknown (resend by hand if needed)"
         );
     }
@@ -255,17 +258,17 @@ pub async fn claim(
              )
              SELECT c.notification_id, c.channel, c.attempts, n.project,
                     -- a held-charge notice has no threshold: 1 is a placeholder, never shown
-                    coalesce(n.threshold, 1),
-                    n.used, coalesce(n.granted, p.granted_credits, 0), n.crossed_at,
-                    coalesce(pc.emails, '{}'),
+                    coalesce(n.threshold, 1) AS threshold,
+                    n.used, coalesce(n.granted, p.granted_credits, 0) AS granted, n.crossed_at,
+                    coalesce(pc.emails, '{}') AS contacts,
                     (SELECT coalesce(sum(l.used_delta), 0) FROM ledger l
                      WHERE l.project = n.project AND l.kind = 'usage'
                        AND l.time > n.crossed_at - make_interval(secs => $3)
-                       AND l.time <= n.crossed_at),
+                       AND l.time <= n.crossed_at) AS charged_in_window,
                     (SELECT coalesce(l.usage_from, l.time) FROM ledger l
                      WHERE l.project = n.project AND l.kind = 'usage'
-                     ORDER BY l.time LIMIT 1),
-                    h.id, h.metric, h.quantity, h.credits, h.reason, h.from_time, h.to_time,
+                     ORDER BY l.time LIMIT 1) AS first_usage,
+                    h.id AS held_id, h.metric, h.quantity, h.credits, h.reason, h.from_time, h.to_time,
                     h.from_value, h.to_value
              FROM claimed c
              JOIN notifications n ON n.id = c.notification_id
@@ -280,32 +283,36 @@ pub async fn claim(
 }
 
 fn claimed_from(row: &Row) -> anyhow::Result<Claimed> {
-    let channel: &str = row.get(1);
-    Ok(Claimed {
-        id: row.get(0),
-        channel: Channel::parse(channel).with_context(|| format!("unknown channel {channel}"))?,
-        attempts: row.get(2),
-        project: row.get(3),
-        threshold: Threshold::new(row.get(4)).map_err(anyhow::Error::msg)?,
-        level: Level {
-            used: row.get(5),
-            granted: row.get(6),
-        },
-        crossed_at: row.get(7),
-        contacts: row.get(8),
-        charged_in_window: row.get(9),
-        first_usage: row.get(10),
-        held: row.get::<_, Option<i64>>(11).map(|id| HeldNotice {
+    let channel: &str = col(row, "channel")?;
+    let held = match col::<Option<i64>>(row, "held_id")? {
+        None => None,
+        Some(id) => Some(HeldNotice {
             id,
-            metric: row.get(12),
-            quantity: row.get(13),
-            credits: row.get(14),
-            reason: row.get(15),
-            from: row.get(16),
-            to: row.get(17),
-            from_value: row.get(18),
-            to_value: row.get(19),
+            metric: col(row, "metric")?,
+            quantity: col(row, "quantity")?,
+            credits: col(row, "credits")?,
+            reason: col(row, "reason")?,
+            from: col(row, "from_time")?,
+            to: col(row, "to_time")?,
+            from_value: col(row, "from_value")?,
+            to_value: col(row, "to_value")?,
         }),
+    };
+    Ok(Claimed {
+        id: col(row, "notification_id")?,
+        channel: Channel::parse(channel).with_context(|| format!("unknown channel {channel}"))?,
+        attempts: col(row, "attempts")?,
+        project: col(row, "project")?,
+        threshold: Threshold::new(col(row, "threshold")?).map_err(anyhow::Error::msg)?,
+        level: Level {
+            used: col(row, "used")?,
+            granted: col(row, "granted")?,
+        },
+        crossed_at: col(row, "crossed_at")?,
+        contacts: col(row, "contacts")?,
+        charged_in_window: col(row, "charged_in_window")?,
+        first_usage: col(row, "first_usage")?,
+        held,
     })
 }
 

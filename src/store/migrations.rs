@@ -114,8 +114,8 @@ async fn apply_pending(client: &mut tokio_postgres::Client) -> anyhow::Result<us
         .await
         .context("reading applied migrations")?
         .iter()
-        .map(|row| row.get(0))
-        .collect();
+        .map(|row| super::col(row, "version"))
+        .collect::<anyhow::Result<_>>()?;
     let mut count = 0;
     for migration in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
         let tx = client.transaction().await?;

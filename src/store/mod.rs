@@ -13,6 +13,8 @@ use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use serde::Serialize;
 use std::time::Duration;
+use tokio_postgres::types::FromSql;
+use tokio_postgres::Row;
 
 /// Whether samples live in TimescaleDB hypertables or plain tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -68,6 +70,14 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()
         .context("building the PostgreSQL connection pool")
+}
+
+/// One column of a row, by name. A column that is missing or no longer has the
+/// expected type is an error naming the column, not a panic as with `Row::get`: a
+/// schema change fails the request or the run, not the process.
+pub fn col<'a, T: FromSql<'a>>(row: &'a Row, name: &str) -> anyhow::Result<T> {
+    row.try_get(name)
+        .with_context(|| format!("reading column {name}"))
 }
 
 /// A duration as whole milliseconds for a PostgreSQL setting (at least 1: 0 would

@@ -200,7 +200,10 @@ pub async fn create_or_find(
         .await
         .context("registering projects")?;
     }
-    resolved.created = created.iter().map(|row| row.get(0)).collect();
+    resolved.created = created
+        .iter()
+        .map(|row| super::col(row, "id"))
+        .collect::<anyhow::Result<_>>()?;
     let rows = tx
         .query(
             "SELECT n.series_key, s.id FROM new_series n JOIN series s ON s.series_key = n.series_key",
@@ -210,8 +213,8 @@ pub async fn create_or_find(
         .context("reading series ids")?;
     resolved.ids = rows
         .iter()
-        .map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1)))
-        .collect();
+        .map(|row| Ok((super::col(row, "series_key")?, super::col(row, "id")?)))
+        .collect::<anyhow::Result<_>>()?;
     Ok(resolved)
 }
 

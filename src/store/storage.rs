@@ -6,7 +6,7 @@
 //! the extension exists: a database first set up on plain PostgreSQL stays plain
 //! until an operator runs `os-credits migrate --to-timescaledb`.
 
-use super::StorageMode;
+use super::{col, StorageMode};
 use anyhow::Context;
 use serde::Serialize;
 use std::sync::{Arc, RwLock};
@@ -108,15 +108,20 @@ const CONVERT: &str =
 pub async fn inspect(client: &tokio_postgres::Client) -> anyhow::Result<StorageReport> {
     let row = client
         .query_one(
-            "SELECT (SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'),
-                    EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'),
-                    coalesce(current_setting('shared_preload_libraries', true), '') LIKE '%timescaledb%'",
+            "SELECT (SELECT extversion FROM pg_extension WHERE extname = 'timescaledb') AS version,
+                    EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')
+                        AS available,
+                    coalesce(current_setting('shared_preload_libraries', true), '') LIKE '%timescaledb%'
+                        AS preloaded",
             &[],
         )
         .await
         .context("reading the TimescaleDB extension's state")?;
-    let (version, available, preloaded): (Option<String>, bool, bool) =
-        (row.get(0), row.get(1), row.get(2));
+    let (version, available, preloaded): (Option<String>, bool, bool) = (
+        col(&row, "version")?,
+        col(&row, "available")?,
+        col(&row, "preloaded")?,
+    );
     let extension = match (version, available, preloaded) {
         (Some(version), _, _) => Extension::Created(version),
         (None, true, true) => Extension::NotCreated,
@@ -126,7 +131,7 @@ pub async fn inspect(client: &tokio_postgres::Client) -> anyhow::Result<StorageR
     let hypertables: Vec<String> = match extension {
         Extension::Created(_) => client
             .query(
-                "SELECT hypertable_name::text FROM timescaledb_information.hypertables
+                "SELECT hypertable_name::text AS hypertable_name FROM timescaledb_information.hypertables
                  WHERE hypertable_name IN ('usage_samples', 'ledger')
                    AND hypertable_schema = current_schema()",
                 &[],
@@ -134,8 +139,8 @@ pub async fn inspect(client: &tokio_postgres::Client) -> anyhow::Result<StorageR
             .await
             .context("reading timescaledb_information.hypertables")?
             .iter()
-            .map(|r| r.get(0))
-            .collect(),
+            .map(|r| col(r, "hypertable_name"))
+            .collect::<anyhow::Result<_>>()?,
         _ => Vec::new(),
     };
     let kind = |table: &str| match hypertables.iter().any(|h| h == table) {
@@ -228,7 +233,7 @@ pub async fn conversion_estimate(
         }
         let row = client
             .query_one(
-                "SELECT greatest(c.reltuples, 0)::bigint, pg_total_relation_size(c.oid)
+                "SELECT greatest(c.reltuples, 0)::bigint AS rows, pg_total_relation_size(c.oid) AS bytes
                  FROM pg_class c WHERE c.oid = to_regclass($1)",
                 &[&h.table],
             )
@@ -236,8 +241,8 @@ pub async fn conversion_estimate(
             .with_context(|| format!("sizing {}", h.table))?;
         estimates.push(TableEstimate {
             table: h.table,
-            rows: row.get(0),
-            bytes: row.get(1),
+            rows: col(&row, "rows")?,
+            bytes: col(&row, "bytes")?,
             chunk: h.chunk,
         });
     }
@@ -296,13 +301,14 @@ pub async fn convert_to_timescaledb(
         )
         .await
         .with_context(|| format!("converting {}", h.table))?;
-        let chunks: i64 = tx
-            .query_one(
-                "SELECT count(*) FROM timescaledb_information.chunks WHERE hypertable_name = $1",
+        let chunks: i64 = col(
+            &tx.query_one(
+                "SELECT count(*) AS n FROM timescaledb_information.chunks WHERE hypertable_name = $1",
                 &[&h.table],
             )
-            .await?
-            .get(0);
+            .await?,
+            "n",
+        )?;
         tx.commit().await?;
         progress(format!(
             "converted {} in {:.1} s ({chunks} chunks)",
@@ -330,7 +336,7 @@ async fn ensure_compression(
             .await
             .context("reading compression settings")?;
         let Some(row) = row else { continue };
-        if !row.get::<_, bool>(0) {
+        if !col::<bool>(&row, "compression_enabled")? {
             progress(format!("enabling compression on {}", h.table));
             // Identifiers from the constant table above, not input.
             client
@@ -369,7 +375,7 @@ pub async fn policy_job(
     kind: &str,
     table: &str,
 ) -> anyhow::Result<Option<i32>> {
-    Ok(client
+    client
         .query_opt(
             "SELECT job_id FROM timescaledb_information.jobs
              WHERE proc_name = $1 AND hypertable_name = $2 ORDER BY job_id LIMIT 1",
@@ -377,7 +383,8 @@ pub async fn policy_job(
         )
         .await
         .context("reading TimescaleDB jobs")?
-        .map(|r| r.get(0)))
+        .map(|r| col(&r, "job_id"))
+        .transpose()
 }
 
 /// The sample retention in force (days, 0 keeps all), as `os-credits migrate` last
@@ -385,14 +392,15 @@ pub async fn policy_job(
 pub async fn applied_retention_days(
     client: &tokio_postgres::Client,
 ) -> anyhow::Result<Option<i64>> {
-    Ok(client
+    client
         .query_opt(
             "SELECT value FROM os_credits_policies WHERE name = 'samples_retention_days'",
             &[],
         )
         .await
         .context("reading the applied retention")?
-        .map(|r| r.get(0)))
+        .map(|r| col(&r, "value"))
+        .transpose()
 }
 
 /// Records the retention days. `only_if_unset`: the first start of a new database

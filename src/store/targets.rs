@@ -1,5 +1,6 @@
 //! Scrape target status and leases.
 
+use super::col;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -166,27 +167,31 @@ pub async fn statuses(client: &tokio_postgres::Client) -> anyhow::Result<Vec<Tar
         )
         .await
         .context("reading scrape target status")?;
-    Ok(rows
-        .iter()
+    rows.iter()
         .map(|row| {
-            let last_attempt_at: Option<DateTime<Utc>> = row.get(2);
-            let last_success_at: Option<DateTime<Utc>> = row.get(3);
-            TargetStatus {
-                name: row.get(0),
-                url: row.get(1),
+            let last_attempt_at: Option<DateTime<Utc>> = col(row, "last_attempt_at")?;
+            let last_success_at: Option<DateTime<Utc>> = col(row, "last_success_at")?;
+            let billed_series: Option<i64> = col(row, "billed_series")?;
+            Ok(TargetStatus {
+                name: col(row, "name")?,
+                url: col(row, "url")?,
                 up: last_attempt_at.is_some() && last_attempt_at == last_success_at,
                 last_attempt_at,
                 last_success_at,
-                last_error: row.get(4),
-                last_duration_ms: row.get(5),
-                last_samples: row.get(6),
-                samples_stored_total: row.get(7),
-                scrapes_total: row.get(8),
-                failures_total: row.get(9),
-                billed_series: row.get(10),
-                billed_series_before: row.get(11),
-                problem: empty_problem(row.get(10), row.get(12), row.get(13)),
-            }
+                last_error: col(row, "last_error")?,
+                last_duration_ms: col(row, "last_duration_ms")?,
+                last_samples: col(row, "last_samples")?,
+                samples_stored_total: col(row, "samples_stored_total")?,
+                scrapes_total: col(row, "scrapes_total")?,
+                failures_total: col(row, "failures_total")?,
+                billed_series,
+                billed_series_before: col(row, "billed_series_before")?,
+                problem: empty_problem(
+                    billed_series,
+                    col(row, "billed_series_last_nonzero")?,
+                    col(row, "billed_series_nonzero_at")?,
+                ),
+            })
         })
-        .collect())
+        .collect()
 }

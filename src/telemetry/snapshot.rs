@@ -4,6 +4,7 @@
 //! than counted in memory, so every replica reports the same numbers and a restart
 //! loses none of them.
 
+use crate::store::col;
 use crate::store::targets::{self, TargetStatus};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -72,7 +73,8 @@ impl Snapshot {
         tx.batch_execute("SET LOCAL jit = off").await?;
         let rows = tx
             .query(
-                "SELECT s.metric, count(*), coalesce(sum(x.n), 0)::bigint, min(x.oldest)
+                "SELECT s.metric, count(*) AS series, coalesce(sum(x.n), 0)::bigint AS unbilled_samples,
+                        min(x.oldest) AS oldest_unbilled_at
                  FROM series s
                  LEFT JOIN billing_cursors c ON c.series_id = s.id
                  CROSS JOIN LATERAL (
@@ -89,34 +91,40 @@ impl Snapshot {
         tx.commit().await?;
         for row in rows {
             backlog.insert(
-                row.get(0),
+                col(&row, "metric")?,
                 Backlog {
-                    series: row.get(1),
-                    unbilled_samples: row.get(2),
-                    oldest_unbilled_at: row.get(3),
+                    series: col(&row, "series")?,
+                    unbilled_samples: col(&row, "unbilled_samples")?,
+                    oldest_unbilled_at: col(&row, "oldest_unbilled_at")?,
                 },
             );
         }
         let series = client
-            .query("SELECT metric, count(*) FROM series GROUP BY metric", &[])
+            .query(
+                "SELECT metric, count(*) AS n FROM series GROUP BY metric",
+                &[],
+            )
             .await
             .context("counting series")?
             .iter()
-            .map(|row| (row.get(0), row.get(1)))
-            .collect();
+            .map(|row| Ok((col(row, "metric")?, col(row, "n")?)))
+            .collect::<anyhow::Result<_>>()?;
         let quarantined = client
             .query(
-                "SELECT s.metric, count(*) FROM quarantined_samples q
+                "SELECT s.metric, count(*) AS n FROM quarantined_samples q
                  JOIN series s ON s.id = q.series_id GROUP BY s.metric",
                 &[],
             )
             .await
             .context("counting quarantined samples")?
             .iter()
-            .map(|row| (row.get(0), row.get(1)))
-            .collect();
+            .map(|row| Ok((col(row, "metric")?, col(row, "n")?)))
+            .collect::<anyhow::Result<_>>()?;
         let projects = client
-            .query_one("SELECT count(*), max(last_billed_at) FROM projects", &[])
+            .query_one(
+                "SELECT count(*) AS n, max(last_billed_at) AS last_billed_at FROM projects",
+                &[],
+            )
             .await
             .context("counting projects")?;
         let targets = targets::statuses(client)
@@ -128,8 +136,8 @@ impl Snapshot {
             read_at,
             backlog,
             series,
-            projects: projects.get(0),
-            last_billed_at: projects.get(1),
+            projects: col(&projects, "n")?,
+            last_billed_at: col(&projects, "last_billed_at")?,
             targets,
             quarantined,
             notifications: notifications(client).await?,
@@ -221,29 +229,30 @@ impl Snapshot {
 async fn notifications(
     client: &tokio_postgres::Client,
 ) -> anyhow::Result<Option<BTreeMap<(String, String), i64>>> {
-    let exists: bool = client
-        .query_one(
-            "SELECT to_regclass('notification_deliveries') IS NOT NULL",
-            &[],
-        )
-        .await
-        .context("looking for the notification outbox")?
-        .get(0);
+    let exists: bool = col(
+        &client
+            .query_one(
+                "SELECT to_regclass('notification_deliveries') IS NOT NULL AS present",
+                &[],
+            )
+            .await
+            .context("looking for the notification outbox")?,
+        "present",
+    )?;
     if !exists {
         return Ok(None);
     }
     let rows = client
         .query(
-            "SELECT channel, status, count(*) FROM notification_deliveries GROUP BY 1, 2",
+            "SELECT channel, status, count(*) AS n FROM notification_deliveries GROUP BY 1, 2",
             &[],
         )
         .await
         .context("counting notification deliveries")?;
-    Ok(Some(
-        rows.iter()
-            .map(|row| ((row.get(0), row.get(1)), row.get(2)))
-            .collect(),
-    ))
+    rows.iter()
+        .map(|row| Ok(((col(row, "channel")?, col(row, "status")?), col(row, "n")?)))
+        .collect::<anyhow::Result<_>>()
+        .map(Some)
 }
 
 fn unix(at: DateTime<Utc>) -> f64 {
