@@ -11,6 +11,7 @@
 //! The series of the previous scrape are kept in memory per target, so the first
 //! scrape after a start (or after the target moved to this replica) only sets them.
 
+use crate::store::col;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
@@ -144,15 +145,14 @@ pub async fn record(
             "billed series stopped appearing: billing for them has stopped"
         );
     }
-    let stale: i64 = client
+    let row = client
         .query_one(
-            "SELECT count(*) FROM stale_series WHERE target = $1",
+            "SELECT count(*) AS stale FROM stale_series WHERE target = $1",
             &[&target],
         )
         .await
-        .context("counting stale series")?
-        .get(0);
-    Ok(stale)
+        .context("counting stale series")?;
+    col(&row, "stale")
 }
 
 /// A series that stopped appearing.
@@ -185,16 +185,17 @@ pub async fn of_project(
         )
         .await
         .context("reading stale series")?;
-    Ok(rows
-        .iter()
-        .map(|r| StaleSeries {
-            metric: r.get(0),
-            labels: r.get(1),
-            target: r.get(2),
-            last_seen_at: r.get(3),
-            missing_since: r.get(4),
+    rows.iter()
+        .map(|r| {
+            Ok(StaleSeries {
+                metric: col(r, "metric")?,
+                labels: col(r, "labels")?,
+                target: col(r, "target")?,
+                last_seen_at: col(r, "last_seen_at")?,
+                missing_since: col(r, "missing_since")?,
+            })
         })
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]

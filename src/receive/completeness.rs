@@ -132,7 +132,7 @@ pub async fn record(
         )
         .await
         .context("counting stale pushed series")?;
-    row.try_get("stale").context("reading the stale count")
+    crate::store::col(&row, "stale")
 }
 
 #[cfg(test)]
