@@ -4,7 +4,7 @@
 # parser. Each mutant is judged by the unit tests (`cargo test --lib`), which need no
 # database. Survivors are either killed by a new test or listed in docs/mutants.md
 # with why they are harmless. Arguments go to cargo-mutants (e.g. `--file
-# src/billing/money.rs` to look at one file, `--list` to count without running).
+# src/money.rs` to look at one file, `--list` to count without running).
 set -euo pipefail
 # shellcheck source=scripts/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -16,7 +16,7 @@ if ! cargo mutants --version 2>/dev/null | grep -q "$CARGO_MUTANTS_VERSION"; the
         die "cargo install cargo-mutants failed (see above)"
 fi
 cd "$ROOT"
-files=(src/billing/charge.rs src/billing/money.rs src/billing/rules.rs src/ingest/parse.rs)
+files=(src/billing/charge.rs src/money.rs src/billing/rules.rs src/ingest/parse.rs)
 args=()
 if [[ $* != *--file* && $* != *-f\ * ]]; then
     for file in "${files[@]}"; do args+=(--file "$file"); done

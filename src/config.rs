@@ -5,12 +5,13 @@
 
 use crate::billing::rules::Rules;
 use crate::domain::{MetricName, Price};
+pub use crate::domain::{Secret, TargetAuth};
 use crate::notify::thresholds::{self, Threshold};
+pub use crate::scrape::targets::ScrapeTarget;
 use lettre::message::Mailbox;
 use rust_decimal::Decimal;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -30,31 +31,6 @@ fn bad(name: &'static str, reason: impl Into<String>) -> SettingError {
     SettingError {
         name,
         reason: reason.into(),
-    }
-}
-
-/// A string that never shows in `Debug` output or logs.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret value.
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-    /// The secret itself; call only where it is sent.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-    /// Whether nothing was configured.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
     }
 }
 
@@ -84,35 +60,6 @@ pub struct DatabaseSettings {
     /// `POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT`: the server ends a session idle inside
     /// a transaction this long, freeing the locks of a frozen or stopped holder.
     pub idle_in_transaction_timeout: Duration,
-}
-
-/// Credentials a scrape sends.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TargetAuth {
-    /// No credentials.
-    None,
-    /// `Authorization: Bearer …`.
-    Bearer(Secret),
-    /// HTTP basic authentication.
-    Basic {
-        /// User name.
-        username: String,
-        /// Password.
-        password: Secret,
-    },
-}
-
-/// One exporter to scrape.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ScrapeTarget {
-    /// Stable name for status and leases (defaults to the URL without credentials).
-    pub name: String,
-    /// What is fetched, with federation `match[]` selectors already in the query.
-    pub url: url::Url,
-    /// Labels added to every sample of this target (e.g. `location`).
-    pub labels: BTreeMap<String, String>,
-    /// Credentials.
-    pub auth: TargetAuth,
 }
 
 /// How the SMTP connection is secured (`MAIL_SMTP_TLS`).

@@ -1,6 +1,8 @@
 //! Values with rules, parsed once at the edge and trusted everywhere after.
 
+use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
+use serde::Serialize;
 use std::fmt;
 use std::str::FromStr;
 
@@ -63,6 +65,73 @@ impl fmt::Display for Price {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
     }
+}
+
+/// What one billing run did (made by `billing::engine`, shown by telemetry and
+/// `/stats`: a plain value both read, so neither depends on the other).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct BillingSummary {
+    /// When the run started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// How long it took.
+    pub duration_ms: u64,
+    /// Projects whose transaction committed.
+    pub projects_billed: u64,
+    /// Projects another replica was billing at the time (skipped, not lost).
+    pub projects_skipped: u64,
+    /// Projects whose run failed (logged; retried next run, nothing written).
+    pub projects_failed: u64,
+    /// Samples consumed (cursors advanced past them).
+    pub samples_billed: u64,
+    /// Usage ledger rows written.
+    pub ledger_rows: u64,
+    /// Exact credits charged in this run.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub credits_billed: Decimal,
+    /// Why the first failed project failed (the billing worker shows it).
+    #[serde(skip)]
+    pub first_error: Option<String>,
+}
+
+/// A string that never shows in `Debug` output or logs.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself; call only where it is sent.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// Whether nothing was configured.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+/// Credentials a scrape sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetAuth {
+    /// No credentials.
+    None,
+    /// `Authorization: Bearer …`.
+    Bearer(Secret),
+    /// HTTP basic authentication.
+    Basic {
+        /// User name.
+        username: String,
+        /// Password.
+        password: Secret,
+    },
 }
 
 #[cfg(test)]

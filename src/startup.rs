@@ -269,12 +269,20 @@ impl Application {
         if !settings.endpoints_only && settings.api_contact_base_url.is_some() {
             let (pool, s) = (pool.clone(), settings.clone());
             let http = crate::outbound::portal_client()?;
+            let rotation = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             handles.push(self.workers.spawn(
                 "grant_sync",
                 settings.api_contact_sync_interval,
                 backoff,
                 cancel.clone(),
-                move || billing::worker::sync_grants(pool.clone(), s.clone(), http.clone()),
+                move || {
+                    billing::worker::sync_grants(
+                        pool.clone(),
+                        s.clone(),
+                        http.clone(),
+                        rotation.clone(),
+                    )
+                },
             ));
         }
         if let Some(receiver) = self.receiver.clone() {

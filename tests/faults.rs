@@ -407,6 +407,94 @@ async fn an_endless_portal_answer_is_cut_off_at_the_size_limit() {
     billing_goes_on_while_the_portal_fails(&portal, "larger than 65536 bytes", 0).await;
 }
 
+/// A portal on loopback that never answers for projects named `hang…` and grants 42
+/// to every other.
+async fn partly_hanging_portal() -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = vec![0u8; 4096];
+                let n = stream.read(&mut head).await.unwrap_or(0);
+                if String::from_utf8_lossy(&head[..n]).contains("project_name=hang") {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    return;
+                }
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n42",
+                    )
+                    .await;
+            });
+        }
+    });
+    (url, task)
+}
+
+#[tokio::test]
+async fn portal_answers_that_hang_cannot_starve_the_projects_behind_them() {
+    let (portal, _task) = partly_hanging_portal().await;
+    let db = TestDb::create().await;
+    let app = spawn_app_on(db, &[], false).await;
+    // Four hanging projects sort before the healthy one; two fetches at a time, so
+    // a round that always started at the first project would never reach "zeta".
+    app.db
+        .connect()
+        .await
+        .batch_execute(
+            "INSERT INTO projects (name) VALUES ('hang1'), ('hang2'), ('hang3'), ('hang4'), ('zeta')",
+        )
+        .await
+        .expect("projects");
+    let mut vars = app.db.vars();
+    vars.extend(
+        [
+            ("API_CONTACT_BASE_URL", portal.as_str()),
+            ("API_CONTACT_SYNC_DEADLINE", "1"),
+            ("OS_CREDITS_WORKERS", "2"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    let settings =
+        std::sync::Arc::new(os_credits::config::Settings::from_vars(vars).expect("settings"));
+    let http = os_credits::outbound::portal_client().expect("client");
+    let rotation = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let granted = || async {
+        app.db
+            .connect()
+            .await
+            .query_one(
+                "SELECT granted_credits FROM projects WHERE name = 'zeta'",
+                &[],
+            )
+            .await
+            .expect("zeta")
+            .get::<_, Decimal>(0)
+    };
+    let mut rounds = 0;
+    while granted().await != Decimal::from(42) {
+        rounds += 1;
+        assert!(rounds <= 4, "zeta never synced in {rounds} rounds");
+        let round = os_credits::billing::worker::sync_grants(
+            app.app_pool.clone(),
+            settings.clone(),
+            http.clone(),
+            rotation.clone(),
+        )
+        .await;
+        let error = format!(
+            "{:#}",
+            round.expect_err("hanging answers cut the round off")
+        );
+        assert!(error.contains("API_CONTACT_SYNC_DEADLINE"), "{error}");
+    }
+    assert!(rounds >= 2, "the first round only reaches hanging projects");
+}
+
 /// A real replica process (the binary), continued and killed when dropped.
 struct Replica {
     child: std::process::Child,

@@ -5,7 +5,7 @@ use super::errors::ErrorBody;
 use super::input::{credits_number, decimal_from_json, decimal_number, ProjectName};
 use super::{ApiError, AppState};
 use crate::billing::account;
-use crate::billing::money::round_credits;
+use crate::money::round_credits;
 use actix_web::{web, HttpResponse};
 use chrono::Utc;
 use rust_decimal::Decimal;

@@ -2,7 +2,7 @@
 //! project names from paths, decimals from JSON, credits for both API generations.
 
 use super::ApiError;
-use crate::billing::money::round_credits;
+use crate::money::round_credits;
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::error::{JsonPayloadError, PayloadError};

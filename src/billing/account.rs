@@ -5,6 +5,7 @@
 //! Writes lock the project row (`FOR UPDATE`) so they serialise with the billing run,
 //! and each writes exactly one append-only ledger row together with the new totals.
 
+pub use crate::forecast::{burn_rate_per_hour, covered, describe_span, run_out_at};
 use crate::notify::outbox::{self, Cause};
 use crate::notify::thresholds::{Level, Threshold};
 use crate::store::col;
@@ -412,67 +413,6 @@ pub async fn detail(
             })
             .collect::<anyhow::Result<_>>()?,
     }))
-}
-
-/// The time a burn rate over `window` before `now` actually covers: from the start of
-/// the project's first billed usage (a project billed for 6 minutes burns its
-/// credits of 6 minutes, not of the whole window), at most the window.
-pub fn covered(
-    window: Duration,
-    now: DateTime<Utc>,
-    first_usage: Option<DateTime<Utc>>,
-) -> Duration {
-    match first_usage {
-        Some(first) => (now - first).clamp(Duration::zero(), window),
-        None => window,
-    }
-}
-
-/// A span in words for people: `the last 24 hours`, `the last 6 minutes`.
-pub fn describe_span(span: Duration) -> String {
-    let (n, unit) = if span >= Duration::hours(2) {
-        (span.num_minutes().saturating_add(30) / 60, "hours")
-    } else if span >= Duration::minutes(2) {
-        (span.num_minutes(), "minutes")
-    } else {
-        (span.num_seconds(), "seconds")
-    };
-    format!("the last {n} {unit}")
-}
-
-/// Credits per hour when `charged` credits were used over `window`.
-pub fn burn_rate_per_hour(charged: Decimal, window: Duration) -> Decimal {
-    let seconds = window.num_seconds();
-    if seconds <= 0 {
-        return Decimal::ZERO;
-    }
-    charged
-        .checked_mul(Decimal::from(3600))
-        .and_then(|c| c.checked_div(Decimal::from(seconds)))
-        .unwrap_or(Decimal::ZERO)
-}
-
-/// When a project runs out at `burn_rate` credits per hour: `now` when nothing
-/// remains, `None` when nothing burns, nothing was granted, or the instant is beyond
-/// what a timestamp can hold.
-pub fn run_out_at(
-    now: DateTime<Utc>,
-    granted: Decimal,
-    remaining: Decimal,
-    burn_rate: Decimal,
-) -> Option<DateTime<Utc>> {
-    if burn_rate <= Decimal::ZERO || granted <= Decimal::ZERO {
-        return None;
-    }
-    if remaining <= Decimal::ZERO {
-        return Some(now);
-    }
-    let seconds = remaining
-        .checked_mul(Decimal::from(3600))?
-        .checked_div(burn_rate)?
-        .floor();
-    let seconds = i64::try_from(seconds).ok()?;
-    now.checked_add_signed(Duration::try_seconds(seconds)?)
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@
 //! gauge's hours exactly. A change at a step's end applies only to later steps.
 //!
 //! **Exactness.** Amounts are exact `Decimal`s and are never rounded here; round only
-//! the sums shown or stored as figures ([`crate::billing::money::round_credits`]).
+//! the sums shown or stored as figures ([`crate::money::round_credits`]).
 //! Counter amounts are products of the sampled values and prices, so billing a growth
 //! in one step or in a thousand gives the same total exactly. Division happens in
 //! two places only, both at the end of a computation: the proportional split of a
@@ -324,8 +324,8 @@ fn seconds(from: DateTime<Utc>, to: DateTime<Utc>) -> Option<Decimal> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::billing::money::{decimal_from_f64, round_credits};
     use crate::billing::rules::Rules;
+    use crate::money::{decimal_from_f64, round_credits};
     use chrono::{Duration, TimeZone};
     use std::str::FromStr;
 

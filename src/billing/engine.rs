@@ -21,34 +21,10 @@ use deadpool_postgres::Pool;
 use deadpool_postgres::Transaction;
 use futures::StreamExt;
 use rust_decimal::Decimal;
-use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-/// What one billing run did.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct BillingSummary {
-    /// When the run started.
-    pub started_at: Option<DateTime<Utc>>,
-    /// How long it took.
-    pub duration_ms: u64,
-    /// Projects whose transaction committed.
-    pub projects_billed: u64,
-    /// Projects another replica was billing at the time (skipped, not lost).
-    pub projects_skipped: u64,
-    /// Projects whose run failed (logged; retried next run, nothing written).
-    pub projects_failed: u64,
-    /// Samples consumed (cursors advanced past them).
-    pub samples_billed: u64,
-    /// Usage ledger rows written.
-    pub ledger_rows: u64,
-    /// Exact credits charged in this run.
-    #[serde(with = "rust_decimal::serde::str")]
-    pub credits_billed: Decimal,
-    /// Why the first failed project failed (the billing worker shows it).
-    #[serde(skip)]
-    pub first_error: Option<String>,
-}
+pub use crate::domain::BillingSummary;
 
 /// What billing one project did.
 #[derive(Debug, Clone, Default, PartialEq)]

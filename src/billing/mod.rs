@@ -10,7 +10,6 @@ pub mod engine;
 pub mod guard;
 pub mod held;
 pub mod history;
-pub mod money;
 pub mod portal;
 pub mod quarantine;
 pub mod rules;

@@ -11,6 +11,7 @@ use deadpool_postgres::Pool;
 use futures::StreamExt;
 use rust_decimal::Decimal;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// How long one portal request may take.
@@ -41,15 +42,37 @@ pub async fn sync_grants(
     settings: &Settings,
     http: &reqwest::Client,
 ) -> anyhow::Result<SyncSummary> {
+    sync_grants_from(pool, settings, http, &AtomicUsize::new(0)).await
+}
+
+/// Like [`sync_grants`], starting at project number `rotation` (modulo their count)
+/// and counting up `rotation` for each project it starts: a round cut off by its
+/// deadline leaves `rotation` after the last project it started, so the next round
+/// begins with projects this one never reached, and projects whose portal answer
+/// hangs cannot starve the ones behind them.
+pub async fn sync_grants_from(
+    pool: &Pool,
+    settings: &Settings,
+    http: &reqwest::Client,
+    rotation: &AtomicUsize,
+) -> anyhow::Result<SyncSummary> {
     let Some(base) = &settings.api_contact_base_url else {
         return Ok(SyncSummary::default());
     };
-    let projects = super::engine::project_names(pool, settings).await?;
+    let mut projects = super::engine::project_names(pool, settings).await?;
+    if !projects.is_empty() {
+        let start = rotation.load(Ordering::Relaxed) % projects.len();
+        projects.rotate_left(start);
+        rotation.store(start, Ordering::Relaxed);
+    }
     let mut summary = SyncSummary::default();
     let mut results = futures::stream::iter(0..projects.len())
         .map(|i| {
             let project = &projects[i];
-            async move { (project, sync_one(pool, settings, http, base, project).await) }
+            async move {
+                rotation.fetch_add(1, Ordering::Relaxed);
+                (project, sync_one(pool, settings, http, base, project).await)
+            }
         })
         .buffer_unordered(settings.workers);
     while let Some((project, result)) = results.next().await {

@@ -8,8 +8,8 @@
 //! The rest of the series, and of the project, bills as usual.
 
 use super::charge::{self, ChargeLine, Point, SeriesCharge};
-use super::money::decimal_from_f64;
 use super::rules::Rule;
+use crate::money::decimal_from_f64;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::Serialize;

@@ -44,8 +44,8 @@
 //! a change is split there (see [`crate::billing::charge`]).
 
 use crate::billing::guard::JumpGuard;
-use crate::billing::money::decimal_from_f64;
 use crate::domain::{MetricName, Price};
+use crate::money::decimal_from_f64;
 use chrono::{DateTime, Duration, NaiveDate, SecondsFormat, Utc};
 use rust_decimal::Decimal;
 use serde::de::{self, Deserializer, Visitor};

@@ -25,14 +25,18 @@ pub async fn bill(pool: Pool, settings: Arc<Settings>) -> anyhow::Result<()> {
 
 /// One round of fetching grants from the portal (no-op without
 /// `API_CONTACT_BASE_URL`), within `API_CONTACT_SYNC_DEADLINE`: a round cut off
-/// rolls back the grant it was writing; those written before stay.
+/// rolls back the grant it was writing; those written before stay, and the next
+/// round starts after the last project this one started (`rotation`, kept by the
+/// worker), so hanging answers cannot starve the projects behind them.
 pub async fn sync_grants(
     pool: Pool,
     settings: Arc<Settings>,
     http: reqwest::Client,
+    rotation: Arc<std::sync::atomic::AtomicUsize>,
 ) -> anyhow::Result<()> {
     let deadline = settings.api_contact_sync_deadline;
-    let synced = tokio::time::timeout(deadline, portal::sync_grants(&pool, &settings, &http))
+    let round = portal::sync_grants_from(&pool, &settings, &http, &rotation);
+    let synced = tokio::time::timeout(deadline, round)
         .await
         .map_err(|_| {
             anyhow::anyhow!(

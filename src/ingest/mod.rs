@@ -153,32 +153,73 @@ impl IngestOutcome {
 /// Longest series identity that can be indexed (see `sql/0001_series_and_samples.sql`).
 const MAX_SERIES_KEY_BYTES: usize = 2048;
 
-/// Samples decoded elsewhere (a remote-write batch) sorted as [`prepare`] sorts parsed
-/// ones: the same filters, series keys and skip reasons. Samples of metrics that are
-/// not billed are ignored, as the parser ignores them.
+/// Sorts samples one at a time, as they are decoded: the same filters, series keys
+/// and skip reasons for every source. Samples of metrics that are not billed are
+/// ignored, as the parser ignores them.
+pub struct Sorter<'c> {
+    prepared: Prepared,
+    new_index: HashMap<String, usize>,
+    key: String,
+    ctx: &'c IngestContext,
+    state: &'c SeriesState,
+    default_time: DateTime<Utc>,
+}
+
+impl<'c> Sorter<'c> {
+    /// A sorter for one body or batch; samples without a time get `default_time`.
+    pub fn new(
+        ctx: &'c IngestContext,
+        state: &'c SeriesState,
+        default_time: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            prepared: Prepared::default(),
+            new_index: HashMap::new(),
+            key: String::with_capacity(256),
+            ctx,
+            state,
+            default_time,
+        }
+    }
+
+    /// Sorts one sample.
+    pub fn add(&mut self, sample: Sample<'_>) {
+        if self.ctx.billed.contains(sample.name) {
+            sort_sample(
+                &mut self.prepared,
+                &mut self.new_index,
+                &mut self.key,
+                self.ctx,
+                self.state,
+                sample,
+                self.default_time,
+            );
+        }
+    }
+
+    /// Whether samples of `metric` are kept at all (a billed metric).
+    pub fn wants(&self, metric: &str) -> bool {
+        self.ctx.billed.contains(metric)
+    }
+
+    /// Everything sorted.
+    pub fn finish(self) -> Prepared {
+        self.prepared
+    }
+}
+
+/// Samples decoded elsewhere sorted as [`prepare`] sorts parsed ones (see [`Sorter`]).
 pub fn prepare_samples<'a>(
     samples: impl IntoIterator<Item = Sample<'a>>,
     ctx: &IngestContext,
     state: &SeriesState,
     default_time: DateTime<Utc>,
 ) -> Prepared {
-    let mut prepared = Prepared::default();
-    let mut new_index: HashMap<String, usize> = HashMap::new();
-    let mut key = String::with_capacity(256);
+    let mut sorter = Sorter::new(ctx, state, default_time);
     for sample in samples {
-        if ctx.billed.contains(sample.name) {
-            sort_sample(
-                &mut prepared,
-                &mut new_index,
-                &mut key,
-                ctx,
-                state,
-                sample,
-                default_time,
-            );
-        }
+        sorter.add(sample);
     }
-    prepared
+    sorter.finish()
 }
 
 /// Where one billed sample goes: a row of a known series, a row of a new series, or a

@@ -127,9 +127,8 @@ pub(crate) async fn store_stream(
         Err(e) => return Err(IngestError::Store(e)),
     };
     cache.remember(&resolved);
-    samples::remember_stored(cache, &collected.rows);
-    samples::remember_stored(
-        cache,
+    cache.remember_stored(&collected.rows);
+    cache.remember_stored(
         &collected
             .new_series_rows(&resolved)
             .map_err(IngestError::Store)?,

@@ -8,8 +8,8 @@
 use super::email::Recipients;
 use super::outbox::HeldNotice;
 use super::templates::Rendered;
-use crate::billing::money::round_credits;
 use crate::config::MailSettings;
+use crate::money::round_credits;
 use rust_decimal::Decimal;
 
 /// What the portal webhook's `limit_type` says.

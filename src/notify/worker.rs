@@ -7,9 +7,9 @@ use super::templates::{MailValues, Templates};
 use super::thresholds;
 use super::webhook::{self, LimitForm};
 use super::SendError;
-use crate::billing::account;
-use crate::billing::money::round_credits;
 use crate::config::Settings;
+use crate::forecast;
+use crate::money::round_credits;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
@@ -218,9 +218,9 @@ impl Notifier {
         let level = claimed.level;
         let remaining = level.granted.saturating_sub(level.used);
         let window = chrono::Duration::from_std(settings.forecast_window).unwrap_or_default();
-        let covered = account::covered(window, claimed.crossed_at, claimed.first_usage);
-        let burn_rate = account::burn_rate_per_hour(claimed.charged_in_window, covered);
-        let run_out = account::run_out_at(claimed.crossed_at, level.granted, remaining, burn_rate);
+        let covered = forecast::covered(window, claimed.crossed_at, claimed.first_usage);
+        let burn_rate = forecast::burn_rate_per_hour(claimed.charged_in_window, covered);
+        let run_out = forecast::run_out_at(claimed.crossed_at, level.granted, remaining, burn_rate);
         MailValues {
             project: claimed.project.clone(),
             used: credits(level.used),
@@ -234,7 +234,7 @@ impl Notifier {
             limit_type: claimed.threshold.limit_type(),
             forecast_run_out: run_out.map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string()),
             forecast_window_hours: settings.forecast_window.as_secs() / 3600,
-            forecast_basis: account::describe_span(covered),
+            forecast_basis: forecast::describe_span(covered),
             history_url: history_url(settings.public_base_url.as_ref(), &claimed.project),
         }
     }

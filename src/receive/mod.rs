@@ -13,7 +13,6 @@ use crate::store::series::SeriesCache;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
-use prost::Message;
 use senders::RemoteWriteSender;
 use serde::Serialize;
 use std::borrow::Cow;
@@ -208,10 +207,15 @@ impl Receiver {
         let Some(sender) = self.senders.get(index) else {
             return Err(ReceiveError::Invalid("unknown sender".into()));
         };
-        let request = decode(body, self.max_bytes)?;
-        let prepared = self
-            .cache
-            .read(|state| ingest::prepare_samples(samples_of(&request), &sender.ctx, state, at));
+        let raw = decompress(body, self.max_bytes)?;
+        let prepared = self.cache.read(|state| {
+            let mut sorter = ingest::Sorter::new(&sender.ctx, state, at);
+            proto::for_each_series(&raw, |series| add_series(&mut sorter, series))
+                .map(|()| sorter.finish())
+                .map_err(|e| {
+                    ReceiveError::Invalid(format!("body is not a remote-write WriteRequest: {e}"))
+                })
+        })?;
         let outcome = ingest::store_prepared(&self.pool, &self.cache, prepared)
             .await
             .map_err(|e| ReceiveError::Unavailable(e.to_string()))?;
@@ -266,43 +270,45 @@ impl Receiver {
     }
 }
 
-/// Snappy-decompresses (block format, as remote write sends) and decodes a
-/// `WriteRequest`, refusing more than `max_bytes` decompressed.
-pub fn decode(body: &[u8], max_bytes: usize) -> Result<proto::WriteRequest, ReceiveError> {
+/// Snappy-decompresses a body (block format, as remote write sends), refusing more
+/// than `max_bytes` decompressed.
+pub fn decompress(body: &[u8], max_bytes: usize) -> Result<Vec<u8>, ReceiveError> {
     let len = snap::raw::decompress_len(body)
         .map_err(|e| ReceiveError::Invalid(format!("body is not snappy-compressed: {e}")))?;
     if len > max_bytes {
         return Err(ReceiveError::TooLarge(max_bytes));
     }
-    let raw = snap::raw::Decoder::new()
+    snap::raw::Decoder::new()
         .decompress_vec(body)
-        .map_err(|e| ReceiveError::Invalid(format!("body is not snappy-compressed: {e}")))?;
-    proto::WriteRequest::decode(raw.as_slice())
-        .map_err(|e| ReceiveError::Invalid(format!("body is not a remote-write WriteRequest: {e}")))
+        .map_err(|e| ReceiveError::Invalid(format!("body is not snappy-compressed: {e}")))
 }
 
-/// Every sample of the request as the ingest path takes them: the metric name from
-/// `__name__`, the other labels (internal `__` labels dropped), the sample's own time.
-fn samples_of(request: &proto::WriteRequest) -> impl Iterator<Item = Sample<'_>> {
-    request.timeseries.iter().flat_map(|series| {
-        let name = series
-            .labels
-            .iter()
-            .find(|l| l.name == "__name__")
-            .map_or("", |l| l.value.as_str());
-        let labels: Vec<(&str, Cow<'_, str>)> = series
-            .labels
-            .iter()
-            .filter(|l| !l.name.starts_with("__"))
-            .map(|l| (l.name.as_str(), Cow::Borrowed(l.value.as_str())))
-            .collect();
-        series.samples.iter().map(move |s| Sample {
+/// One decoded series as the ingest path takes its samples: the metric name from
+/// `__name__`, the other labels (internal `__` labels dropped, borrowed from the
+/// body), each sample with its own time. Series of metrics not billed cost nothing more.
+fn add_series<'a>(sorter: &mut ingest::Sorter<'_>, series: &proto::SeriesRef<'a>) {
+    let name = series
+        .labels
+        .iter()
+        .find(|(n, _)| *n == "__name__")
+        .map_or("", |(_, v)| *v);
+    if !sorter.wants(name) {
+        return;
+    }
+    let labels: Vec<(&str, Cow<'a, str>)> = series
+        .labels
+        .iter()
+        .filter(|(n, _)| !n.starts_with("__"))
+        .map(|&(n, v)| (n, Cow::Borrowed(v)))
+        .collect();
+    for &(value, timestamp) in &series.samples {
+        sorter.add(Sample {
             name,
             labels: labels.clone(),
-            value: s.value,
-            timestamp_ms: Some(s.timestamp),
-        })
-    })
+            value,
+            timestamp_ms: Some(timestamp),
+        });
+    }
 }
 
 fn record_metrics(sender: &str, result: &Result<IngestOutcome, ReceiveError>) {

@@ -1,6 +1,9 @@
 //! Prometheus remote-write 1.0 messages (`prometheus/prompb/{remote,types}.proto`),
-//! declared by hand: only the fields a receiver reads. Unknown fields (metadata,
-//! exemplars, histograms) are skipped by the decoder.
+//! declared by hand: only the fields a receiver reads. The receiver reads bodies with
+//! [`for_each_series`], which lends each series' labels straight from the body
+//! instead of allocating two strings per label; the prost structs encode requests
+//! (tests, benches) and are the reference the decoder is tested against. Unknown
+//! fields (metadata, exemplars, histograms) are skipped.
 
 /// `prometheus.WriteRequest`.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -41,4 +44,274 @@ pub struct Sample {
     /// Milliseconds since the Unix epoch.
     #[prost(int64, tag = "2")]
     pub timestamp: i64,
+}
+
+/// Why a body is not a `WriteRequest`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DecodeError(&'static str);
+
+/// A series of a `WriteRequest` as [`for_each_series`] lends it: labels borrowed from
+/// the decoded buffer, samples as (value, milliseconds).
+#[derive(Debug, Default)]
+pub struct SeriesRef<'a> {
+    /// Label pairs in the order sent, `__name__` among them.
+    pub labels: Vec<(&'a str, &'a str)>,
+    /// Samples as (value, timestamp in ms).
+    pub samples: Vec<(f64, i64)>,
+}
+
+/// Decodes a `WriteRequest` without copying a label: calls `f` for each series with
+/// its labels borrowed from `buf` (UTF-8 checked, as prost checks `string` fields).
+/// Unknown fields (metadata, exemplars, histograms) are skipped. Only the request's
+/// structure is trusted to the length prefixes, each checked against what is left.
+pub fn for_each_series<'a>(
+    buf: &'a [u8],
+    mut f: impl FnMut(&SeriesRef<'a>),
+) -> Result<(), DecodeError> {
+    let mut series = SeriesRef::default();
+    let mut reader = Reader(buf);
+    while let Some((field, wire)) = reader.key()? {
+        match (field, wire) {
+            (1, WIRE_LEN) => {
+                series.labels.clear();
+                series.samples.clear();
+                read_series(reader.bytes()?, &mut series)?;
+                f(&series);
+            }
+            _ => reader.skip(wire)?,
+        }
+    }
+    Ok(())
+}
+
+const WIRE_VARINT: u8 = 0;
+const WIRE_FIXED64: u8 = 1;
+const WIRE_LEN: u8 = 2;
+const WIRE_FIXED32: u8 = 5;
+
+fn read_series<'a>(buf: &'a [u8], series: &mut SeriesRef<'a>) -> Result<(), DecodeError> {
+    let mut reader = Reader(buf);
+    while let Some((field, wire)) = reader.key()? {
+        match (field, wire) {
+            (1, WIRE_LEN) => {
+                let mut label = Reader(reader.bytes()?);
+                let (mut name, mut value) = ("", "");
+                while let Some((field, wire)) = label.key()? {
+                    match (field, wire) {
+                        (1, WIRE_LEN) => name = label.string()?,
+                        (2, WIRE_LEN) => value = label.string()?,
+                        _ => label.skip(wire)?,
+                    }
+                }
+                series.labels.push((name, value));
+            }
+            (2, WIRE_LEN) => {
+                let mut sample = Reader(reader.bytes()?);
+                let (mut value, mut timestamp) = (0.0, 0);
+                while let Some((field, wire)) = sample.key()? {
+                    match (field, wire) {
+                        (1, WIRE_FIXED64) => value = f64::from_bits(sample.fixed64()?),
+                        // int64: two's complement in a 64-bit varint
+                        (2, WIRE_VARINT) => timestamp = sample.varint()? as i64,
+                        _ => sample.skip(wire)?,
+                    }
+                }
+                series.samples.push((value, timestamp));
+            }
+            _ => reader.skip(wire)?,
+        }
+    }
+    Ok(())
+}
+
+/// The unread rest of a message.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        let mut value = 0u64;
+        for (i, &byte) in self.0.iter().enumerate().take(10) {
+            value |= u64::from(byte & 0x7f) << (7 * i);
+            if byte & 0x80 == 0 {
+                self.0 = &self.0[i + 1..];
+                return Ok(value);
+            }
+        }
+        Err(DecodeError("invalid varint"))
+    }
+
+    /// The next field number and wire type; `None` at the end.
+    fn key(&mut self) -> Result<Option<(u64, u8)>, DecodeError> {
+        if self.0.is_empty() {
+            return Ok(None);
+        }
+        let key = self.varint()?;
+        let field = key >> 3;
+        if field == 0 {
+            return Err(DecodeError("invalid field number 0"));
+        }
+        Ok(Some((field, (key & 7) as u8)))
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if n > self.0.len() {
+            return Err(DecodeError("a field runs past the end of its message"));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
+        let len = self.varint()?;
+        let len = usize::try_from(len).map_err(|_| DecodeError("a length beyond memory"))?;
+        self.take(len)
+    }
+
+    fn string(&mut self) -> Result<&'a str, DecodeError> {
+        std::str::from_utf8(self.bytes()?).map_err(|_| DecodeError("a label is not UTF-8"))
+    }
+
+    fn fixed64(&mut self) -> Result<u64, DecodeError> {
+        let bytes = self.take(8)?;
+        let mut le = [0u8; 8];
+        le.copy_from_slice(bytes);
+        Ok(u64::from_le_bytes(le))
+    }
+
+    fn skip(&mut self, wire: u8) -> Result<(), DecodeError> {
+        match wire {
+            WIRE_VARINT => self.varint().map(drop),
+            WIRE_FIXED64 => self.take(8).map(drop),
+            WIRE_LEN => self.bytes().map(drop),
+            WIRE_FIXED32 => self.take(4).map(drop),
+            _ => Err(DecodeError(
+                "unsupported wire type (groups are not used by remote write)",
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    /// A series as compared: labels, and samples as (value bits, timestamp).
+    type Read = (Vec<(String, String)>, Vec<(u64, i64)>);
+
+    fn decoded(buf: &[u8]) -> Result<Vec<Read>, DecodeError> {
+        let mut out = Vec::new();
+        for_each_series(buf, |s| {
+            out.push((
+                s.labels
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.to_string()))
+                    .collect(),
+                s.samples.iter().map(|(v, t)| (v.to_bits(), *t)).collect(),
+            ))
+        })?;
+        Ok(out)
+    }
+
+    /// What prost decodes from `buf` (the reference; proto3 sends no default values,
+    /// so e.g. `-0.0` arrives as `0.0` for both).
+    fn as_prost_reads(buf: &[u8]) -> Vec<Read> {
+        WriteRequest::decode(buf)
+            .expect("prost decodes")
+            .timeseries
+            .iter()
+            .map(|s| {
+                (
+                    s.labels
+                        .iter()
+                        .map(|l| (l.name.clone(), l.value.clone()))
+                        .collect(),
+                    s.samples
+                        .iter()
+                        .map(|x| (x.value.to_bits(), x.timestamp))
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// A deterministic variety of requests: empty strings, non-ASCII, negative and
+    /// huge timestamps, NaN and infinite values, series without samples.
+    fn requests() -> Vec<WriteRequest> {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let words = [
+            "",
+            "project_name",
+            "Ünïcødé ✓",
+            "__name__",
+            "a\"b\\c\n",
+            "x",
+        ];
+        let values = [0.0, -0.0, 1.5, f64::NAN, f64::INFINITY, -1e300, 5e-324];
+        (0..200)
+            .map(|_| WriteRequest {
+                timeseries: (0..next() % 5)
+                    .map(|_| TimeSeries {
+                        labels: (0..next() % 6)
+                            .map(|_| Label {
+                                name: words[(next() % 6) as usize].into(),
+                                value: words[(next() % 6) as usize].repeat((next() % 40) as usize),
+                            })
+                            .collect(),
+                        samples: (0..next() % 4)
+                            .map(|_| Sample {
+                                value: values[(next() % 7) as usize],
+                                timestamp: next() as i64 >> (next() % 64),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn decodes_what_prost_encodes_exactly() {
+        for request in requests() {
+            let buf = request.encode_to_vec();
+            assert_eq!(
+                decoded(&buf).expect("decodes"),
+                as_prost_reads(&buf),
+                "{request:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_skipped_and_broken_bodies_refused_like_prost() {
+        let request = &requests()[7];
+        let mut buf = request.encode_to_vec();
+        // metadata (field 3, a message) and a varint field 9: skipped
+        buf.extend_from_slice(&[0x1a, 0x02, 0x08, 0x01, 0x48, 0x05]);
+        assert_eq!(decoded(&buf).expect("decodes"), as_prost_reads(&buf));
+        assert!(!as_prost_reads(&buf).is_empty(), "a request with series");
+        let full = requests()
+            .into_iter()
+            .find(|r| r.encoded_len() > 20)
+            .expect("a longer request")
+            .encode_to_vec();
+        // Every truncation prost refuses is refused here too, and vice versa.
+        for cut in 0..full.len() {
+            let ours = decoded(&full[..cut]).is_ok();
+            let theirs = WriteRequest::decode(&full[..cut]).is_ok();
+            assert_eq!(ours, theirs, "cut at {cut}");
+        }
+        // A label that is not UTF-8.
+        let bad = [0x0a, 0x06, 0x0a, 0x04, 0x0a, 0x02, 0xff, 0xfe];
+        assert!(decoded(&bad).is_err());
+        assert!(WriteRequest::decode(&bad[..]).is_err());
+    }
 }

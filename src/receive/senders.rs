@@ -1,6 +1,6 @@
 //! `REMOTE_WRITE_SENDERS`: who may push samples, with which credentials and labels.
 
-use crate::config::{Secret, TargetAuth};
+use crate::domain::{Secret, TargetAuth};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 

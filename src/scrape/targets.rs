@@ -1,8 +1,21 @@
 //! `SCRAPE_TARGETS`: a comma-separated URL list, or a JSON array of target objects.
 
-use crate::config::{ScrapeTarget, Secret, TargetAuth};
+use crate::domain::{Secret, TargetAuth};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
+
+/// One exporter to scrape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScrapeTarget {
+    /// Stable name for status and leases (defaults to the URL without credentials).
+    pub name: String,
+    /// What is fetched, with federation `match[]` selectors already in the query.
+    pub url: url::Url,
+    /// Labels added to every sample of this target (e.g. `location`).
+    pub labels: BTreeMap<String, String>,
+    /// Credentials.
+    pub auth: TargetAuth,
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -13,8 +13,6 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 use tokio_postgres::Transaction;
 
-use super::series::SeriesCache;
-
 /// One sample ready to store.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SampleRow {
@@ -66,7 +64,7 @@ impl<'a> SampleBatch<'a> {
     }
 
     /// Writes rows; `all_newer` says whether each is newer than all stored for its
-    /// series (see [`SeriesCache::all_newer`]). Once false, later rows are merged.
+    /// series (see `SeriesCache::all_newer`). Once false, later rows are merged.
     pub async fn push(&mut self, rows: &[SampleRow], all_newer: bool) -> anyhow::Result<()> {
         if rows.is_empty() {
             return Ok(());
@@ -150,15 +148,6 @@ pub fn is_unique_violation(error: &anyhow::Error) -> bool {
         .chain()
         .filter_map(|e| e.downcast_ref::<tokio_postgres::Error>())
         .any(|e| e.code() == Some(&SqlState::UNIQUE_VIOLATION))
-}
-
-/// Remembers the newest stored time per series once rows are committed.
-pub fn remember_stored(cache: &SeriesCache, rows: &[SampleRow]) {
-    cache.write(|state| {
-        for row in rows {
-            state.stored(row.series_id, row.time.timestamp_micros());
-        }
-    });
 }
 
 /// Streams rows into a `COPY … FROM STDIN (FORMAT binary)` sink (benchmarks use it

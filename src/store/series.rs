@@ -114,6 +114,15 @@ impl SeriesCache {
         })
     }
 
+    /// Remembers the newest stored time per series once rows are committed.
+    pub fn remember_stored(&self, rows: &[super::samples::SampleRow]) {
+        self.write(|state| {
+            for row in rows {
+                state.stored(row.series_id, row.time.timestamp_micros());
+            }
+        });
+    }
+
     /// Caches ids found by [`create_or_find`] once their transaction has committed.
     pub fn remember(&self, resolved: &Resolved) {
         self.write(|state| {

@@ -7,7 +7,7 @@
 //! database (backlog, lag, series, targets, notifications) is read when `/metrics`
 //! is rendered, by [`super::snapshot`], so every replica reports the same truth.
 
-use crate::billing::engine::BillingSummary;
+use crate::domain::BillingSummary;
 use chrono::{DateTime, Utc};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
