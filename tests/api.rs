@@ -1355,22 +1355,45 @@ async fn the_project_detail_forecasts_the_run_out_from_the_recent_burn_rate() {
            ('Alpha', now() - INTERVAL '2 hours', 'usage', 'project_vcpu_usage', 24, 76, 1000),
            ('Alpha', now() - INTERVAL '1 hour', 'usage', 'project_mb_usage', 24, 100, 1000);
          INSERT INTO ledger (project, time, kind, used_delta, used_after, granted_after, reason, actor) VALUES
-           ('Alpha', now() - INTERVAL '1 hour', 'adjustment', 0, 100, 1000, 'not usage', 'api');
-         INSERT INTO series (metric, labels, series_key, project) VALUES
-           ('project_vcpu_usage', '{\"project_name\": \"Alpha\", \"location\": \"A\"}', 'vcpu-a', 'Alpha'),
-           ('project_vcpu_usage', '{\"project_name\": \"Alpha\", \"location\": \"B\"}', 'vcpu-b', 'Alpha'),
-           ('project_mb_usage', '{\"project_name\": \"Alpha\"}', 'mb', 'Alpha'),
-           ('project_mb_usage', '{\"project_name\": \"Other\"}', 'mb-other', 'Other');
-         INSERT INTO billing_cursors (series_id, last_time, last_value)
-           SELECT id, CASE series_key WHEN 'vcpu-a' THEN TIMESTAMPTZ '2026-11-20T10:00:00Z'
-                                      WHEN 'vcpu-b' THEN TIMESTAMPTZ '2026-11-20T10:05:00Z'
-                                      ELSE TIMESTAMPTZ '2026-11-20T09:00:00Z' END, 1
-           FROM series;
-         INSERT INTO counter_decreases (series_id, time, from_value, to_value, policy)
-           SELECT id, TIMESTAMPTZ '2026-11-21T00:00:00Z' + g * INTERVAL '1 minute', 10.5, 2, 'rebase'
-           FROM series, generate_series(1, 120) AS g WHERE series_key = 'vcpu-a';
-         INSERT INTO unbilled_gaps (series_id, from_time, to_time)
-           SELECT id, '2026-11-20T00:00:00Z', '2026-11-20T01:00:00Z' FROM series WHERE series_key = 'mb';",
+           ('Alpha', now() - INTERVAL '1 hour', 'adjustment', 0, 100, 1000, 'not usage', 'api');",
+    )
+    .await;
+    // After Alpha's row: seeding registers the projects of the series ("Other" too).
+    let ids = common::seed_series_batch(
+        &mut app.db.connect().await,
+        [
+            (
+                "project_vcpu_usage",
+                vec![("project_name", "Alpha"), ("location", "A")],
+                "Alpha",
+            ),
+            (
+                "project_vcpu_usage",
+                vec![("project_name", "Alpha"), ("location", "B")],
+                "Alpha",
+            ),
+            ("project_mb_usage", vec![("project_name", "Alpha")], "Alpha"),
+            ("project_mb_usage", vec![("project_name", "Other")], "Other"),
+        ],
+    )
+    .await;
+    let [vcpu_a, vcpu_b, mb, _mb_other] = ids[..] else {
+        panic!("four series: {ids:?}")
+    };
+    sql(
+        &app,
+        &format!(
+            "INSERT INTO billing_cursors (series_id, last_time, last_value)
+               SELECT id, CASE id WHEN {vcpu_a} THEN TIMESTAMPTZ '2026-11-20T10:00:00Z'
+                                  WHEN {vcpu_b} THEN TIMESTAMPTZ '2026-11-20T10:05:00Z'
+                                  ELSE TIMESTAMPTZ '2026-11-20T09:00:00Z' END, 1
+               FROM series;
+             INSERT INTO counter_decreases (series_id, time, from_value, to_value, policy)
+               SELECT {vcpu_a}, TIMESTAMPTZ '2026-11-21T00:00:00Z' + g * INTERVAL '1 minute', 10.5, 2, 'rebase'
+               FROM generate_series(1, 120) AS g;
+             INSERT INTO unbilled_gaps (series_id, from_time, to_time)
+               VALUES ({mb}, '2026-11-20T00:00:00Z', '2026-11-20T01:00:00Z');"
+        ),
     )
     .await;
     let asked_at = Utc::now();
@@ -1490,17 +1513,14 @@ async fn rules_lists_every_metric_with_its_prices() {
 async fn billing_run_bills_stored_usage_and_answers_a_summary() {
     let app = app().await;
     let start = Utc::now() - Duration::hours(2);
-    let client = app.db.connect().await;
-    let series_id: i64 = client
-        .query_one(
-            "INSERT INTO series (metric, labels, series_key, project)
-             VALUES ('project_vcpu_usage', '{\"project_name\": \"Alpha\"}', 'vcpu-alpha', 'Alpha')
-             RETURNING id",
-            &[],
-        )
-        .await
-        .expect("series")
-        .get(0);
+    let mut client = app.db.connect().await;
+    let series_id = common::seed_series(
+        &mut client,
+        "project_vcpu_usage",
+        &[("project_name", "Alpha")],
+        "Alpha",
+    )
+    .await;
     for (minutes, value) in [(0, 100.0_f64), (30, 104.5), (60, 110.25)] {
         client
             .execute(

@@ -31,29 +31,13 @@ fn at_offsets(samples: &[(i64, f64)]) -> Vec<(DateTime<Utc>, f64)> {
 
 /// Stores a series with samples at t0 + seconds; returns its id.
 async fn seed(app: &TestApp, metric: &str, labels: &[(&str, &str)], samples: &[(i64, f64)]) -> i64 {
-    let client = app.db.connect().await;
-    let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+    let mut client = app.db.connect().await;
     let project = labels
-        .get("project_name")
-        .copied()
-        .unwrap_or_default()
-        .to_owned();
-    let key = format!("{metric}{labels:?}");
-    let row = client
-        .query_one(
-            "INSERT INTO series (metric, labels, series_key, project) VALUES ($1, $2, $3, $4) RETURNING id",
-            &[&metric, &serde_json::to_value(&labels).expect("labels"), &key, &project],
-        )
-        .await
-        .expect("insert series");
-    let id: i64 = row.get(0);
-    client
-        .execute(
-            "INSERT INTO projects (name) VALUES ($1) ON CONFLICT DO NOTHING",
-            &[&project],
-        )
-        .await
-        .expect("insert project");
+        .iter()
+        .find(|(name, _)| *name == "project_name")
+        .map(|(_, value)| *value)
+        .unwrap_or_default();
+    let id = common::seed_series(&mut client, metric, labels, project).await;
     common::insert_samples(&client, id, &at_offsets(samples)).await;
     id
 }
@@ -359,14 +343,21 @@ async fn billing_in_many_small_runs_equals_one_big_run() {
 /// A backlog of `projects` × 2 metrics × `samples`, deterministic; returns the
 /// expected exact used credits per project.
 async fn seed_backlog(app: &TestApp, projects: i32, samples: i32) -> BTreeMap<String, Decimal> {
-    let client = app.db.connect().await;
+    let mut client = app.db.connect().await;
+    // Seeding the series registers their projects too.
+    common::seed_series_batch(
+        &mut client,
+        (1..=projects).flat_map(|i| {
+            ["project_vcpu_usage", "project_mb_usage"].map(|metric| {
+                let project = format!("p{i}");
+                (metric, [("project_name", project.clone())], project)
+            })
+        }),
+    )
+    .await;
     client
         .batch_execute(&format!(
-            "INSERT INTO series (metric, labels, series_key, project)
-             SELECT m, jsonb_build_object('project_name', 'p' || i), m || '{{project_name=\"p' || i || '\"}}', 'p' || i
-             FROM generate_series(1, {projects}) i, unnest(ARRAY['project_vcpu_usage', 'project_mb_usage']) m;
-             INSERT INTO projects (name) SELECT DISTINCT project FROM series ON CONFLICT DO NOTHING;
-             INSERT INTO usage_samples (series_id, time, value)
+            "INSERT INTO usage_samples (series_id, time, value)
              SELECT s.id, '2026-03-01'::timestamptz + k * interval '5 minutes', k * ((s.id % 7) + 1) * 0.1
              FROM series s, generate_series(0, {samples} - 1) k;"
         ))

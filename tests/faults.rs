@@ -562,13 +562,18 @@ async fn a_replica_frozen_inside_a_billing_transaction_does_not_freeze_the_other
     let mut db = app.db.connect().await;
     // A backlog that keeps the other replica inside billing transactions for a while:
     // 3,000 projects, each a counter 1 → 40 (39 credits).
+    // Seeding the series registers their projects too.
+    common::seed_series_batch(
+        &mut db,
+        (1..=3000).map(|i| {
+            let project = format!("p{i}");
+            let labels = [("project_name", project.clone())];
+            ("project_vcpu_usage", labels, project)
+        }),
+    )
+    .await;
     db.batch_execute(
-        "INSERT INTO projects (name) SELECT 'p' || i FROM generate_series(1, 3000) i;
-         INSERT INTO series (metric, labels, series_key, project)
-           SELECT 'project_vcpu_usage', jsonb_build_object('project_name', 'p' || i),
-                  'project_vcpu_usage{project_name=\"p' || i || '\"}', 'p' || i
-           FROM generate_series(1, 3000) i;
-         INSERT INTO usage_samples (series_id, time, value)
+        "INSERT INTO usage_samples (series_id, time, value)
            SELECT s.id, now() - interval '2 hours' + j * interval '1 minute', j
            FROM series s, generate_series(1, 40) j;",
     )

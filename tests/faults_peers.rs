@@ -306,17 +306,14 @@ impl World {
             )
             .await;
         assert_eq!(status, 200, "contacts: {body}");
-        let client = self.app.db.connect().await;
-        let labels = json!({ "project_name": project });
-        let id: i64 = client
-            .query_one(
-                "INSERT INTO series (metric, labels, series_key, project)
-                 VALUES ('project_vcpu_usage', $1, $2, $3) RETURNING id",
-                &[&labels, &format!("project_vcpu_usage{labels}"), &project],
-            )
-            .await
-            .expect("series")
-            .get(0);
+        let mut client = self.app.db.connect().await;
+        let id = common::seed_series(
+            &mut client,
+            "project_vcpu_usage",
+            &[("project_name", project)],
+            project,
+        )
+        .await;
         common::insert_samples(
             &client,
             id,

@@ -153,11 +153,11 @@ async fn the_project_detail_is_answered_from_memory_and_fresh_after_its_other_pa
         body
     };
     grant(&a, "Alpha", 10).await;
-    sql(
-        &a,
-        r#"INSERT INTO series (metric, labels, series_key, project)
-           VALUES ('project_vcpu_usage', '{"project_name": "Alpha"}',
-                   'project_vcpu_usage{project_name="Alpha"}', 'Alpha')"#,
+    common::seed_series(
+        &mut a.db.connect().await,
+        "project_vcpu_usage",
+        &[("project_name", "Alpha")],
+        "Alpha",
     )
     .await;
     let first = detail().await;

@@ -409,24 +409,8 @@ fn every_panel_is_listed_with_its_columns() {
 
 /// Stores a counter series with samples at the given times before now.
 async fn seed(app: &TestApp, metric: &str, project: &str, samples: &[(i64, f64)]) {
-    let client = app.db.connect().await;
-    let labels = serde_json::json!({ "project_name": project });
-    let key = format!("{metric}{{project_name={project:?}}}");
-    let id: i64 = client
-        .query_one(
-            "INSERT INTO series (metric, labels, series_key, project) VALUES ($1, $2, $3, $4) RETURNING id",
-            &[&metric, &labels, &key, &project],
-        )
-        .await
-        .expect("insert series")
-        .get(0);
-    client
-        .execute(
-            "INSERT INTO projects (name) VALUES ($1) ON CONFLICT DO NOTHING",
-            &[&project],
-        )
-        .await
-        .expect("insert project");
+    let mut client = app.db.connect().await;
+    let id = common::seed_series(&mut client, metric, &[("project_name", project)], project).await;
     let now = Utc::now();
     for (minutes_ago, value) in samples {
         let time = now - ChronoDuration::minutes(*minutes_ago);

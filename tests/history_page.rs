@@ -8,7 +8,6 @@ use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use common::{spawn_app, TestApp};
 use os_credits::billing::engine;
 use os_credits::config::Settings;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -132,17 +131,8 @@ fn noon_days_ago(days: i64) -> DateTime<Utc> {
 /// A counter series of `project` with one sample per entry of `SAMPLE_DAYS`, growing
 /// by `per_day`.
 async fn seed_counter(app: &TestApp, project: &str, metric: &str, per_day: f64) {
-    let client = app.db.connect().await;
-    let labels: BTreeMap<&str, &str> = [("project_name", project)].into_iter().collect();
-    let key = format!("{metric}{labels:?}");
-    let id: i64 = client
-        .query_one(
-            "INSERT INTO series (metric, labels, series_key, project) VALUES ($1, $2, $3, $4) RETURNING id",
-            &[&metric, &serde_json::to_value(&labels).expect("labels"), &key, &project],
-        )
-        .await
-        .expect("insert series")
-        .get(0);
+    let mut client = app.db.connect().await;
+    let id = common::seed_series(&mut client, metric, &[("project_name", project)], project).await;
     for (n, days) in SAMPLE_DAYS.iter().enumerate() {
         let value = n as f64 * per_day;
         client

@@ -352,27 +352,14 @@ impl World {
     /// A vCPU counter series of `project` (price 1 per unit) with `values` at the
     /// given times: the first value only sets the cursor, each increase is charged.
     async fn usage(&self, project: &str, samples: &[(DateTime<Utc>, f64)]) {
-        let client = self.app.db.connect().await;
-        let labels = json!({ "project_name": project });
-        let key = format!("project_vcpu_usage{labels}");
-        let id: i64 = client
-            .query_one(
-                "INSERT INTO series (metric, labels, series_key, project)
-                 VALUES ('project_vcpu_usage', $1, $2, $3)
-                 ON CONFLICT (series_key) DO UPDATE SET labels = EXCLUDED.labels
-                 RETURNING id",
-                &[&labels, &key, &project],
-            )
-            .await
-            .expect("series")
-            .get(0);
-        client
-            .execute(
-                "INSERT INTO projects (name) VALUES ($1) ON CONFLICT DO NOTHING",
-                &[&project],
-            )
-            .await
-            .expect("project");
+        let mut client = self.app.db.connect().await;
+        let id = common::seed_series(
+            &mut client,
+            "project_vcpu_usage",
+            &[("project_name", project)],
+            project,
+        )
+        .await;
         for (time, value) in samples {
             client
                 .execute(

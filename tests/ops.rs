@@ -693,16 +693,21 @@ async fn sigterm_during_a_billing_run_lets_it_finish_and_exits_0() {
     os_credits::startup::migrate(&settings)
         .await
         .expect("migrate");
-    let client = db.connect().await;
-    // A counter rising by 1 per sample: each project uses SAMPLES - 1 credits.
+    let mut client = db.connect().await;
+    // A counter rising by 1 per sample: each project uses SAMPLES - 1 credits. Seeding
+    // the series registers their projects too.
+    common::seed_series_batch(
+        &mut client,
+        (1..=PROJECTS).map(|i| {
+            let project = format!("p{i}");
+            let labels = [("project_name", project.clone())];
+            ("project_vcpu_usage", labels, project)
+        }),
+    )
+    .await;
     client
         .batch_execute(&format!(
-            "INSERT INTO series (metric, labels, series_key, project)
-             SELECT 'project_vcpu_usage', jsonb_build_object('project_name', 'p' || i),
-                    'project_vcpu_usage{{project_name=\"p' || i || '\"}}', 'p' || i
-             FROM generate_series(1, {PROJECTS}) i;
-             INSERT INTO projects (name) SELECT project FROM series;
-             INSERT INTO usage_samples (series_id, time, value)
+            "INSERT INTO usage_samples (series_id, time, value)
              SELECT s.id, '2026-03-01'::timestamptz + k * interval '5 minutes', k
              FROM series s, generate_series(0, {SAMPLES} - 1) k;"
         ))

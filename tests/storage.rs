@@ -35,25 +35,14 @@ fn forty_days(now: DateTime<Utc>) -> Vec<(DateTime<Utc>, f64)> {
 
 /// A counter series of `project` with `samples`; returns its id.
 async fn seed(app: &TestApp, project: &str, samples: &[(DateTime<Utc>, f64)]) -> i64 {
-    let client = app.db.connect().await;
-    let key = format!("project_vcpu_usage{{project_name=\"{project}\"}}");
-    let id: i64 = client
-        .query_one(
-            "INSERT INTO series (metric, labels, series_key, project)
-             VALUES ('project_vcpu_usage', jsonb_build_object('project_name', $1::text), $2, $1)
-             RETURNING id",
-            &[&project, &key],
-        )
-        .await
-        .expect("insert series")
-        .get(0);
-    client
-        .execute(
-            "INSERT INTO projects (name) VALUES ($1) ON CONFLICT DO NOTHING",
-            &[&project],
-        )
-        .await
-        .expect("insert project");
+    let mut client = app.db.connect().await;
+    let id = common::seed_series(
+        &mut client,
+        "project_vcpu_usage",
+        &[("project_name", project)],
+        project,
+    )
+    .await;
     common::insert_samples(&client, id, samples).await;
     id
 }

@@ -330,6 +330,75 @@ pub async fn insert_samples(
     }
 }
 
+/// Creates a series (or finds it, if it exists) through the service's own series
+/// code, with the canonical key ingest gives it; returns its id.
+pub async fn seed_series(
+    client: &mut tokio_postgres::Client,
+    metric: &str,
+    labels: &[(&str, &str)],
+    project: &str,
+) -> i64 {
+    seed_series_batch(client, [(metric, labels.iter().copied(), project)]).await[0]
+}
+
+/// Creates (or finds) several series `(metric, labels in any order, project)` in one
+/// transaction, as ingest does: labels sorted by name, the key from
+/// `write_series_key`, `create_or_find` registering their projects too. Returns the
+/// ids in the order given.
+pub async fn seed_series_batch<M, L, K, V, P>(
+    client: &mut tokio_postgres::Client,
+    series: impl IntoIterator<Item = (M, L, P)>,
+) -> Vec<i64>
+where
+    M: AsRef<str>,
+    L: IntoIterator<Item = (K, V)>,
+    K: AsRef<str>,
+    V: AsRef<str>,
+    P: AsRef<str>,
+{
+    use os_credits::store::series::{create_or_find, write_series_key, NewSeries};
+    let new: Vec<NewSeries> = series
+        .into_iter()
+        .map(|(metric, labels, project)| {
+            let metric = metric.as_ref();
+            let mut sorted: Vec<(String, String)> = labels
+                .into_iter()
+                .map(|(name, value)| (name.as_ref().to_owned(), value.as_ref().to_owned()))
+                .collect();
+            sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            assert!(
+                sorted.windows(2).all(|w| w[0].0 != w[1].0),
+                "a label name twice in {metric} {sorted:?}"
+            );
+            let mut key = String::new();
+            write_series_key(
+                &mut key,
+                metric,
+                sorted
+                    .iter()
+                    .map(|(name, value)| (name.as_str(), value.as_str())),
+            );
+            NewSeries {
+                key,
+                metric: metric.to_owned(),
+                labels: sorted.into_iter().collect(),
+                project: project.as_ref().to_owned(),
+            }
+        })
+        .collect();
+    let tx = client.transaction().await.expect("begin");
+    let resolved = create_or_find(&tx, &new).await.expect("create series");
+    tx.commit().await.expect("commit series");
+    new.iter()
+        .map(|s| {
+            *resolved
+                .ids
+                .get(&s.key)
+                .unwrap_or_else(|| panic!("no id for {}", s.key))
+        })
+        .collect()
+}
+
 /// A loopback port held for the caller: bound but not listening, so connecting to it
 /// is refused, and no other program can take it until the socket is dropped or
 /// `listen`ed on (a server "coming back" on the same port, without a race for it).
