@@ -147,9 +147,9 @@ pub struct Resolved {
 }
 
 /// Creates the `new` series that do not exist yet and finds the ids of all of them,
-/// in three statements whatever their number: one binary `COPY` into a temporary
-/// table, one `INSERT … ON CONFLICT DO NOTHING RETURNING` in key order, one join for
-/// the ids. Series created by another writer at the same time are found too: the
+/// in a few statements whatever their number: one binary `COPY` into a temporary
+/// table, one `INSERT … ON CONFLICT DO NOTHING RETURNING` in key order (the ids of the
+/// series created), and only when some already existed one join for their ids. Series created by another writer at the same time are found too: the
 /// unique key makes the insert wait for it, and inserting in key order means two
 /// writers creating overlapping sets wait for each other in the same order instead
 /// of deadlocking. Runs in the caller's transaction (the temporary rows go at commit).
@@ -179,7 +179,7 @@ pub async fn create_or_find(
     let writer = BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::JSONB, Type::TEXT, Type::TEXT]);
     futures::pin_mut!(writer);
     for series in new {
-        let labels = serde_json::to_value(&series.labels).context("encoding labels")?;
+        let labels = tokio_postgres::types::Json(&series.labels);
         writer
             .as_mut()
             .write(&[&series.metric, &labels, &series.key, &series.project])
@@ -195,7 +195,7 @@ pub async fn create_or_find(
             "INSERT INTO series (metric, labels, series_key, project)
              SELECT metric, labels, series_key, project FROM new_series ORDER BY series_key
              ON CONFLICT (series_key) DO NOTHING
-             RETURNING id",
+             RETURNING id, series_key",
             &[],
         )
         .await
@@ -209,21 +209,27 @@ pub async fn create_or_find(
         .await
         .context("registering projects")?;
     }
-    resolved.created = created
-        .iter()
-        .map(|row| super::col(row, "id"))
-        .collect::<anyhow::Result<_>>()?;
-    let rows = tx
-        .query(
-            "SELECT n.series_key, s.id FROM new_series n JOIN series s ON s.series_key = n.series_key",
-            &[],
-        )
-        .await
-        .context("reading series ids")?;
-    resolved.ids = rows
-        .iter()
-        .map(|row| Ok((super::col(row, "series_key")?, super::col(row, "id")?)))
-        .collect::<anyhow::Result<_>>()?;
+    for row in &created {
+        let id = super::col(row, "id")?;
+        resolved.created.push(id);
+        resolved.ids.insert(super::col(row, "series_key")?, id);
+    }
+    // Series another writer created first: their ids (the common case, all new, needs
+    // no second look).
+    if resolved.ids.len() < new.len() {
+        let rows = tx
+            .query(
+                "SELECT n.series_key, s.id FROM new_series n JOIN series s ON s.series_key = n.series_key",
+                &[],
+            )
+            .await
+            .context("reading series ids")?;
+        for row in &rows {
+            resolved
+                .ids
+                .insert(super::col(row, "series_key")?, super::col(row, "id")?);
+        }
+    }
     Ok(resolved)
 }
 
