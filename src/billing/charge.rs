@@ -506,6 +506,20 @@ mod tests {
     }
 
     #[test]
+    fn charges_carry_no_trailing_zeros_into_the_ledger() {
+        // NUMERIC keeps a value's scale: 13.000 − 10.500 would be stored and shown as
+        // 2.500 unless each charge is normalized.
+        let rule = rule("price = 2.00");
+        let charged = charge(&rule, Some(pt(0, "10.500")), &[pt(5, "13.000")]);
+        let texts: Vec<(String, String)> = charged
+            .steps
+            .iter()
+            .map(|c| (c.quantity.to_string(), c.amount.to_string()))
+            .collect();
+        assert_eq!(texts, vec![("2.5".to_owned(), "5".to_owned())]);
+    }
+
+    #[test]
     fn rebase_bills_nothing_for_a_drop_and_continues_from_the_lower_value() {
         check_counter(
             "rebase",
