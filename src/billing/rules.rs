@@ -700,6 +700,44 @@ mod tests {
     }}"#;
 
     #[test]
+    fn the_billed_metric_names_come_from_metrics_to_bill_and_the_file() {
+        let none = Rules::from_settings(&BTreeMap::new(), None, "toml");
+        if let Ok(none) = none {
+            assert!(none.is_empty());
+            assert_eq!(none.metric_names().count(), 0);
+        }
+        let rules = Rules::from_settings(
+            &metrics_to_bill(&[("project_mb_usage", "0.3")]),
+            Some(EXAMPLE_TOML),
+            "toml",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!rules.is_empty());
+        assert_eq!(
+            rules.metric_names().collect::<Vec<_>>(),
+            vec!["flavor_gpu_count", "project_mb_usage", "project_vcpu_usage"]
+        );
+    }
+
+    #[test]
+    fn label_names_follow_the_prometheus_syntax() {
+        for good in ["flavor", "flavor_name", "_x", "a1_b2"] {
+            assert_eq!(check_label_name(good), Ok(()), "{good}");
+        }
+        for bad in ["", "1flavor", "fla-vor", "flavor name", "flävor"] {
+            assert!(check_label_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn a_price_of_the_wrong_type_says_what_is_expected() {
+        let error = from_toml("[metrics.m]\nprice = true")
+            .err()
+            .unwrap_or_else(|| panic!("a boolean price was accepted"));
+        assert!(error.contains("a price as a number or a string"), "{error}");
+    }
+
+    #[test]
     fn toml_and_json_files_describe_the_same_rules() {
         let toml = from_toml(EXAMPLE_TOML).unwrap_or_else(|e| panic!("toml: {e}"));
         let json = Rules::from_settings(&BTreeMap::new(), Some(EXAMPLE_JSON), "json")
