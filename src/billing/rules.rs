@@ -479,15 +479,9 @@ fn version(
 }
 
 fn check_label_name(label: &str) -> Result<(), String> {
-    let mut chars = label.chars();
-    let valid = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if valid {
-        Ok(())
-    } else {
-        Err(format!("label {label:?} is not a label name (letters, digits and '_', not starting with a digit)"))
+    match crate::domain::is_label_name(label) {
+        true => Ok(()),
+        false => Err(format!("label {label:?} is not a label name (letters, digits and '_', not starting with a digit)")),
     }
 }
 

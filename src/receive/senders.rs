@@ -1,6 +1,6 @@
 //! `REMOTE_WRITE_SENDERS`: who may push samples, with which credentials and labels.
 
-use crate::domain::{Secret, TargetAuth};
+use crate::domain::{is_label_name, Secret, TargetAuth};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -113,14 +113,6 @@ pub fn expected_authorization(auth: &TargetAuth) -> String {
                 .encode(format!("{username}:{}", password.expose()))
         ),
     }
-}
-
-fn is_label_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 #[cfg(test)]

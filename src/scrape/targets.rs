@@ -1,6 +1,6 @@
 //! `SCRAPE_TARGETS`: a comma-separated URL list, or a JSON array of target objects.
 
-use crate::domain::{Secret, TargetAuth};
+use crate::domain::{is_label_name, Secret, TargetAuth};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -123,14 +123,6 @@ fn build_target(raw: RawTarget) -> Result<ScrapeTarget, String> {
         labels: raw.labels,
         auth,
     })
-}
-
-fn is_label_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 #[cfg(test)]
