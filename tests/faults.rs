@@ -299,47 +299,52 @@ async fn huge_but_exact_increases_of_two_projects_do_not_stop_billing() {
     assert_invariants(&app.db.connect().await).await;
 }
 
-/// A portal on loopback that accepts connections and never answers.
-async fn silent_portal() -> (String, tokio::task::JoinHandle<()>) {
+/// A server on loopback that hands each accepted connection to `serve` in its own
+/// task; answers its URL.
+async fn loopback_server<F, Fut>(serve: F) -> (String, tokio::task::JoinHandle<()>)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("address"));
     let task = tokio::spawn(async move {
-        let mut held = Vec::new();
         while let Ok((stream, _)) = listener.accept().await {
-            held.push(stream);
+            tokio::spawn(serve(stream));
         }
     });
     (url, task)
 }
 
+/// A portal on loopback that accepts connections and never answers.
+async fn silent_portal() -> (String, tokio::task::JoinHandle<()>) {
+    loopback_server(|stream| async move {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        drop(stream);
+    })
+    .await
+}
+
 /// A portal on loopback that answers 200 with an endless body of digits.
 async fn endless_portal() -> (String, tokio::task::JoinHandle<()>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("address"));
-    let task = tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = [0u8; 4096];
-                let _ = stream.read(&mut head).await;
-                let chunk = vec![b'1'; 64 * 1024];
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
-                    .await;
-                // Until the client hangs up (1 GiB at most).
-                for _ in 0..16 * 1024 {
-                    if stream.write_all(&chunk).await.is_err() {
-                        return;
-                    }
-                }
-            });
+    loopback_server(|mut stream| async move {
+        let mut head = [0u8; 4096];
+        let _ = stream.read(&mut head).await;
+        let chunk = vec![b'1'; 64 * 1024];
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+            .await;
+        // Until the client hangs up (1 GiB at most).
+        for _ in 0..16 * 1024 {
+            if stream.write_all(&chunk).await.is_err() {
+                return;
+            }
         }
-    });
-    (url, task)
+    })
+    .await
 }
 
 /// Billing goes on with the last known grants while grant sync fails with `cause`.
@@ -411,28 +416,18 @@ async fn an_endless_portal_answer_is_cut_off_at_the_size_limit() {
 /// to every other.
 async fn partly_hanging_portal() -> (String, tokio::task::JoinHandle<()>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("address"));
-    let task = tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = vec![0u8; 4096];
-                let n = stream.read(&mut head).await.unwrap_or(0);
-                if String::from_utf8_lossy(&head[..n]).contains("project_name=hang") {
-                    tokio::time::sleep(Duration::from_secs(3600)).await;
-                    return;
-                }
-                let _ = stream
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n42",
-                    )
-                    .await;
-            });
+    loopback_server(|mut stream| async move {
+        let mut head = vec![0u8; 4096];
+        let n = stream.read(&mut head).await.unwrap_or(0);
+        if String::from_utf8_lossy(&head[..n]).contains("project_name=hang") {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            return;
         }
-    });
-    (url, task)
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n42")
+            .await;
+    })
+    .await
 }
 
 #[tokio::test]

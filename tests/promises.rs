@@ -22,22 +22,7 @@ fn dec(text: &str) -> Decimal {
 /// A connection to the server's `postgres` database, for what a test database
 /// cannot do to itself.
 async fn admin() -> tokio_postgres::Client {
-    let server = PgServer::from_env();
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(&server.host)
-        .port(server.port)
-        .user(&server.user)
-        .dbname("postgres");
-    if let Some(password) = &server.password {
-        config.password(password);
-    }
-    let (client, connection) = config
-        .connect(tokio_postgres::NoTls)
-        .await
-        .expect("admin connection");
-    tokio::spawn(connection);
-    client
+    PgServer::from_env().admin().await
 }
 
 /// A second service on `app`'s database.

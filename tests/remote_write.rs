@@ -292,22 +292,7 @@ async fn a_body_over_the_limit_is_refused_with_413() {
 
 /// A connection to the server's `postgres` database.
 async fn admin() -> tokio_postgres::Client {
-    let server = PgServer::from_env();
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(&server.host)
-        .port(server.port)
-        .user(&server.user)
-        .dbname("postgres");
-    if let Some(password) = &server.password {
-        config.password(password);
-    }
-    let (client, connection) = config
-        .connect(tokio_postgres::NoTls)
-        .await
-        .expect("admin connection");
-    tokio::spawn(connection);
-    client
+    PgServer::from_env().admin().await
 }
 
 async fn database_down(app: &TestApp, down: bool) {

@@ -50,7 +50,8 @@ impl PgServer {
         config
     }
 
-    async fn admin(&self) -> tokio_postgres::Client {
+    /// A connection to the server's `postgres` database.
+    pub async fn admin(&self) -> tokio_postgres::Client {
         let (client, connection) = self
             .config("postgres")
             .connect(tokio_postgres::NoTls)
