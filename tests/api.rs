@@ -336,8 +336,8 @@ async fn seed_usage(app: &TestApp, project: &str, rows: &[(&str, &str, &str, &st
         let time: DateTime<Utc> = time.parse().expect("time");
         client
             .execute(
-                "INSERT INTO ledger (project, time, kind, metric, used_delta, used_after, granted_after)
-                 VALUES ($1, $2, 'usage', $3, $4, $5, 100)",
+                "INSERT INTO ledger (project, time, kind, metric, used_delta, used_after, granted_after, usage_from, quantity, price)
+                 VALUES ($1, $2, 'usage', $3, $4, $5, 100, $2, $4, 1)",
                 &[&project, &time, metric, &dec(delta), &dec(after)],
             )
             .await
@@ -363,20 +363,20 @@ async fn seed_usage(app: &TestApp, project: &str, rows: &[(&str, &str, &str, &st
 async fn seed_golden_ledger(app: &TestApp) {
     sql(
         app,
-        "INSERT INTO ledger (project, time, kind, metric, used_delta, used_after, granted_after) VALUES
-           ('Alpha', '2026-11-20T09:00:00Z', 'usage', 'project_vcpu_usage', 0.125, 0, 0),
-           ('Alpha', '2026-11-20T10:00:00Z', 'usage', 'project_vcpu_usage', 0.135, 0, 0),
-           ('Alpha', '2026-11-20T10:00:00Z', 'usage', 'project_mb_usage', 1.5, 0, 0);
+        "INSERT INTO ledger (project, time, kind, metric, used_delta, used_after, granted_after, usage_from, quantity, price) VALUES
+           ('Alpha', '2026-11-20T09:00:00Z', 'usage', 'project_vcpu_usage', 0.125, 0, 0, '2026-11-20T09:00:00Z', 0.125, 1),
+           ('Alpha', '2026-11-20T10:00:00Z', 'usage', 'project_vcpu_usage', 0.135, 0, 0, '2026-11-20T10:00:00Z', 0.135, 1),
+           ('Alpha', '2026-11-20T10:00:00Z', 'usage', 'project_mb_usage', 1.5, 0, 0, '2026-11-20T10:00:00Z', 1.5, 1);
          INSERT INTO ledger (project, time, kind, granted_delta, used_after, granted_after, actor)
          VALUES ('Alpha', '2026-11-20T10:30:00Z', 'grant', 100, 0, 100, 'api');
          INSERT INTO ledger (project, time, kind, used_delta, used_after, granted_after, reason, actor)
          VALUES ('Alpha', '2026-11-20T10:31:00Z', 'adjustment', -1, 0, 100, 'refund', 'api');
-         INSERT INTO ledger (project, time, kind, metric, used_delta, used_after, granted_after) VALUES
-           ('Alpha', '2026-11-20T11:00:00.250Z', 'usage', 'project_mb_usage', 2, 0, 100),
-           ('Alpha', '2026-11-21T00:00:00Z', 'usage', 'project_vcpu_usage', 0.005, 0, 100);
+         INSERT INTO ledger (project, time, kind, metric, used_delta, used_after, granted_after, usage_from, quantity, price) VALUES
+           ('Alpha', '2026-11-20T11:00:00.250Z', 'usage', 'project_mb_usage', 2, 0, 100, '2026-11-20T11:00:00.250Z', 2, 1),
+           ('Alpha', '2026-11-21T00:00:00Z', 'usage', 'project_vcpu_usage', 0.005, 0, 100, '2026-11-21T00:00:00Z', 0.005, 1);
          -- another project's rows never count
-         INSERT INTO ledger (project, time, kind, metric, used_delta, used_after, granted_after)
-         VALUES ('Beta', '2026-11-20T08:00:00Z', 'usage', 'project_vcpu_usage', 7, 7, 0)",
+         INSERT INTO ledger (project, time, kind, metric, used_delta, used_after, granted_after, usage_from, quantity, price)
+         VALUES ('Beta', '2026-11-20T08:00:00Z', 'usage', 'project_vcpu_usage', 7, 7, 0, '2026-11-20T08:00:00Z', 7, 1)",
     )
     .await;
 }
@@ -583,12 +583,12 @@ async fn credits_history_refuses_bad_parameters_and_says_when_there_is_nothing()
 async fn seed_two_thousand_rows(app: &TestApp) {
     sql(
         app,
-        "INSERT INTO ledger (project, time, kind, metric, used_delta, used_after, granted_after)
+        "INSERT INTO ledger (project, time, kind, metric, used_delta, used_after, granted_after, usage_from, quantity, price)
          SELECT 'Alpha', TIMESTAMPTZ '2026-01-01 00:00:00+00' + i * INTERVAL '5 minutes', 'usage',
                 CASE WHEN i % 2 = 0 THEN 'project_vcpu_usage' ELSE 'project_mb_usage' END,
                 (i % 13) * 0.017,
                 sum((i % 13) * 0.017) OVER (ORDER BY i),
-                1000
+                1000, TIMESTAMPTZ '2026-01-01 00:00:00+00' + i * INTERVAL '5 minutes', (i % 13) * 0.017, 1
          FROM generate_series(0, 1999) AS i",
     )
     .await;
@@ -1350,10 +1350,10 @@ async fn the_project_detail_forecasts_the_run_out_from_the_recent_burn_rate() {
     sql(
         &app,
         "INSERT INTO projects (name, granted_credits, used_credits) VALUES ('Alpha', 1000, 100);
-         INSERT INTO ledger (project, time, kind, metric, used_delta, used_after, granted_after) VALUES
-           ('Alpha', now() - INTERVAL '30 hours', 'usage', 'project_vcpu_usage', 52, 52, 1000),
-           ('Alpha', now() - INTERVAL '2 hours', 'usage', 'project_vcpu_usage', 24, 76, 1000),
-           ('Alpha', now() - INTERVAL '1 hour', 'usage', 'project_mb_usage', 24, 100, 1000);
+         INSERT INTO ledger (project, time, kind, metric, used_delta, used_after, granted_after, usage_from, quantity, price) VALUES
+           ('Alpha', now() - INTERVAL '30 hours', 'usage', 'project_vcpu_usage', 52, 52, 1000, now() - INTERVAL '30 hours', 52, 1),
+           ('Alpha', now() - INTERVAL '2 hours', 'usage', 'project_vcpu_usage', 24, 76, 1000, now() - INTERVAL '2 hours', 24, 1),
+           ('Alpha', now() - INTERVAL '1 hour', 'usage', 'project_mb_usage', 24, 100, 1000, now() - INTERVAL '1 hour', 24, 1);
          INSERT INTO ledger (project, time, kind, used_delta, used_after, granted_after, reason, actor) VALUES
            ('Alpha', now() - INTERVAL '1 hour', 'adjustment', 0, 100, 1000, 'not usage', 'api');",
     )
@@ -1448,8 +1448,8 @@ async fn the_project_detail_has_no_forecast_without_usage_or_grant_and_404s_unkn
     sql(
         &app,
         "INSERT INTO projects (name, granted_credits) VALUES ('Idle', 50), ('Ungranted', 0);
-         INSERT INTO ledger (project, time, kind, metric, used_delta, used_after, granted_after)
-         VALUES ('Ungranted', now() - INTERVAL '1 hour', 'usage', 'project_vcpu_usage', 5, 5, 0)",
+         INSERT INTO ledger (project, time, kind, metric, used_delta, used_after, granted_after, usage_from, quantity, price)
+         VALUES ('Ungranted', now() - INTERVAL '1 hour', 'usage', 'project_vcpu_usage', 5, 5, 0, now() - INTERVAL '1 hour', 5, 1)",
     )
     .await;
 

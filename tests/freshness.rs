@@ -97,8 +97,8 @@ async fn a_grant_put_on_one_replica_is_seen_by_the_very_next_read_on_the_other()
     assert_eq!(history("Alpha").await.0, 404);
     sql(
         &a,
-        "INSERT INTO ledger (project, time, kind, metric, used_delta, used_after, granted_after)
-         VALUES ('Alpha', now(), 'usage', 'project_vcpu_usage', 2.5, 2.5, 39)",
+        "INSERT INTO ledger (project, time, kind, metric, used_delta, used_after, granted_after, usage_from, quantity, price)
+         VALUES ('Alpha', now(), 'usage', 'project_vcpu_usage', 2.5, 2.5, 39, now(), 2.5, 1)",
     )
     .await;
     assert_eq!(history("Alpha").await.1["credits"], json!([2.5]));

@@ -96,3 +96,102 @@ async fn two_writers_creating_overlapping_series_at_once_get_one_id_each_and_nev
         .get(0);
     assert_eq!(projects, 7, "projects registered with their first series");
 }
+
+/// What the database refuses on its own (migration 0014), so a bug or a hand-written
+/// statement fails loudly: rows naming a series that does not exist, NaN counter
+/// decreases, and ledger rows whose columns do not fit their kind. The rows billing
+/// writes (a usage row with its price, an approved held charge spanning a price
+/// change without one, a grant, an adjustment) are accepted.
+#[tokio::test]
+async fn the_database_refuses_rows_that_break_what_billing_relies_on() {
+    let db = TestDb::create().await;
+    let mut client = migrated(&db).await;
+    let id = common::seed_series(
+        &mut client,
+        "project_vcpu_usage",
+        &[("project_name", "Alpha")],
+        "Alpha",
+    )
+    .await;
+    let missing = id + 1_000;
+    let usage = "INSERT INTO ledger (project, time, kind, metric, usage_from, quantity, price,
+                                     used_delta, used_after, granted_after, actor)";
+    let accepted = [
+        format!("INSERT INTO billing_cursors (series_id, last_time, last_value) VALUES ({id}, now(), 1)"),
+        format!("INSERT INTO counter_decreases VALUES ({id}, now(), 5, 1, 'rebase')"),
+        format!("INSERT INTO unbilled_gaps VALUES ({id}, now() - interval '1 hour', now())"),
+        format!("{usage} VALUES ('Alpha', now(), 'usage', 'm', now(), 2, 0.5, 1, 1, 0, NULL)"),
+        format!("{usage} VALUES ('Alpha', now(), 'usage', 'm', now(), 2, NULL, 1, 2, 0, 'op')"),
+        "INSERT INTO ledger (project, time, kind, granted_delta, used_after, granted_after)
+         VALUES ('Alpha', now(), 'grant', 10, 2, 10)"
+            .to_owned(),
+        "INSERT INTO ledger (project, time, kind, used_delta, used_after, granted_after)
+         VALUES ('Alpha', now(), 'adjustment', -1, 1, 10)"
+            .to_owned(),
+    ];
+    for statement in &accepted {
+        client
+            .batch_execute(statement)
+            .await
+            .unwrap_or_else(|e| panic!("{statement}: {e:?}"));
+    }
+    let refused = [
+        (format!("INSERT INTO billing_cursors (series_id, last_time, last_value) VALUES ({missing}, now(), 1)"), "billing_cursors_series_fk"),
+        (format!("INSERT INTO counter_decreases VALUES ({missing}, now(), 5, 1, 'rebase')"), "counter_decreases_series_fk"),
+        (format!("INSERT INTO counter_decreases VALUES ({id}, now() + interval '1 s', 'NaN', 1, 'rebase')"), "counter_decreases_values_check"),
+        (format!("INSERT INTO unbilled_gaps VALUES ({missing}, now(), now())"), "unbilled_gaps_series_fk"),
+        (format!("INSERT INTO quarantined_samples (series_id, time, value, reason) VALUES ({missing}, now(), 1, 'x')"), "quarantined_samples_series_fk"),
+        (format!("INSERT INTO series_rates VALUES ({missing}, 1, 60)"), "series_rates_series_fk"),
+        (format!("INSERT INTO stale_series VALUES ({missing}, 't', now(), now())"), "stale_series_series_fk"),
+        (
+            format!("INSERT INTO held_charges (project, series_id, metric, from_time, to_time, from_value, to_value, quantity, credits, reason, held_at)
+                     VALUES ('Alpha', {missing}, 'm', now(), now(), 1, 2, 1, 1, 'jump', now())"),
+            "held_charges_series_fk",
+        ),
+        // usage without its price (and no person who approved it), quantity, start, metric
+        (format!("{usage} VALUES ('Alpha', now(), 'usage', 'm', now(), 2, NULL, 1, 1, 0, NULL)"), "ledger_kind_columns_check"),
+        (format!("{usage} VALUES ('Alpha', now(), 'usage', 'm', now(), NULL, 0.5, 1, 1, 0, NULL)"), "ledger_kind_columns_check"),
+        (format!("{usage} VALUES ('Alpha', now(), 'usage', 'm', NULL, 2, 0.5, 1, 1, 0, NULL)"), "ledger_kind_columns_check"),
+        (format!("{usage} VALUES ('Alpha', now(), 'usage', NULL, now(), 2, 0.5, 1, 1, 0, NULL)"), "ledger_kind_columns_check"),
+        // usage changing the grant
+        (
+            "INSERT INTO ledger (project, time, kind, metric, usage_from, quantity, price, used_delta, granted_delta, used_after, granted_after)
+             VALUES ('Alpha', now(), 'usage', 'm', now(), 2, 0.5, 1, 5, 1, 5)".to_owned(),
+            "ledger_kind_columns_check",
+        ),
+        // a grant changing used credits or naming a metric
+        (
+            "INSERT INTO ledger (project, time, kind, granted_delta, used_delta, used_after, granted_after)
+             VALUES ('Alpha', now(), 'grant', 10, 1, 2, 10)".to_owned(),
+            "ledger_kind_columns_check",
+        ),
+        (
+            "INSERT INTO ledger (project, time, kind, metric, granted_delta, used_after, granted_after)
+             VALUES ('Alpha', now(), 'grant', 'm', 10, 2, 10)".to_owned(),
+            "ledger_kind_columns_check",
+        ),
+        // an adjustment changing the grant or carrying a quantity
+        (
+            "INSERT INTO ledger (project, time, kind, used_delta, granted_delta, used_after, granted_after)
+             VALUES ('Alpha', now(), 'adjustment', -1, 3, 1, 13)".to_owned(),
+            "ledger_kind_columns_check",
+        ),
+        (
+            "INSERT INTO ledger (project, time, kind, used_delta, quantity, used_after, granted_after)
+             VALUES ('Alpha', now(), 'adjustment', -1, 3, 1, 10)".to_owned(),
+            "ledger_kind_columns_check",
+        ),
+    ];
+    for (statement, constraint) in &refused {
+        let error = client
+            .batch_execute(statement)
+            .await
+            .expect_err(&format!("refused: {statement}"));
+        let db_error = error.as_db_error().unwrap_or_else(|| panic!("{error:?}"));
+        assert_eq!(
+            db_error.constraint(),
+            Some(*constraint),
+            "{statement}: {db_error:?}"
+        );
+    }
+}

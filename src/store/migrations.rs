@@ -65,6 +65,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0013_detail_change_notifications.sql",
         sql: include_str!("../../sql/0013_detail_change_notifications.sql"),
     },
+    Migration {
+        version: 14,
+        name: "0014_integrity.sql",
+        sql: include_str!("../../sql/0014_integrity.sql"),
+    },
 ];
 
 /// Arbitrary but fixed key of the advisory lock that serialises migrations.
