@@ -2,12 +2,13 @@
 //! `ledger` triggers notify at commit, on one dedicated connection per process.
 //!
 //! [`Listener::sync`] is a read barrier: one empty query on the listening connection,
-//! shared by every request waiting at the time. PostgreSQL sends a listening session
-//! every notification committed before that query started ahead of the query's
-//! answer, and they are handed to the callback in the order they arrive, so when
-//! `sync` returns `true` every change committed before the call has been seen. A lost
-//! connection reports [`Change::Reset`] (changes may have been missed), reconnects
-//! with a backoff and reports `Reset` again once it listens.
+//! shared by every request waiting when it is sent (several may be on their way).
+//! PostgreSQL sends a listening session every notification committed before that
+//! query started ahead of the query's answer, and they are handed to the callback in
+//! the order they arrive, so when `sync` returns `true` every change committed before
+//! the call has been seen. A lost connection reports [`Change::Reset`] (changes may
+//! have been missed), reconnects with a backoff and reports `Reset` again once it
+//! listens.
 
 use futures::StreamExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,6 +28,8 @@ pub const APPLICATION_NAME: &str = "os-credits-listener";
 const WAIT: Duration = Duration::from_secs(5);
 /// An idle listening connection is checked this often, so a dead one is noticed.
 const IDLE_CHECK: Duration = Duration::from_secs(30);
+/// Read barriers on their way at once (pipelined on the listening connection).
+const MAX_BARRIERS_IN_FLIGHT: usize = 8;
 
 /// What the callback hears.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,17 +152,27 @@ impl Listener {
             self.listening.store(true, Ordering::Release);
             *delay = Duration::from_millis(100);
             tracing::info!(channel = CHANNEL, "listening for project changes");
+            // Barriers are pipelined: a request waits for the first barrier sent after
+            // it took its ticket, not for one already on the way to finish first.
+            // PostgreSQL hands a listening session its pending notifications before
+            // each query's ReadyForQuery, so pipelining keeps the guarantee.
+            let mut in_flight = futures::stream::FuturesOrdered::new();
+            let mut sent = self.done.borrow().1;
             loop {
                 let wanted = self.tickets.load(Ordering::Acquire);
-                if wanted > self.done.borrow().1 {
-                    tokio::time::timeout(WAIT, client.simple_query(""))
-                        .await
-                        .context("read barrier timed out")?
-                        .context("read barrier")?;
-                    self.done.send_modify(|(_, done)| *done = (*done).max(wanted));
+                if wanted > sent && in_flight.len() < MAX_BARRIERS_IN_FLIGHT {
+                    sent = wanted;
+                    let barrier = tokio::time::timeout(WAIT, client.simple_query(""));
+                    in_flight.push_back(async move { (wanted, barrier.await) });
                     continue;
                 }
                 tokio::select! {
+                    Some((covered, answer)) = in_flight.next(), if !in_flight.is_empty() => {
+                        answer
+                            .context("read barrier timed out")?
+                            .context("read barrier")?;
+                        self.done.send_modify(|(_, done)| *done = (*done).max(covered));
+                    }
                     _ = self.wanted.notified() => {}
                     _ = cancel.cancelled() => return Ok(()),
                     ended = &mut driver => {
@@ -168,7 +181,7 @@ impl Listener {
                             _ => Err(anyhow::anyhow!("the listening connection closed")),
                         };
                     }
-                    _ = tokio::time::sleep(IDLE_CHECK) => {
+                    _ = tokio::time::sleep(IDLE_CHECK), if in_flight.is_empty() => {
                         tokio::time::timeout(WAIT, client.simple_query(""))
                             .await
                             .context("idle check timed out")?
