@@ -56,7 +56,11 @@ async fn main() -> anyhow::Result<()> {
     let megabytes: f64 = bodies.iter().map(|(_, b)| b.len() as f64).sum::<f64>() / 1e6;
 
     let settings = Settings::from_vars(Vec::<(String, String)>::new())?;
-    let ctx = Arc::new(ingest::IngestContext::new(&settings, BTreeMap::new()));
+    let ctx = Arc::new(ingest::IngestContext::new(
+        &settings.ingest,
+        &settings.rules,
+        BTreeMap::new(),
+    ));
     let cache = SeriesCache::default();
     support::checkpoint(&pool).await?;
     let clock = Instant::now();

@@ -6,8 +6,11 @@
 use crate::billing::rules::Rules;
 use crate::domain::{MetricName, Price};
 pub use crate::domain::{Secret, TargetAuth};
+pub use crate::ingest::IngestSettings;
 use crate::notify::thresholds::{self, Threshold};
+pub use crate::receive::ReceiveSettings;
 pub use crate::scrape::targets::ScrapeTarget;
+pub use crate::scrape::ScrapeSettings;
 use lettre::message::Mailbox;
 use rust_decimal::Decimal;
 use std::cell::RefCell;
@@ -119,31 +122,17 @@ pub struct Settings {
     pub endpoints_only: bool,
     /// `METRICS_TO_BILL`: metric → credits per unit.
     pub metrics_to_bill: BTreeMap<MetricName, Price>,
-    /// `OS_CREDITS_PROJECT_WHITELIST`: when set, only these projects are stored and billed.
-    pub project_whitelist: Option<BTreeSet<String>>,
+    /// `PROJECT_LABEL` and `OS_CREDITS_PROJECT_WHITELIST`: which samples are kept,
+    /// whatever their source (the whitelist limits billing too).
+    pub ingest: IngestSettings,
     /// `OS_CREDITS_PRECISION`: the quantum credits are rounded to (e.g. 0.01).
     pub precision: Decimal,
     /// `OS_CREDITS_WORKERS`: how many scrapes (and later billing runs) run at once.
     pub workers: usize,
-    /// `SCRAPE_TARGETS`: the exporters to scrape.
-    pub scrape_targets: Vec<ScrapeTarget>,
-    /// `SCRAPE_INTERVAL`: time between two scrapes of a target.
-    pub scrape_interval: Duration,
-    /// `SCRAPE_TIMEOUT`: a scrape taking longer fails.
-    pub scrape_timeout: Duration,
-    /// `SCRAPE_MAX_BYTES`: a body larger than this (after decompression) fails.
-    pub scrape_max_bytes: usize,
-    /// `REMOTE_WRITE_SENDERS`: who may push with Prometheus remote write (empty: `POST
-    /// /api/v1/write` answers 404).
-    pub remote_write_senders: Vec<crate::receive::senders::RemoteWriteSender>,
-    /// `REMOTE_WRITE_MAX_BYTES`: a push larger than this (compressed or not) is refused.
-    pub remote_write_max_bytes: usize,
-    /// `REMOTE_WRITE_STALE_AFTER`: a billed series a sender has not pushed for this
-    /// long is recorded as stale (and a sender that pushes none makes `/health`
-    /// degraded).
-    pub remote_write_stale_after: Duration,
-    /// `PROJECT_LABEL`: the label whose value names the project.
-    pub project_label: String,
+    /// `SCRAPE_*`: what and how to scrape.
+    pub scrape: ScrapeSettings,
+    /// `REMOTE_WRITE_*`: who may push with Prometheus remote write, and limits.
+    pub receive: ReceiveSettings,
     /// `SAMPLES_RETENTION_DAYS`: samples older than this and already billed are removed
     /// (0 keeps all); `os-credits migrate` applies a change.
     pub samples_retention_days: u32,
@@ -273,7 +262,14 @@ impl Settings {
     }
 
     fn read(env: &Env) -> Result<Self, SettingError> {
-        let settings = Settings {
+        let workers = env.positive("OS_CREDITS_WORKERS", 10)?;
+        // The rules are the one source of truth for billed metrics: read once, here,
+        // and handed to every stage that needs them.
+        let metrics_to_bill =
+            parse_metrics_to_bill(&env.string("METRICS_TO_BILL", DEFAULT_METRICS_TO_BILL))?;
+        let billing_rules_file = env.get("BILLING_RULES_FILE").map(PathBuf::from);
+        let rules = Arc::new(load_rules(&metrics_to_bill, billing_rules_file.as_deref())?);
+        Ok(Settings {
             database: DatabaseSettings {
                 host: env.string("POSTGRES_HOST", "localhost"),
                 port: env.parse("POSTGRES_PORT", 5432, "a port number (1-65535)")?,
@@ -291,26 +287,29 @@ impl Settings {
             port: env.parse("CREDITS_PORT", 8000, "a port number (0-65535)")?,
             api_key: Secret::new(env.string("API_KEY", "")),
             endpoints_only: env.boolean("ENDPOINTS_ONLY", false)?,
-            metrics_to_bill: parse_metrics_to_bill(
-                &env.string("METRICS_TO_BILL", DEFAULT_METRICS_TO_BILL),
-            )?,
-            project_whitelist: parse_whitelist(&env.string("OS_CREDITS_PROJECT_WHITELIST", "")),
+            metrics_to_bill,
             precision: parse_precision(&env.string("OS_CREDITS_PRECISION", "0.01"))?,
-            workers: env.positive("OS_CREDITS_WORKERS", 10)?,
-            scrape_targets: crate::scrape::targets::parse_targets(
-                &env.string("SCRAPE_TARGETS", ""),
-            )
-            .map_err(|reason| bad("SCRAPE_TARGETS", reason))?,
-            scrape_interval: env.seconds("SCRAPE_INTERVAL", 30)?,
-            scrape_timeout: env.seconds("SCRAPE_TIMEOUT", 10)?,
-            scrape_max_bytes: env.positive("SCRAPE_MAX_BYTES", 64 * 1024 * 1024)?,
-            remote_write_senders: crate::receive::senders::parse_senders(
-                &env.string("REMOTE_WRITE_SENDERS", ""),
-            )
-            .map_err(|reason| bad("REMOTE_WRITE_SENDERS", reason))?,
-            remote_write_max_bytes: env.positive("REMOTE_WRITE_MAX_BYTES", 32 * 1024 * 1024)?,
-            remote_write_stale_after: env.seconds("REMOTE_WRITE_STALE_AFTER", 300)?,
-            project_label: parse_label_name(&env.string("PROJECT_LABEL", "project_name"))?,
+            workers,
+            scrape: ScrapeSettings {
+                targets: crate::scrape::targets::parse_targets(&env.string("SCRAPE_TARGETS", ""))
+                    .map_err(|reason| bad("SCRAPE_TARGETS", reason))?,
+                interval: env.seconds("SCRAPE_INTERVAL", 30)?,
+                timeout: env.seconds("SCRAPE_TIMEOUT", 10)?,
+                max_bytes: env.positive("SCRAPE_MAX_BYTES", 64 * 1024 * 1024)?,
+                concurrency: workers,
+            },
+            receive: ReceiveSettings {
+                senders: crate::receive::senders::parse_senders(
+                    &env.string("REMOTE_WRITE_SENDERS", ""),
+                )
+                .map_err(|reason| bad("REMOTE_WRITE_SENDERS", reason))?,
+                max_bytes: env.positive("REMOTE_WRITE_MAX_BYTES", 32 * 1024 * 1024)?,
+                stale_after: env.seconds("REMOTE_WRITE_STALE_AFTER", 300)?,
+            },
+            ingest: IngestSettings {
+                project_label: parse_label_name(&env.string("PROJECT_LABEL", "project_name"))?,
+                project_whitelist: parse_whitelist(&env.string("OS_CREDITS_PROJECT_WHITELIST", "")),
+            },
             samples_retention_days: env.parse(
                 "SAMPLES_RETENTION_DAYS",
                 0,
@@ -363,8 +362,8 @@ impl Settings {
             .map_err(|e| bad("NOTIFICATION_THRESHOLDS", e))?,
             mail: parse_mail(env)?,
             public_base_url: http_url(env, "PUBLIC_BASE_URL")?,
-            billing_rules_file: env.get("BILLING_RULES_FILE").map(PathBuf::from),
-            rules: Arc::new(Rules::default()),
+            billing_rules_file,
+            rules,
             log_format: match env
                 .string("LOG_FORMAT", "text")
                 .to_ascii_lowercase()
@@ -379,13 +378,7 @@ impl Settings {
                     ))
                 }
             },
-        };
-        let mut settings = settings;
-        settings.rules = Arc::new(load_rules(
-            &settings.metrics_to_bill,
-            settings.billing_rules_file.as_deref(),
-        )?);
-        Ok(settings)
+        })
     }
 }
 
@@ -695,12 +688,12 @@ mod tests {
         assert_eq!(s.database.password.expose(), "password");
         assert_eq!(s.precision, Decimal::new(1, 2));
         assert_eq!(s.workers, 10);
-        assert_eq!(s.scrape_interval, Duration::from_secs(30));
-        assert_eq!(s.scrape_timeout, Duration::from_secs(10));
-        assert_eq!(s.project_label, "project_name");
+        assert_eq!(s.scrape.interval, Duration::from_secs(30));
+        assert_eq!(s.scrape.timeout, Duration::from_secs(10));
+        assert_eq!(s.ingest.project_label, "project_name");
         assert_eq!(s.metrics_to_bill.len(), 2);
-        assert!(s.project_whitelist.is_none());
-        assert!(s.scrape_targets.is_empty());
+        assert!(s.ingest.project_whitelist.is_none());
+        assert!(s.scrape.targets.is_empty());
         assert!(!s.endpoints_only);
     }
 
@@ -723,7 +716,7 @@ mod tests {
     fn whitelist_is_semicolon_separated() {
         let s = settings(&[("OS_CREDITS_PROJECT_WHITELIST", "a; b;;c ")]).expect("valid");
         let expected: BTreeSet<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
-        assert_eq!(s.project_whitelist, Some(expected));
+        assert_eq!(s.ingest.project_whitelist, Some(expected));
     }
 
     #[test]

@@ -68,11 +68,16 @@ impl Application {
         let cache = SeriesCache::default();
         let receiver = match settings.endpoints_only {
             true => None,
-            false => {
-                crate::receive::Receiver::new(&settings, pool.clone(), cache.clone()).map(Arc::new)
-            }
+            false => crate::receive::Receiver::new(
+                &settings.receive,
+                &settings.ingest,
+                &settings.rules,
+                pool.clone(),
+                cache.clone(),
+            )
+            .map(Arc::new),
         };
-        let scraper = match (settings.endpoints_only, settings.scrape_targets.is_empty()) {
+        let scraper = match (settings.endpoints_only, settings.scrape.targets.is_empty()) {
             (true, _) => {
                 tracing::info!("ENDPOINTS_ONLY is set: serving the API without scraping");
                 None
@@ -82,7 +87,13 @@ impl Application {
                 None
             }
             (false, false) => {
-                let scraper = Scraper::new(&settings, pool.clone(), cache)?;
+                let scraper = Scraper::new(
+                    &settings.scrape,
+                    &settings.ingest,
+                    &settings.rules,
+                    pool.clone(),
+                    cache,
+                )?;
                 scraper
                     .register()
                     .await
@@ -232,7 +243,7 @@ impl Application {
             let name = format!("scrape:{}", scraper.target_name(index).unwrap_or_default());
             handles.push(self.workers.spawn(
                 name,
-                settings.scrape_interval,
+                settings.scrape.interval,
                 backoff,
                 cancel.clone(),
                 move || {

@@ -249,7 +249,8 @@ fn the_compose_service_gets_only_settings_it_reads_and_they_are_valid() {
     hosts.extend(settings.mail.smtp_server.clone());
     hosts.extend(
         settings
-            .scrape_targets
+            .scrape
+            .targets
             .iter()
             .filter_map(|t| t.url.host_str().map(str::to_owned)),
     );

@@ -57,7 +57,7 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
             {
                 // A target removed from SCRAPE_TARGETS keeps its row (its history), but
                 // is no longer this service's concern.
-                let configured = &state.settings.scrape_targets;
+                let configured = &state.settings.scrape.targets;
                 targets.retain(|t| configured.iter().any(|c| c.name == t.name));
                 targets
             },

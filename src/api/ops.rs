@@ -96,7 +96,8 @@ async fn snapshot(state: &AppState) -> Result<Snapshot, String> {
         .collect();
     let targets: Vec<&str> = state
         .settings
-        .scrape_targets
+        .scrape
+        .targets
         .iter()
         .map(|t| t.name.as_str())
         .collect();
@@ -329,7 +330,7 @@ pub async fn stats(state: web::Data<AppState>, query: web::Query<StatsQuery>) ->
         version: env!("CARGO_PKG_VERSION"),
         storage_mode: state.mode,
         endpoints_only: state.settings.endpoints_only,
-        scrape_targets: state.settings.scrape_targets.len(),
+        scrape_targets: state.settings.scrape.targets.len(),
         projects: db.map(|s| s.projects),
         billing_lag_seconds: db.map(|s| {
             s.backlog

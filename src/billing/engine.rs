@@ -149,6 +149,7 @@ pub async fn project_names(pool: &Pool, settings: &Settings) -> anyhow::Result<V
     for row in &rows {
         let name: String = col(row, "name")?;
         if settings
+            .ingest
             .project_whitelist
             .as_ref()
             .is_none_or(|w| w.contains(&name))

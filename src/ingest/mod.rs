@@ -16,7 +16,7 @@ pub use parse::Sample;
 pub use store::store_prepared;
 pub use text::{ingest_text, prepare};
 
-use crate::config::Settings;
+use crate::billing::rules::Rules;
 use crate::store::samples::SampleRow;
 use crate::store::series::{write_series_key, NewSeries, SeriesState};
 use chrono::{DateTime, Utc};
@@ -44,6 +44,16 @@ impl IngestError {
     }
 }
 
+/// What ingest reads of the settings, whatever the source.
+#[derive(Debug, Clone)]
+pub struct IngestSettings {
+    /// `PROJECT_LABEL`: the label whose value names the project.
+    pub project_label: String,
+    /// `OS_CREDITS_PROJECT_WHITELIST`: when set, only these projects are stored (and
+    /// billed).
+    pub project_whitelist: Option<BTreeSet<String>>,
+}
+
 /// What decides which samples of a target are kept.
 #[derive(Debug, Clone)]
 pub struct IngestContext {
@@ -58,10 +68,15 @@ pub struct IngestContext {
 }
 
 impl IngestContext {
-    /// The context for one target.
-    pub fn new(settings: &Settings, target_labels: BTreeMap<String, String>) -> Self {
+    /// The context for one target (or sender): the billed metrics come from the
+    /// rules, the one source of truth for them.
+    pub fn new(
+        settings: &IngestSettings,
+        rules: &Rules,
+        target_labels: BTreeMap<String, String>,
+    ) -> Self {
         Self {
-            billed: settings.rules.metric_names().map(str::to_owned).collect(),
+            billed: rules.metric_names().map(str::to_owned).collect(),
             project_label: settings.project_label.clone(),
             whitelist: settings.project_whitelist.clone(),
             target_labels,

@@ -7,8 +7,8 @@ pub mod http;
 pub mod proto;
 pub mod senders;
 
-use crate::config::Settings;
-use crate::ingest::{self, IngestContext, IngestOutcome, Sample};
+use crate::billing::rules::Rules;
+use crate::ingest::{self, IngestContext, IngestOutcome, IngestSettings, Sample};
 use crate::store::series::SeriesCache;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
@@ -89,19 +89,38 @@ struct Sender {
     pushed: completeness::Pushed,
 }
 
+/// What receiving reads of the settings.
+#[derive(Debug, Clone)]
+pub struct ReceiveSettings {
+    /// `REMOTE_WRITE_SENDERS`: who may push (empty: `POST /api/v1/write` answers 404).
+    pub senders: Vec<RemoteWriteSender>,
+    /// `REMOTE_WRITE_MAX_BYTES`: a push larger than this (compressed or not) is refused.
+    pub max_bytes: usize,
+    /// `REMOTE_WRITE_STALE_AFTER`: a billed series a sender has not pushed for this
+    /// long is recorded as stale (and a sender that pushes none makes `/health`
+    /// degraded).
+    pub stale_after: std::time::Duration,
+}
+
 impl Receiver {
     /// A receiver for `REMOTE_WRITE_SENDERS`; `None` when none is configured.
-    pub fn new(settings: &Settings, pool: Pool, cache: SeriesCache) -> Option<Self> {
-        if settings.remote_write_senders.is_empty() {
+    pub fn new(
+        settings: &ReceiveSettings,
+        ingest: &IngestSettings,
+        rules: &Rules,
+        pool: Pool,
+        cache: SeriesCache,
+    ) -> Option<Self> {
+        if settings.senders.is_empty() {
             return None;
         }
         let senders = settings
-            .remote_write_senders
+            .senders
             .iter()
             .map(|s| Sender {
                 config: s.clone(),
                 expected: senders::expected_authorization(&s.auth),
-                ctx: Arc::new(IngestContext::new(settings, s.labels.clone())),
+                ctx: Arc::new(IngestContext::new(ingest, rules, s.labels.clone())),
                 pushed: completeness::Pushed::default(),
             })
             .collect::<Vec<_>>();
@@ -122,8 +141,8 @@ impl Receiver {
             cache,
             senders,
             statuses: Mutex::new(statuses),
-            max_bytes: settings.remote_write_max_bytes,
-            stale_after: settings.remote_write_stale_after,
+            max_bytes: settings.max_bytes,
+            stale_after: settings.stale_after,
         })
     }
 

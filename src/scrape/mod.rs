@@ -3,8 +3,11 @@
 
 pub mod targets;
 
-use crate::config::{ScrapeTarget, Settings, TargetAuth};
-use crate::ingest::{self, completeness, IngestContext, IngestError, IngestOutcome};
+use crate::billing::rules::Rules;
+use crate::domain::TargetAuth;
+use crate::ingest::{
+    self, completeness, IngestContext, IngestError, IngestOutcome, IngestSettings,
+};
 use crate::store::series::SeriesCache;
 use crate::store::targets::{self as target_store, Attempt};
 use anyhow::Context;
@@ -13,6 +16,7 @@ use deadpool_postgres::Pool;
 use futures::StreamExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use targets::ScrapeTarget;
 
 /// Why one scrape failed. The text is what `/health` shows as the target's last error.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +51,21 @@ impl ScrapeError {
     }
 }
 
+/// What scraping reads of the settings.
+#[derive(Debug, Clone)]
+pub struct ScrapeSettings {
+    /// `SCRAPE_TARGETS`: the exporters to scrape.
+    pub targets: Vec<ScrapeTarget>,
+    /// `SCRAPE_INTERVAL`: time between two scrapes of a target.
+    pub interval: Duration,
+    /// `SCRAPE_TIMEOUT`: a scrape taking longer fails.
+    pub timeout: Duration,
+    /// `SCRAPE_MAX_BYTES`: a body larger than this (after decompression) fails.
+    pub max_bytes: usize,
+    /// `OS_CREDITS_WORKERS`: how many scrapes run at once.
+    pub concurrency: usize,
+}
+
 /// Scrapes the configured targets ([`Scraper::scrape_all`], run every
 /// `SCRAPE_INTERVAL` by a supervised worker).
 pub struct Scraper {
@@ -64,15 +83,21 @@ pub struct Scraper {
 
 impl Scraper {
     /// Prepares a scraper for the targets in `settings`.
-    pub fn new(settings: &Settings, pool: Pool, cache: SeriesCache) -> anyhow::Result<Self> {
-        let http = crate::outbound::scrape_client(settings.scrape_timeout)?;
+    pub fn new(
+        settings: &ScrapeSettings,
+        ingest: &IngestSettings,
+        rules: &Rules,
+        pool: Pool,
+        cache: SeriesCache,
+    ) -> anyhow::Result<Self> {
+        let http = crate::outbound::scrape_client(settings.timeout)?;
         let targets = settings
-            .scrape_targets
+            .targets
             .iter()
             .map(|t| {
                 (
                     t.clone(),
-                    Arc::new(IngestContext::new(settings, t.labels.clone())),
+                    Arc::new(IngestContext::new(ingest, rules, t.labels.clone())),
                 )
             })
             .collect();
@@ -88,10 +113,10 @@ impl Scraper {
             cache,
             targets,
             owner,
-            interval: settings.scrape_interval,
-            timeout: settings.scrape_timeout,
-            max_bytes: settings.scrape_max_bytes,
-            concurrency: settings.workers,
+            interval: settings.interval,
+            timeout: settings.timeout,
+            max_bytes: settings.max_bytes,
+            concurrency: settings.concurrency,
             completeness: completeness::Completeness::default(),
         })
     }
