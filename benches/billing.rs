@@ -86,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     let clock = Instant::now();
-    let summary = engine::run(&pool, &settings, Utc::now()).await?;
+    let summary = engine::run(&pool, settings.billing(), Utc::now()).await?;
     let billing = clock.elapsed();
     assert_eq!(
         summary.samples_billed, streamed,
@@ -245,7 +245,7 @@ async fn main() -> anyhow::Result<()> {
         let (pool, settings) = (pool.clone(), settings.clone());
         tokio::spawn(async move {
             let clock = Instant::now();
-            let summary = engine::run(&pool, &settings, Utc::now()).await?;
+            let summary = engine::run(&pool, settings.billing(), Utc::now()).await?;
             Ok::<_, anyhow::Error>((summary, clock.elapsed()))
         })
     };

@@ -249,6 +249,17 @@ pub const SETTINGS: &[&str] = &[
 pub const DEFAULT_METRICS_TO_BILL: &str = r#"{"project_vcpu_usage": 1.0, "project_mb_usage": 0.3}"#;
 
 impl Settings {
+    /// What billing reads of these settings.
+    pub fn billing(&self) -> crate::billing::engine::BillingSettings<'_> {
+        crate::billing::engine::BillingSettings {
+            rules: &self.rules,
+            thresholds: &self.notification_thresholds,
+            project_whitelist: self.ingest.project_whitelist.as_ref(),
+            batch_samples: self.billing_batch_samples,
+            concurrency: self.workers,
+        }
+    }
+
     /// Reads the settings from the process environment.
     pub fn from_env() -> Result<Self, SettingError> {
         Self::from_vars(std::env::vars())

@@ -57,7 +57,7 @@ async fn a_metric_defined_only_in_the_rules_file_is_scraped_and_billed() {
         vars
     })
     .expect("settings");
-    os_credits::billing::engine::run(&app.app_pool, &settings, Utc::now())
+    os_credits::billing::engine::run(&app.app_pool, settings.billing(), Utc::now())
         .await
         .expect("billing run");
     let used: Decimal = app

@@ -50,7 +50,7 @@ fn settings_for(app: &TestApp, extra: &[(&str, &str)]) -> Settings {
 
 async fn bill(app: &TestApp, extra: &[(&str, &str)]) -> engine::BillingSummary {
     let settings = settings_for(app, extra);
-    engine::run(&app.app_pool, &settings, Utc::now())
+    engine::run(&app.app_pool, settings.billing(), Utc::now())
         .await
         .expect("billing run")
 }
@@ -434,12 +434,12 @@ async fn two_replicas_billing_one_backlog_bill_exactly_what_one_would() {
     let gate = common::ProjectGate::close(&app.db, &last).await;
     let a = tokio::spawn({
         let pool = app.app_pool.clone();
-        async move { engine::run(&pool, &a_settings, Utc::now()).await }
+        async move { engine::run(&pool, a_settings.billing(), Utc::now()).await }
     });
     gate.until_someone_waits().await;
     let b = tokio::time::timeout(
         Duration::from_secs(30),
-        engine::run(&twin.app_pool, &b_settings, Utc::now()),
+        engine::run(&twin.app_pool, b_settings.billing(), Utc::now()),
     )
     .await
     .expect("replica b does not wait for the projects replica a holds")

@@ -323,7 +323,7 @@ impl World {
             ],
         )
         .await;
-        engine::run(&self.app.app_pool, &self.settings(), at)
+        engine::run(&self.app.app_pool, self.settings().billing(), at)
             .await
             .expect("billing run");
     }

@@ -461,7 +461,7 @@ async fn billed_app() -> (TestApp, FixtureExporter) {
     let mut vars = app.db.vars();
     vars.push(("API_KEY".into(), API_KEY.into()));
     let settings = Settings::from_vars(vars).expect("settings");
-    let summary = engine::run(&app.app_pool, &settings, Utc::now())
+    let summary = engine::run(&app.app_pool, settings.billing(), Utc::now())
         .await
         .expect("billing run");
     assert!(summary.ledger_rows > 0, "billing wrote ledger rows");

@@ -173,7 +173,7 @@ async fn seeded_app() -> TestApp {
     // one run per sample day gives one row (one chart point) per day.
     for days in SAMPLE_DAYS {
         let until = noon_days_ago(days) + ChronoDuration::minutes(1);
-        engine::run(&app.app_pool, &settings, until)
+        engine::run(&app.app_pool, settings.billing(), until)
             .await
             .expect("billing run");
     }

@@ -295,7 +295,7 @@ impl World {
     }
 
     async fn bill(&self, at: DateTime<Utc>) -> engine::BillingSummary {
-        engine::run(&self.app.app_pool, &self.settings(), at)
+        engine::run(&self.app.app_pool, self.settings().billing(), at)
             .await
             .expect("billing run")
     }

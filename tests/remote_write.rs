@@ -718,7 +718,7 @@ async fn billing_over_pushed_samples_equals_billing_over_the_same_samples_scrape
     let now = Utc::now();
     for app in [&scraped, &pushed] {
         let settings = Settings::from_vars(app.db.vars()).expect("settings");
-        os_credits::billing::engine::run(&app.app_pool, &settings, now)
+        os_credits::billing::engine::run(&app.app_pool, settings.billing(), now)
             .await
             .expect("billing run");
     }

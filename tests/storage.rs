@@ -54,7 +54,7 @@ fn settings(db: &TestDb, extra: &[(&str, &str)]) -> Settings {
 }
 
 async fn bill(app: &TestApp, now: DateTime<Utc>) -> engine::BillingSummary {
-    engine::run(&app.app_pool, &settings(&app.db, &[BILL]), now)
+    engine::run(&app.app_pool, settings(&app.db, &[BILL]).billing(), now)
         .await
         .expect("billing run")
 }
@@ -454,7 +454,7 @@ async fn a_backlog_bills_in_bounded_passes_to_the_same_exact_credits() {
         seed(&app, "backlog", &samples).await;
         let other = seed(&app, "backlog-2", &[]).await;
         common::insert_samples(&app.db.connect().await, other, &gauge).await;
-        let summary = engine::run(&app.app_pool, &settings(&app.db, &vars), now)
+        let summary = engine::run(&app.app_pool, settings(&app.db, &vars).billing(), now)
             .await
             .expect("billing run");
         let client = app.db.connect().await;

@@ -20,7 +20,7 @@ use anyhow::Context;
         (status = 403, description = "Wrong X-API-KEY, or API_KEY not configured", body = ErrorBody),
         (status = 500, description = "The run failed (see the log)", body = ErrorBody)))]
 pub async fn run(_key: ApiKey, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let summary = engine::run(&state.pool, &state.settings, chrono::Utc::now())
+    let summary = engine::run(&state.pool, state.settings.billing(), chrono::Utc::now())
         .await
         .context("billing run requested through the API")?;
     Ok(HttpResponse::Ok().json(summary))

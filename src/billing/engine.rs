@@ -11,7 +11,6 @@
 use super::charge::{self, Point};
 use super::quarantine;
 use super::rules::{DecreasePolicy, Rules};
-use crate::config::Settings;
 use crate::notify::outbox::{self, Cause};
 use crate::notify::thresholds::{Level, Threshold};
 use crate::store::col;
@@ -21,7 +20,7 @@ use deadpool_postgres::Pool;
 use deadpool_postgres::Transaction;
 use futures::StreamExt;
 use rust_decimal::Decimal;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 pub use crate::domain::BillingSummary;
@@ -49,15 +48,30 @@ const BATCH: usize = 256;
 /// (`BILLING_BATCH_SAMPLES`).
 pub const DEFAULT_BATCH_SAMPLES: usize = 20_000;
 
+/// What billing reads of the settings (`Settings::billing` lends it).
+#[derive(Debug, Clone, Copy)]
+pub struct BillingSettings<'a> {
+    /// The billing rules (`METRICS_TO_BILL` plus `BILLING_RULES_FILE`).
+    pub rules: &'a Rules,
+    /// `NOTIFICATION_THRESHOLDS`, ascending.
+    pub thresholds: &'a [Threshold],
+    /// `OS_CREDITS_PROJECT_WHITELIST`: when set, only these projects are billed.
+    pub project_whitelist: Option<&'a BTreeSet<String>>,
+    /// `BILLING_BATCH_SAMPLES`: samples one billing transaction reads at most.
+    pub batch_samples: usize,
+    /// `OS_CREDITS_WORKERS`: how many batches of projects are billed at once.
+    pub concurrency: usize,
+}
+
 /// Bills every project once, up to the newest stored sample not after `now`.
 #[tracing::instrument(skip_all, fields(until = %now), err)]
 pub async fn run(
     pool: &Pool,
-    settings: &Settings,
+    settings: BillingSettings<'_>,
     now: DateTime<Utc>,
 ) -> anyhow::Result<BillingSummary> {
     let clock = Instant::now();
-    let projects = project_names(pool, settings)
+    let projects = project_names(pool, settings.project_whitelist)
         .await
         .inspect_err(crate::telemetry::metrics::billing_run_failed)?;
     let mut summary = BillingSummary {
@@ -74,16 +88,16 @@ pub async fn run(
                 names,
                 bill_projects(
                     pool,
-                    &settings.rules,
-                    &settings.notification_thresholds,
+                    settings.rules,
+                    settings.thresholds,
                     names,
                     now,
-                    settings.billing_batch_samples,
+                    settings.batch_samples,
                 )
                 .await,
             )
         })
-        .buffer_unordered(settings.workers);
+        .buffer_unordered(settings.concurrency);
     while let Some((names, result)) = batches.next().await {
         let outcomes = match result {
             Ok(outcomes) => outcomes,
@@ -138,7 +152,10 @@ pub async fn run(
 }
 
 /// Every project billing looks at, by name: all, or the whitelisted ones.
-pub async fn project_names(pool: &Pool, settings: &Settings) -> anyhow::Result<Vec<String>> {
+pub async fn project_names(
+    pool: &Pool,
+    whitelist: Option<&BTreeSet<String>>,
+) -> anyhow::Result<Vec<String>> {
     let rows = pool
         .get()
         .await?
@@ -148,12 +165,7 @@ pub async fn project_names(pool: &Pool, settings: &Settings) -> anyhow::Result<V
     let mut names = Vec::with_capacity(rows.len());
     for row in &rows {
         let name: String = col(row, "name")?;
-        if settings
-            .ingest
-            .project_whitelist
-            .as_ref()
-            .is_none_or(|w| w.contains(&name))
-        {
+        if whitelist.is_none_or(|w| w.contains(&name)) {
             names.push(name);
         }
     }

@@ -59,7 +59,8 @@ pub async fn sync_grants_from(
     let Some(base) = &settings.api_contact_base_url else {
         return Ok(SyncSummary::default());
     };
-    let mut projects = super::engine::project_names(pool, settings).await?;
+    let mut projects =
+        super::engine::project_names(pool, settings.ingest.project_whitelist.as_ref()).await?;
     if !projects.is_empty() {
         let start = rotation.load(Ordering::Relaxed) % projects.len();
         projects.rotate_left(start);

@@ -12,7 +12,7 @@ use std::sync::Arc;
 /// bill some project (the others are billed), is a failed step: the worker shows it
 /// and tries again after a backoff.
 pub async fn bill(pool: Pool, settings: Arc<Settings>) -> anyhow::Result<()> {
-    let summary = engine::run(&pool, &settings, Utc::now()).await?;
+    let summary = engine::run(&pool, settings.billing(), Utc::now()).await?;
     match summary.first_error {
         None => Ok(()),
         Some(first) => anyhow::bail!(
