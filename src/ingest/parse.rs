@@ -997,6 +997,39 @@ mod tests {
         }
     }
 
+    /// The whole reason, so a scrape's error says what was found where it failed.
+    #[test]
+    fn reasons_say_what_was_found() {
+        let cases = [
+            (
+                "m{a=\"b\"  c",
+                "expected ',' or '}' after label \"a\", found 'c'",
+            ),
+            (
+                "m{a \"b\"} 1",
+                "expected '=' after label name \"a\", found '\"'",
+            ),
+            (
+                "m{a=b} 1",
+                "expected '\"' to open the value of label \"a\", found 'b'",
+            ),
+            (
+                "m{a=\"b\",",
+                "expected label name or '}', found end of line",
+            ),
+            ("m{ä=\"b\"} 1", "expected label name or '}', found 'ä'"),
+            ("m 1 2 x", "unexpected text after timestamp, found 'x'"),
+            ("m-x 1", "invalid character in metric name, found '-'"),
+            (
+                "# HELP  ",
+                "expected metric name, found end of line after HELP",
+            ),
+        ];
+        for (text, reason) in cases {
+            assert_eq!(all(text).expect_err(text).reason, reason, "{text}");
+        }
+    }
+
     #[test]
     fn error_display_and_excerpt_are_short() {
         let long = format!("m{{a=\"{}\"}} x", "ü".repeat(300));
