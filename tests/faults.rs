@@ -758,3 +758,85 @@ async fn concurrent_metrics_scrapes_share_one_database_read_per_interval() {
     assert!(later.contains("os_credits_http_requests_total{"));
     assert_invariants(&db).await;
 }
+
+/// Every wait on the pool is bounded: with the only connection held by a write that
+/// waits for a lock, another request gives up after `POSTGRES_POOL_TIMEOUT` with 503,
+/// `Retry-After` and a JSON reason instead of queueing behind it; once the lock is
+/// freed, both go through.
+#[tokio::test]
+async fn a_request_that_finds_no_free_connection_answers_503_within_the_pool_timeout() {
+    const KEY: &str = "pool-key";
+    let app = spawn_app_on(
+        TestDb::create().await,
+        &[
+            ("API_KEY", KEY),
+            ("ENDPOINTS_ONLY", "true"),
+            ("POSTGRES_POOL_SIZE", "1"),
+            ("POSTGRES_POOL_TIMEOUT", "0.5"),
+            ("POSTGRES_LOCK_TIMEOUT", "60"),
+        ],
+        false,
+    )
+    .await;
+    let mut db = app.db.connect().await;
+    db.batch_execute("INSERT INTO projects (name) VALUES ('Alpha'), ('Beta')")
+        .await
+        .expect("projects");
+    // Another session holds Alpha's row: a grant for Alpha waits for it, holding the
+    // service's only pooled connection meanwhile.
+    let holder = db.transaction().await.expect("begin");
+    holder
+        .execute(
+            "SELECT 1 FROM projects WHERE name = 'Alpha' FOR UPDATE",
+            &[],
+        )
+        .await
+        .expect("lock Alpha");
+    let http = reqwest::Client::builder()
+        .timeout(WAIT)
+        .build()
+        .expect("client");
+    let grant = tokio::spawn(
+        http.put(format!("{}/api/projects/Alpha/grant", app.address))
+            .header("X-API-KEY", KEY)
+            .json(&serde_json::json!({"granted_credits": "100"}))
+            .send(),
+    );
+    let observer = app.db.connect().await;
+    eventually(WAIT, "the grant to wait for the lock", || async {
+        let waiting: i64 = observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .expect("activity")
+            .get(0);
+        (waiting > 0).then_some(())
+    })
+    .await;
+
+    let starved = http
+        .get(format!("{}/api/projects/Beta/notifications", app.address))
+        .header("X-API-KEY", KEY)
+        .send()
+        .await
+        .expect("the read answers instead of queueing");
+    assert_eq!(starved.status(), 503);
+    assert!(starved.headers().contains_key("retry-after"));
+    let reason: Value = starved.json().await.expect("JSON reason");
+    assert_eq!(reason["error"], "database unavailable", "{reason}");
+    assert!(!grant.is_finished(), "the grant still waits for the lock");
+
+    holder.rollback().await.expect("free Alpha");
+    let grant = grant.await.expect("task").expect("the grant answers");
+    assert_eq!(grant.status(), 200);
+    let read = http
+        .get(format!("{}/api/projects/Beta/notifications", app.address))
+        .header("X-API-KEY", KEY)
+        .send()
+        .await
+        .expect("the read answers");
+    assert_eq!(read.status(), 200);
+}
