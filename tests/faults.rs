@@ -802,20 +802,8 @@ async fn a_request_that_finds_no_free_connection_answers_503_within_the_pool_tim
             .json(&serde_json::json!({"granted_credits": "100"}))
             .send(),
     );
-    let observer = app.db.connect().await;
-    eventually(WAIT, "the grant to wait for the lock", || async {
-        let waiting: i64 = observer
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .expect("activity")
-            .get(0);
-        (waiting > 0).then_some(())
-    })
-    .await;
+    common::a_service_session_waits_for_a_lock(&app.db, WAIT, "the grant to wait for the lock")
+        .await;
 
     let starved = http
         .get(format!("{}/api/projects/Beta/notifications", app.address))

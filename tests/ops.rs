@@ -613,24 +613,10 @@ async fn sigterm_stops_accepting_finishes_the_request_in_flight_and_exits_0() {
                 .await
         }
     });
-    common::eventually(
+    common::a_service_session_waits_for_a_lock(
+        &db,
         Duration::from_secs(10),
         "the grant to wait for the row",
-        || async {
-            let waiting: i64 = db
-                .connect()
-                .await
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND application_name = 'os-credits'
-                   AND wait_event_type = 'Lock'",
-                    &[],
-                )
-                .await
-                .expect("pg_stat_activity")
-                .get(0);
-            (waiting > 0).then_some(())
-        },
     )
     .await;
     service.terminate();

@@ -413,6 +413,26 @@ pub fn reserved_port() -> (tokio::net::TcpSocket, u16) {
 }
 
 /// Polls `check` until it returns `Some`, failing after `deadline`.
+/// Waits until one of the service's sessions (`application_name` `os-credits`) on
+/// `db` waits for a lock.
+pub async fn a_service_session_waits_for_a_lock(db: &TestDb, deadline: Duration, what: &str) {
+    let observer = db.connect().await;
+    eventually(deadline, what, || async {
+        let waiting: i64 = observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name = 'os-credits'
+                   AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        (waiting > 0).then_some(())
+    })
+    .await;
+}
+
 pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
