@@ -202,6 +202,76 @@ async fn a_batch_sent_twice_is_stored_once() {
     assert_eq!(status["pushes_total"], 3, "{status}");
 }
 
+/// A series a sender pushes again is recognised by its label bytes and its samples
+/// skip the labels' decoding; they must still land in that sender's own series (the
+/// sender's added labels make it another series than the same bytes of another
+/// sender), whatever order the labels come in, with NaN still dropped.
+#[tokio::test]
+async fn a_series_pushed_again_lands_in_the_senders_own_series() {
+    let app = app().await;
+    let labels = [
+        ("__name__", "project_vcpu_usage"),
+        ("project_name", "Alpha"),
+        ("job", "openstack"),
+    ];
+    let basic = "Basic Yjpwdw=="; // site-b: b:pw
+    for authorization in [bearer(), basic.to_owned()] {
+        let first = body(vec![series(&labels, &[(T0, 1.0)])]);
+        assert_eq!(push(&app, Some(&authorization), first).await.0, 204);
+    }
+    for (authorization, value) in [(bearer(), 2.0), (basic.to_owned(), 20.0)] {
+        let again = body(vec![series(
+            &labels,
+            &[(T0 + 60_000, value), (T0 + 90_000, f64::NAN)],
+        )]);
+        assert_eq!(push(&app, Some(&authorization), again).await.0, 204);
+        let mut reordered = labels;
+        reordered.reverse();
+        let reordered = body(vec![series(&reordered, &[(T0 + 120_000, value + 1.0)])]);
+        assert_eq!(push(&app, Some(&authorization), reordered).await.0, 204);
+    }
+
+    let by_series = stored(&app, "project_vcpu_usage").await;
+    let labels_of = |location: Option<&str>| {
+        let mut labels: BTreeMap<String, String> =
+            [("job", "openstack"), ("project_name", "Alpha")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        if let Some(location) = location {
+            labels.insert("location".into(), location.into());
+        }
+        labels
+    };
+    let expected: BTreeMap<_, _> = [
+        (
+            labels_of(Some("Bielefeld")),
+            vec![
+                (at(T0), 1.0),
+                (at(T0 + 60_000), 2.0),
+                (at(T0 + 120_000), 3.0),
+            ],
+        ),
+        (
+            labels_of(None),
+            vec![
+                (at(T0), 1.0),
+                (at(T0 + 60_000), 20.0),
+                (at(T0 + 120_000), 21.0),
+            ],
+        ),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(by_series, expected);
+    let health = app.health().await;
+    for name in ["site-a", "site-b"] {
+        let status = sender_status(&health, name);
+        assert_eq!(status["samples_stored_total"], 3, "{status}");
+        assert_eq!(status["skipped_total"], 1, "the NaN: {status}");
+    }
+}
+
 #[tokio::test]
 async fn without_valid_credentials_nothing_is_stored() {
     let app = app().await;

@@ -197,10 +197,11 @@ impl<'c> Sorter<'c> {
         }
     }
 
-    /// Sorts one sample.
-    pub fn add(&mut self, sample: Sample<'_>) {
-        if self.ctx.billed.contains(sample.name) {
-            sort_sample(
+    /// Sorts one sample; `true` when it became a row (of a known or a new series),
+    /// whose series key is then [`Sorter::key`].
+    pub fn add(&mut self, sample: Sample<'_>) -> bool {
+        self.ctx.billed.contains(sample.name)
+            && sort_sample(
                 &mut self.prepared,
                 &mut self.new_index,
                 &mut self.key,
@@ -208,8 +209,28 @@ impl<'c> Sorter<'c> {
                 self.state,
                 sample,
                 self.default_time,
-            );
+            )
+    }
+
+    /// The series key of the last sample that became a row.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Adds a sample of a series this source delivered before and that was stored
+    /// then: its labels passed every filter, so only the value is checked, as
+    /// [`Sorter::add`] checks it.
+    pub fn add_known(&mut self, series_id: i64, value: f64, timestamp_ms: i64) {
+        if !value.is_finite() {
+            self.prepared.skipped.not_finite += 1;
+            return;
         }
+        let time = DateTime::from_timestamp_millis(timestamp_ms).unwrap_or(self.default_time);
+        self.prepared.rows.push(SampleRow {
+            series_id,
+            time,
+            value,
+        });
     }
 
     /// Whether samples of `metric` are kept at all (a billed metric).
@@ -238,7 +259,8 @@ pub fn prepare_samples<'a>(
 }
 
 /// Where one billed sample goes: a row of a known series, a row of a new series, or a
-/// skip reason. The one place where samples of every source become rows.
+/// skip reason (then `false`). The one place where samples of every source become
+/// rows.
 pub(crate) fn sort_sample(
     prepared: &mut Prepared,
     new_index: &mut HashMap<String, usize>,
@@ -247,7 +269,7 @@ pub(crate) fn sort_sample(
     state: &SeriesState,
     mut sample: Sample<'_>,
     scrape_time: DateTime<Utc>,
-) {
+) -> bool {
     sample.labels.sort_unstable_by(|a, b| a.0.cmp(b.0));
     let project = label(&sample.labels, &ctx.project_label)
         .or_else(|| {
@@ -259,23 +281,23 @@ pub(crate) fn sort_sample(
     let skipped = &mut prepared.skipped;
     if project.is_empty() {
         skipped.no_project += 1;
-        return;
+        return false;
     }
     if ctx.whitelist.as_ref().is_some_and(|w| !w.contains(project)) {
         skipped.not_whitelisted += 1;
-        return;
+        return false;
     }
     if !servable_project(project) {
         skipped.bad_project += 1;
-        return;
+        return false;
     }
     if merged(&sample.labels, &ctx.target_labels).any(|(_, v)| v.contains('\0')) {
         skipped.nul_label += 1;
-        return;
+        return false;
     }
     if !sample.value.is_finite() {
         skipped.not_finite += 1;
-        return;
+        return false;
     }
     let time = sample
         .timestamp_ms
@@ -284,7 +306,7 @@ pub(crate) fn sort_sample(
     write_series_key(key, sample.name, merged(&sample.labels, &ctx.target_labels));
     if key.len() > MAX_SERIES_KEY_BYTES {
         skipped.too_long += 1;
-        return;
+        return false;
     }
     if let Some(series_id) = state.id(key) {
         prepared.rows.push(SampleRow {
@@ -292,7 +314,7 @@ pub(crate) fn sort_sample(
             time,
             value: sample.value,
         });
-        return;
+        return true;
     }
     let index = *new_index.entry(key.clone()).or_insert_with(|| {
         prepared.new_series.push(NewSeries {
@@ -306,6 +328,7 @@ pub(crate) fn sort_sample(
         prepared.new_series.len() - 1
     });
     prepared.new_rows.push((index, time, sample.value));
+    true
 }
 
 fn label<'s>(labels: &'s [(&str, Cow<'_, str>)], name: &str) -> Option<&'s str> {

@@ -34,7 +34,7 @@ pub fn prepare(
                 state,
                 sample,
                 scrape_time,
-            )
+            );
         },
     )?;
     prepared.stats = stats;

@@ -28,7 +28,7 @@ pub fn target_of(sender: &str) -> String {
 /// When each billed series of one sender was last pushed.
 #[derive(Debug, Default)]
 pub struct Pushed {
-    last: Mutex<HashMap<i64, DateTime<Utc>>>,
+    last: Mutex<HashMap<i64, DateTime<Utc>, foldhash::fast::RandomState>>,
 }
 
 /// What a check found for one sender.
@@ -41,7 +41,9 @@ pub struct Check {
 }
 
 impl Pushed {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, DateTime<Utc>>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<i64, DateTime<Utc>, foldhash::fast::RandomState>> {
         // Plain values: a panicking holder cannot leave them half-written.
         self.last.lock().unwrap_or_else(|p| p.into_inner())
     }

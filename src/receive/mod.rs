@@ -16,7 +16,7 @@ use deadpool_postgres::Pool;
 use senders::RemoteWriteSender;
 use serde::Serialize;
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 /// What `/health` and `/stats` show of one sender (kept by this replica, since start).
@@ -81,12 +81,45 @@ pub struct Receiver {
 }
 
 /// One configured sender: who it is, the credentials it must send, what its samples
-/// get, and which billed series it pushed when.
+/// get, which billed series it pushed when, and the series it pushed before.
 struct Sender {
     config: RemoteWriteSender,
     expected: String,
     ctx: Arc<IngestContext>,
     pushed: completeness::Pushed,
+    known: KnownSeries,
+}
+
+/// Most series a sender's [`KnownSeries`] holds (about 200 bytes each: some 100 MB).
+/// Series beyond it still go through the full path.
+pub const MAX_KNOWN_SERIES_PER_SENDER: usize = 500_000;
+
+/// The series one sender pushed and that were stored, by their label fields exactly
+/// as the sender encodes them: a series sent again with the same bytes is the same
+/// series with the same labels (its sender adds the same labels, and the filters
+/// depend on nothing else), so its samples skip decoding the labels, the filters and
+/// the series key. Series are never deleted, so an id once found stays right.
+#[derive(Default)]
+struct KnownSeries(std::sync::RwLock<HashMap<Box<[u8]>, i64, foldhash::fast::RandomState>>);
+
+impl KnownSeries {
+    fn read(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, HashMap<Box<[u8]>, i64, foldhash::fast::RandomState>> {
+        // Plain values: a panicking holder cannot leave them half-written.
+        self.0.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Learns the ids of series stored by a push, up to the bound.
+    fn learn(&self, found: impl IntoIterator<Item = (Box<[u8]>, i64)>) {
+        let mut known = self.0.write().unwrap_or_else(|p| p.into_inner());
+        for (raw, id) in found {
+            if known.len() >= MAX_KNOWN_SERIES_PER_SENDER {
+                break;
+            }
+            known.insert(raw, id);
+        }
+    }
 }
 
 /// What receiving reads of the settings.
@@ -122,6 +155,7 @@ impl Receiver {
                 expected: senders::expected_authorization(&s.auth),
                 ctx: Arc::new(IngestContext::new(ingest, rules, s.labels.clone())),
                 pushed: completeness::Pushed::default(),
+                known: KnownSeries::default(),
             })
             .collect::<Vec<_>>();
         let statuses = senders
@@ -227,17 +261,46 @@ impl Receiver {
             return Err(ReceiveError::Invalid("unknown sender".into()));
         };
         let raw = decompress(body, self.max_bytes)?;
+        // Series of this push not known by their label bytes, with their series key.
+        let mut learning: Vec<(&[u8], String)> = Vec::new();
         let prepared = self.cache.read(|state| {
+            let known = sender.known.read();
             let mut sorter = ingest::Sorter::new(&sender.ctx, state, at);
-            proto::for_each_series(&raw, |series| add_series(&mut sorter, series))
-                .map(|()| sorter.finish())
-                .map_err(|e| {
-                    ReceiveError::Invalid(format!("body is not a remote-write WriteRequest: {e}"))
-                })
+            let mut labels = Vec::new();
+            proto::for_each_lazy_series(&raw, |series| {
+                let raw_labels = series.labels_raw;
+                if let Some(&id) = raw_labels.and_then(|r| known.get(r)) {
+                    for &(value, timestamp) in &series.samples {
+                        sorter.add_known(id, value, timestamp);
+                    }
+                    return Ok(());
+                }
+                labels.clear();
+                series.labels_into(&mut labels)?;
+                if add_series(&mut sorter, &labels, &series.samples) {
+                    if let Some(r) = raw_labels {
+                        learning.push((r, sorter.key().to_owned()));
+                    }
+                }
+                Ok(())
+            })
+            .map(|()| sorter.finish())
+            .map_err(|e| {
+                ReceiveError::Invalid(format!("body is not a remote-write WriteRequest: {e}"))
+            })
         })?;
         let outcome = ingest::store_prepared(&self.pool, &self.cache, prepared)
             .await
             .map_err(|e| ReceiveError::Unavailable(e.to_string()))?;
+        if !learning.is_empty() {
+            let found: Vec<(Box<[u8]>, i64)> = self.cache.read(|state| {
+                learning
+                    .iter()
+                    .filter_map(|(r, key)| state.id(key).map(|id| (Box::from(*r), id)))
+                    .collect()
+            });
+            sender.known.learn(found);
+        }
         sender.pushed.observe(at, &outcome.series);
         Ok(outcome)
     }
@@ -304,30 +367,35 @@ pub fn decompress(body: &[u8], max_bytes: usize) -> Result<Vec<u8>, ReceiveError
 
 /// One decoded series as the ingest path takes its samples: the metric name from
 /// `__name__`, the other labels (internal `__` labels dropped, borrowed from the
-/// body), each sample with its own time. Series of metrics not billed cost nothing more.
-fn add_series<'a>(sorter: &mut ingest::Sorter<'_>, series: &proto::SeriesRef<'a>) {
-    let name = series
-        .labels
+/// body), each sample with its own time. Series of metrics not billed cost nothing
+/// more. `true` when a sample became a row (the sorter's key is then the series').
+fn add_series<'a>(
+    sorter: &mut ingest::Sorter<'_>,
+    labels: &[(&'a str, &'a str)],
+    samples: &[(f64, i64)],
+) -> bool {
+    let name = labels
         .iter()
         .find(|(n, _)| *n == "__name__")
         .map_or("", |(_, v)| *v);
     if !sorter.wants(name) {
-        return;
+        return false;
     }
-    let labels: Vec<(&str, Cow<'a, str>)> = series
-        .labels
+    let labels: Vec<(&str, Cow<'a, str>)> = labels
         .iter()
         .filter(|(n, _)| !n.starts_with("__"))
         .map(|&(n, v)| (n, Cow::Borrowed(v)))
         .collect();
-    for &(value, timestamp) in &series.samples {
-        sorter.add(Sample {
+    let mut kept = false;
+    for &(value, timestamp) in samples {
+        kept |= sorter.add(Sample {
             name,
             labels: labels.clone(),
             value,
             timestamp_ms: Some(timestamp),
         });
     }
+    kept
 }
 
 fn record_metrics(sender: &str, result: &Result<IngestOutcome, ReceiveError>) {

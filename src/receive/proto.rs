@@ -70,14 +70,69 @@ pub fn for_each_series<'a>(
     mut f: impl FnMut(&SeriesRef<'a>),
 ) -> Result<(), DecodeError> {
     let mut series = SeriesRef::default();
+    for_each_lazy_series(buf, |lazy| {
+        series.labels.clear();
+        lazy.labels_into(&mut series.labels)?;
+        series.samples.clear();
+        series.samples.extend_from_slice(&lazy.samples);
+        f(&series);
+        Ok(())
+    })
+}
+
+/// A series whose samples are decoded and whose labels are decoded only when asked
+/// for ([`LazySeries::labels_into`]): a receiver that recognises the raw label bytes
+/// ([`LazySeries::labels_raw`]) of a series it has stored before needs no more.
+#[derive(Debug, Default)]
+pub struct LazySeries<'a> {
+    body: &'a [u8],
+    /// The series' label fields exactly as sent, when they come in one run (as
+    /// Prometheus sends them: all labels, then the samples); `None` otherwise.
+    pub labels_raw: Option<&'a [u8]>,
+    /// Samples as (value, timestamp in ms).
+    pub samples: Vec<(f64, i64)>,
+}
+
+impl<'a> LazySeries<'a> {
+    /// Decodes the labels (in the order sent) into `out`, checking each is UTF-8.
+    pub fn labels_into(&self, out: &mut Vec<(&'a str, &'a str)>) -> Result<(), DecodeError> {
+        let mut reader = Reader(self.body);
+        while let Some((field, wire)) = reader.key()? {
+            match (field, wire) {
+                (1, WIRE_LEN) => {
+                    let mut label = Reader(reader.bytes()?);
+                    let (mut name, mut value) = ("", "");
+                    while let Some((field, wire)) = label.key()? {
+                        match (field, wire) {
+                            (1, WIRE_LEN) => name = label.string()?,
+                            (2, WIRE_LEN) => value = label.string()?,
+                            _ => label.skip(wire)?,
+                        }
+                    }
+                    out.push((name, value));
+                }
+                _ => reader.skip(wire)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Walks a `WriteRequest`, calling `f` for each series with its samples decoded and
+/// its labels not yet: the structure of the whole request (every length prefix, every
+/// sample) is checked here, the labels' inner fields and UTF-8 by
+/// [`LazySeries::labels_into`]. An error of `f` stops the walk and is returned.
+pub fn for_each_lazy_series<'a>(
+    buf: &'a [u8],
+    mut f: impl FnMut(&LazySeries<'a>) -> Result<(), DecodeError>,
+) -> Result<(), DecodeError> {
+    let mut series = LazySeries::default();
     let mut reader = Reader(buf);
     while let Some((field, wire)) = reader.key()? {
         match (field, wire) {
             (1, WIRE_LEN) => {
-                series.labels.clear();
-                series.samples.clear();
                 read_series(reader.bytes()?, &mut series)?;
-                f(&series);
+                f(&series)?;
             }
             _ => reader.skip(wire)?,
         }
@@ -90,21 +145,29 @@ const WIRE_FIXED64: u8 = 1;
 const WIRE_LEN: u8 = 2;
 const WIRE_FIXED32: u8 = 5;
 
-fn read_series<'a>(buf: &'a [u8], series: &mut SeriesRef<'a>) -> Result<(), DecodeError> {
+fn read_series<'a>(buf: &'a [u8], series: &mut LazySeries<'a>) -> Result<(), DecodeError> {
+    series.body = buf;
+    series.samples.clear();
+    // The run of label fields: (start, end) offsets, and whether another field came
+    // between two label fields.
+    let (mut run, mut broken, mut after_other) = (None::<(usize, usize)>, false, false);
     let mut reader = Reader(buf);
-    while let Some((field, wire)) = reader.key()? {
+    loop {
+        let start = buf.len() - reader.0.len();
+        let Some((field, wire)) = reader.key()? else {
+            break;
+        };
         match (field, wire) {
             (1, WIRE_LEN) => {
-                let mut label = Reader(reader.bytes()?);
-                let (mut name, mut value) = ("", "");
-                while let Some((field, wire)) = label.key()? {
-                    match (field, wire) {
-                        (1, WIRE_LEN) => name = label.string()?,
-                        (2, WIRE_LEN) => value = label.string()?,
-                        _ => label.skip(wire)?,
+                reader.bytes()?;
+                let end = buf.len() - reader.0.len();
+                run = match run {
+                    None => Some((start, end)),
+                    Some((first, _)) => {
+                        broken |= after_other;
+                        Some((first, end))
                     }
-                }
-                series.labels.push((name, value));
+                };
             }
             (2, WIRE_LEN) => {
                 let mut sample = Reader(reader.bytes()?);
@@ -118,10 +181,18 @@ fn read_series<'a>(buf: &'a [u8], series: &mut SeriesRef<'a>) -> Result<(), Deco
                     }
                 }
                 series.samples.push((value, timestamp));
+                after_other |= run.is_some();
             }
-            _ => reader.skip(wire)?,
+            _ => {
+                reader.skip(wire)?;
+                after_other |= run.is_some();
+            }
         }
     }
+    series.labels_raw = match (run, broken) {
+        (Some((start, end)), false) => Some(&buf[start..end]),
+        _ => None,
+    };
     Ok(())
 }
 
@@ -288,6 +359,80 @@ mod tests {
                 "{request:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_raw_labels_are_the_run_of_label_fields_or_none() {
+        let labels = vec![
+            Label {
+                name: "__name__".into(),
+                value: "m".into(),
+            },
+            Label {
+                name: "project_name".into(),
+                value: "Ünïcødé".into(),
+            },
+        ];
+        let only_labels = TimeSeries {
+            labels: labels.clone(),
+            samples: vec![],
+        }
+        .encode_to_vec();
+        let raws = |request: &[u8]| {
+            let mut out = Vec::new();
+            for_each_lazy_series(request, |s| {
+                out.push((s.labels_raw.map(<[u8]>::to_vec), s.samples.clone()));
+                Ok(())
+            })
+            .expect("decodes");
+            out
+        };
+        let samples = |n: i64| {
+            (0..n)
+                .map(|t| Sample {
+                    value: t as f64,
+                    timestamp: t,
+                })
+                .collect::<Vec<_>>()
+        };
+        let request = WriteRequest {
+            timeseries: vec![
+                TimeSeries {
+                    labels: labels.clone(),
+                    samples: samples(1),
+                },
+                TimeSeries {
+                    labels: labels.clone(),
+                    samples: samples(3),
+                },
+                TimeSeries {
+                    labels: vec![],
+                    samples: samples(1),
+                },
+            ],
+        }
+        .encode_to_vec();
+        let found = raws(&request);
+        assert_eq!(found.len(), 3);
+        assert_eq!(found[0].0.as_deref(), Some(&only_labels[..]));
+        assert_eq!(found[1].0, found[0].0, "the same labels, other samples");
+        assert_eq!(found[1].1, vec![(0.0, 0), (1.0, 1), (2.0, 2)]);
+        assert_eq!(found[2].0, None, "no labels");
+        // A label, a sample, a label: not one run (prost still decodes it).
+        // The first label field: key, length 13, then name (2 + 8) and value (2 + 1).
+        let split = 2 + 13;
+        assert_eq!(only_labels[..2], [0x0a, 13]);
+        let mut series = only_labels[..split].to_vec();
+        series.extend_from_slice(&[0x12, 0x02, 0x10, 0x05]);
+        series.extend_from_slice(&only_labels[split..]);
+        let mut interleaved = vec![0x0a, series.len() as u8];
+        interleaved.extend_from_slice(&series);
+        assert_eq!(as_prost_reads(&interleaved)[0].0.len(), 2);
+        assert_eq!(raws(&interleaved)[0].0, None);
+        assert_eq!(
+            decoded(&interleaved).expect("decodes"),
+            as_prost_reads(&interleaved)
+        );
     }
 
     #[test]

@@ -53,10 +53,11 @@ pub fn push_escaped_label_value(out: &mut String, value: &str) {
 
 /// What the ingest path knows about series: ids by key and the newest stored sample
 /// time per id (microseconds), so new samples can skip the duplicate check.
+/// (Hashed with foldhash: these maps are looked up once or twice per sample.)
 #[derive(Debug, Default)]
 pub struct SeriesState {
-    ids: HashMap<String, i64>,
-    newest: HashMap<i64, i64>,
+    ids: HashMap<String, i64, foldhash::fast::RandomState>,
+    newest: HashMap<i64, i64, foldhash::fast::RandomState>,
 }
 
 impl SeriesState {
