@@ -72,7 +72,8 @@ async fn a_grant_put_on_one_replica_is_seen_by_the_very_next_read_on_the_other()
         )
     };
 
-    // B remembers that the project does not exist; A creates it.
+    // B answers 404 for a project that does not exist (and holds nothing of it: its
+    // creation notifies nobody, migration 0015); A creates it.
     assert_eq!(credits("Alpha").await.0, 404);
     grant(&a, "Alpha", 1).await;
     assert_eq!(credits("Alpha").await.1["granted_credits"], json!(1.0));

@@ -89,13 +89,15 @@ pub async fn current_credits(
         Some(held) => held,
         None => {
             let client = state.client().await?;
-            let balance = account::balance(&client, project.as_str()).await?;
+            let balance = account::balance(&client, project.as_str())
+                .await?
+                .ok_or_else(|| {
+                    ApiError::NotFound(format!("No credits found for {}.", project.as_str()))
+                })?;
             state.memo.keep_balance(&read, project.as_str(), &balance);
             balance
         }
     };
-    let balance = balance
-        .ok_or_else(|| ApiError::NotFound(format!("No credits found for {}.", project.as_str())))?;
     let precision = state.settings.precision;
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "current_credits": credits_number(balance.used, precision),

@@ -56,7 +56,7 @@ struct HeldDetail {
 
 #[derive(Default)]
 struct Held {
-    balances: HashMap<String, Option<Balance>>,
+    balances: HashMap<String, Balance>,
     details: HashMap<String, HeldDetail>,
     history: HashMap<String, HashMap<String, HistoryAnswer>>,
     history_bytes: usize,
@@ -166,8 +166,9 @@ impl Memo {
         }
     }
 
-    /// The held balance: `Some(None)` for a project known not to exist.
-    pub fn balance(&self, read: &Read, project: &str) -> Option<Option<Balance>> {
+    /// The held balance. Nothing is held of a project that does not exist: creating
+    /// a project notifies nobody (migration 0015).
+    pub fn balance(&self, read: &Read, project: &str) -> Option<Balance> {
         if !read.fresh {
             return None;
         }
@@ -175,7 +176,7 @@ impl Memo {
     }
 
     /// Holds a balance read from the database.
-    pub fn keep_balance(&self, read: &Read, project: &str, balance: &Option<Balance>) {
+    pub fn keep_balance(&self, read: &Read, project: &str, balance: &Balance) {
         self.keep(read, |held| {
             if held.balances.len() < MAX_PROJECTS || held.balances.contains_key(project) {
                 held.balances.insert(project.to_owned(), balance.clone());

@@ -70,6 +70,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0014_integrity.sql",
         sql: include_str!("../../sql/0014_integrity.sql"),
     },
+    Migration {
+        version: 15,
+        name: "0015_created_projects_do_not_notify.sql",
+        sql: include_str!("../../sql/0015_created_projects_do_not_notify.sql"),
+    },
 ];
 
 /// Arbitrary but fixed key of the advisory lock that serialises migrations.
