@@ -8,6 +8,7 @@ use crate::domain::{MetricName, Price};
 pub use crate::domain::{Secret, TargetAuth};
 pub use crate::ingest::IngestSettings;
 use crate::notify::thresholds::{self, Threshold};
+pub use crate::notify::{MailSettings, NotifySettings, SmtpTls};
 pub use crate::receive::ReceiveSettings;
 pub use crate::scrape::targets::ScrapeTarget;
 pub use crate::scrape::ScrapeSettings;
@@ -63,48 +64,6 @@ pub struct DatabaseSettings {
     /// `POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT`: the server ends a session idle inside
     /// a transaction this long, freeing the locks of a frozen or stopped holder.
     pub idle_in_transaction_timeout: Duration,
-}
-
-/// How the SMTP connection is secured (`MAIL_SMTP_TLS`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SmtpTls {
-    /// `starttls` (default): plain connect, then STARTTLS, required (no downgrade).
-    Starttls,
-    /// `implicit`: TLS from the first byte (SMTPS, usually port 465).
-    Implicit,
-    /// `none`: no TLS at all, for a local relay or tests (`MAIL_NOT_STARTTLS`).
-    None,
-}
-
-/// Email and portal notifications.
-#[derive(Debug, Clone)]
-pub struct MailSettings {
-    /// `MAIL_SMTP_SERVER`: SMTP host; unset writes `.eml` files into `file_dir` instead.
-    pub smtp_server: Option<String>,
-    /// `MAIL_SMTP_PORT`.
-    pub smtp_port: u16,
-    /// `MAIL_SMTP_USER`: log in with this user (and `smtp_password`) when set.
-    pub smtp_user: Option<String>,
-    /// `MAIL_SMTP_PASSWORD`.
-    pub smtp_password: Secret,
-    /// `MAIL_SMTP_TLS` / `MAIL_NOT_STARTTLS`: how the connection is secured.
-    pub tls: SmtpTls,
-    /// `MAIL_SMTP_TIMEOUT`: connecting and each send may take this long.
-    pub timeout: Duration,
-    /// `MAIL_FROM`: the sender of every notification.
-    pub from: Mailbox,
-    /// `MAIL_FILE_DIR`: where mail goes as `.eml` files without an SMTP server.
-    pub file_dir: PathBuf,
-    /// `NOTIFICATION_TO_OVERWRITE`: when set, every mail goes to this address only.
-    pub to_overwrite: Option<Mailbox>,
-    /// `CLOUD_GOVERNANCE_MAIL`: copied (`Cc`) on every mail.
-    pub governance: Vec<Mailbox>,
-    /// `MAIL_CONTACT_URL`: the portal; when set, crossings are also posted to
-    /// `{MAIL_CONTACT_URL}/credits-limit/`.
-    pub contact_url: Option<url::Url>,
-    /// `MAIL_TEMPLATE_DIR`: `subject.txt`, `body.txt`, `body.html` found here replace
-    /// the built-in templates.
-    pub template_dir: Option<PathBuf>,
 }
 
 /// All settings of the service.
@@ -249,6 +208,28 @@ pub const SETTINGS: &[&str] = &[
 pub const DEFAULT_METRICS_TO_BILL: &str = r#"{"project_vcpu_usage": 1.0, "project_mb_usage": 0.3}"#;
 
 impl Settings {
+    /// What the notification sender reads of these settings.
+    pub fn notify(&self) -> NotifySettings {
+        NotifySettings {
+            mail: self.mail.clone(),
+            forecast_window: self.forecast_window,
+            public_base_url: self.public_base_url.clone(),
+            precision: self.precision,
+            api_contact_key: self.api_contact_key.clone(),
+        }
+    }
+
+    /// What the portal's grant sync reads of these settings.
+    pub fn portal(&self) -> crate::billing::portal::PortalSettings<'_> {
+        crate::billing::portal::PortalSettings {
+            base_url: self.api_contact_base_url.as_ref(),
+            key: self.api_contact_key.expose(),
+            project_whitelist: self.ingest.project_whitelist.as_ref(),
+            concurrency: self.workers,
+            thresholds: &self.notification_thresholds,
+        }
+    }
+
     /// What billing reads of these settings.
     pub fn billing(&self) -> crate::billing::engine::BillingSettings<'_> {
         crate::billing::engine::BillingSettings {

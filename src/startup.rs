@@ -114,7 +114,7 @@ impl Application {
         // Templates are checked here: a broken one stops the start.
         let notifier = match settings.endpoints_only {
             true => None,
-            false => Some(Arc::new(Notifier::new(pool.clone(), settings.clone())?)),
+            false => Some(Arc::new(Notifier::new(pool.clone(), settings.notify())?)),
         };
         let cancel = CancellationToken::new();
         let state = AppState::new(pool.clone(), mode, settings.clone(), logs)

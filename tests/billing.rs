@@ -561,10 +561,10 @@ async fn grants_are_fetched_from_the_portal_with_its_key_and_written_to_the_ledg
     );
     let http = reqwest::Client::new();
 
-    let first = os_credits::billing::portal::sync_grants(&app.app_pool, &settings, &http)
+    let first = os_credits::billing::portal::sync_grants(&app.app_pool, settings.portal(), &http)
         .await
         .expect("sync");
-    let second = os_credits::billing::portal::sync_grants(&app.app_pool, &settings, &http)
+    let second = os_credits::billing::portal::sync_grants(&app.app_pool, settings.portal(), &http)
         .await
         .expect("sync");
 
@@ -606,7 +606,7 @@ async fn grants_are_fetched_from_the_portal_with_its_key_and_written_to_the_ledg
         status: 500,
         ..common::exporter::Answer::ok("oops")
     });
-    let failing = os_credits::billing::portal::sync_grants(&app.app_pool, &settings, &http)
+    let failing = os_credits::billing::portal::sync_grants(&app.app_pool, settings.portal(), &http)
         .await
         .expect("sync");
     assert_eq!(

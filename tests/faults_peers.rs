@@ -266,7 +266,7 @@ impl World {
     }
 
     fn notifier(&self) -> Notifier {
-        Notifier::new(self.app.app_pool.clone(), Arc::new(self.settings())).expect("notifier")
+        Notifier::new(self.app.app_pool.clone(), self.settings().notify()).expect("notifier")
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {

@@ -291,7 +291,7 @@ impl World {
     }
 
     fn notifier(&self) -> Notifier {
-        Notifier::new(self.app.app_pool.clone(), Arc::new(self.settings())).expect("notifier")
+        Notifier::new(self.app.app_pool.clone(), self.settings().notify()).expect("notifier")
     }
 
     async fn bill(&self, at: DateTime<Utc>) -> engine::BillingSummary {
@@ -755,9 +755,10 @@ async fn a_grant_lowered_by_the_portal_sync_notifies() {
     project_at(&world, "Alpha", 30.0, t).await;
     world.bill(t).await;
 
+    let settings = world.settings();
     let synced = os_credits::billing::portal::sync_grants(
         &world.app.app_pool,
-        &world.settings(),
+        settings.portal(),
         &reqwest::Client::new(),
     )
     .await

@@ -4,12 +4,13 @@
 //! written like one set through the API (ledger row + total, one transaction).
 
 use super::account;
-use crate::config::Settings;
+use crate::notify::thresholds::Threshold;
 use anyhow::Context;
 use chrono::Utc;
 use deadpool_postgres::Pool;
 use futures::StreamExt;
 use rust_decimal::Decimal;
+use std::collections::BTreeSet;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -20,6 +21,21 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest answer read: a grant is one number; more is not a grant, and reading
 /// it whole could exhaust the memory.
 pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// What the grant sync reads of the settings (`Settings::portal`).
+#[derive(Debug, Clone, Copy)]
+pub struct PortalSettings<'a> {
+    /// `API_CONTACT_BASE_URL`: the portal; without it nothing is fetched.
+    pub base_url: Option<&'a url::Url>,
+    /// `API_CONTACT_KEY`: sent as `X-Api-Key`.
+    pub key: &'a str,
+    /// `OS_CREDITS_PROJECT_WHITELIST`: only these projects are looked at.
+    pub project_whitelist: Option<&'a BTreeSet<String>>,
+    /// `OS_CREDITS_WORKERS`: portal requests at once.
+    pub concurrency: usize,
+    /// `NOTIFICATION_THRESHOLDS`: a changed grant may cross one.
+    pub thresholds: &'a [Threshold],
+}
 
 /// What a sync did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -39,7 +55,7 @@ pub struct SyncSummary {
 /// with the first one's cause.
 pub async fn sync_grants(
     pool: &Pool,
-    settings: &Settings,
+    settings: PortalSettings<'_>,
     http: &reqwest::Client,
 ) -> anyhow::Result<SyncSummary> {
     sync_grants_from(pool, settings, http, &AtomicUsize::new(0)).await
@@ -52,15 +68,14 @@ pub async fn sync_grants(
 /// hangs cannot starve the ones behind them.
 pub async fn sync_grants_from(
     pool: &Pool,
-    settings: &Settings,
+    settings: PortalSettings<'_>,
     http: &reqwest::Client,
     rotation: &AtomicUsize,
 ) -> anyhow::Result<SyncSummary> {
-    let Some(base) = &settings.api_contact_base_url else {
+    let Some(base) = settings.base_url else {
         return Ok(SyncSummary::default());
     };
-    let mut projects =
-        super::engine::project_names(pool, settings.ingest.project_whitelist.as_ref()).await?;
+    let mut projects = super::engine::project_names(pool, settings.project_whitelist).await?;
     if !projects.is_empty() {
         let start = rotation.load(Ordering::Relaxed) % projects.len();
         projects.rotate_left(start);
@@ -75,7 +90,7 @@ pub async fn sync_grants_from(
                 (project, sync_one(pool, settings, http, base, project).await)
             }
         })
-        .buffer_unordered(settings.workers);
+        .buffer_unordered(settings.concurrency);
     while let Some((project, result)) = results.next().await {
         match result {
             Ok(true) => summary.changed += 1,
@@ -114,12 +129,12 @@ async fn read_limited(mut response: reqwest::Response, limit: usize) -> anyhow::
 
 async fn sync_one(
     pool: &Pool,
-    settings: &Settings,
+    settings: PortalSettings<'_>,
     http: &reqwest::Client,
     base: &url::Url,
     project: &str,
 ) -> anyhow::Result<bool> {
-    let granted = fetch_granted(http, base, settings.api_contact_key.expose(), project).await?;
+    let granted = fetch_granted(http, base, settings.key, project).await?;
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let outcome = account::set_grant(
@@ -129,7 +144,7 @@ async fn sync_one(
         Some("granted credits from the portal"),
         "portal",
         Utc::now(),
-        &settings.notification_thresholds,
+        settings.thresholds,
     )
     .await?;
     tx.commit().await?;

@@ -35,7 +35,7 @@ pub async fn sync_grants(
     rotation: Arc<std::sync::atomic::AtomicUsize>,
 ) -> anyhow::Result<()> {
     let deadline = settings.api_contact_sync_deadline;
-    let round = portal::sync_grants_from(&pool, &settings, &http, &rotation);
+    let round = portal::sync_grants_from(&pool, settings.portal(), &http, &rotation);
     let synced = tokio::time::timeout(deadline, round)
         .await
         .map_err(|_| {

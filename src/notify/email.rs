@@ -10,7 +10,7 @@
 
 use super::templates::{one_line, Rendered};
 use super::SendError;
-use crate::config::{MailSettings, SmtpTls};
+use super::{MailSettings, SmtpTls};
 use anyhow::Context;
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::authentication::{Credentials, DEFAULT_MECHANISMS};

@@ -8,7 +8,7 @@
 use super::email::Recipients;
 use super::outbox::HeldNotice;
 use super::templates::Rendered;
-use crate::config::MailSettings;
+use super::MailSettings;
 use crate::money::round_credits;
 use rust_decimal::Decimal;
 

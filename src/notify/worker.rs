@@ -6,8 +6,8 @@ use super::outbox::{self, Channel, Claimed, Outcome};
 use super::templates::{MailValues, Templates};
 use super::thresholds;
 use super::webhook::{self, LimitForm};
+use super::NotifySettings;
 use super::SendError;
-use crate::config::Settings;
 use crate::forecast;
 use crate::money::round_credits;
 use anyhow::Context;
@@ -51,7 +51,7 @@ impl SendSummary {
 /// Everything needed to deliver notifications.
 pub struct Notifier {
     pool: Pool,
-    settings: Arc<Settings>,
+    settings: NotifySettings,
     mailer: Mailer,
     templates: Templates,
     http: reqwest::Client,
@@ -61,7 +61,7 @@ pub struct Notifier {
 impl Notifier {
     /// Compiles and checks the templates (a broken one is an error naming its file)
     /// and prepares the mail transport.
-    pub fn new(pool: Pool, settings: Arc<Settings>) -> anyhow::Result<Self> {
+    pub fn new(pool: Pool, settings: NotifySettings) -> anyhow::Result<Self> {
         let templates = Templates::load(settings.mail.template_dir.as_deref())
             .context("loading the mail templates (MAIL_TEMPLATE_DIR)")?;
         let mailer = Mailer::new(&settings.mail)?;
