@@ -7,6 +7,8 @@
 //!   `GET /api/credits_history/{p}` (a project with 238 ledger rows) against
 //!   `GET /ping` under 32 concurrent connections on loopback, among the 10,000 billed
 //!   projects; then the same two while a billing run writes all 10,000 projects' rows.
+//!   The three loads take 1 s turns (BENCH_HTTP_SECONDS turns each), so a ratio
+//!   compares loads measured over the same stretch of time.
 //!
 //! Every latency percentile comes from at least 1,000 requests after a warm-up.
 //!
@@ -198,7 +200,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    println!("== HTTP: 32 concurrent connections, {http_seconds} s per endpoint");
+    println!("== HTTP: 32 concurrent connections, {http_seconds} s per endpoint in 1 s turns");
     let endpoints = [
         ("GET /ping", "/ping"),
         ("GET /api/current_credits/{p}", "/api/current_credits/p42"),
@@ -207,18 +209,43 @@ async fn main() -> anyhow::Result<()> {
             "/api/credits_history/rows238",
         ),
     ];
+    // The three loads take turns, one second each, until each has had
+    // `http_seconds`: a ratio then compares loads measured over the same stretch of
+    // time, not one phase with another a few seconds later.
     let measure = |phase: &'static str| {
         let (http, base) = (&http, &base);
         async move {
+            let mut latencies = vec![Vec::new(); endpoints.len()];
+            let mut measured = vec![Duration::ZERO; endpoints.len()];
+            for slice in 0..http_seconds.max(1) {
+                for (i, (_, path)) in endpoints.iter().enumerate() {
+                    // one second of the first turn warms connections and caches up
+                    let warm_up = match slice {
+                        0 => Duration::from_secs(1),
+                        _ => Duration::from_millis(100),
+                    };
+                    let (times, took) = load(
+                        http,
+                        &format!("{base}{path}"),
+                        32,
+                        warm_up,
+                        Duration::from_secs(1),
+                    )
+                    .await?;
+                    latencies[i].extend(times);
+                    measured[i] += took;
+                }
+            }
             let mut figures = Vec::new();
-            for (label, path) in endpoints {
-                let (rps, p99) = load(
-                    http,
-                    &format!("{base}{path}"),
-                    32,
-                    Duration::from_secs(http_seconds),
-                )
-                .await?;
+            for (((label, path), mut all), took) in endpoints.iter().zip(latencies).zip(measured) {
+                all.sort();
+                anyhow::ensure!(
+                    all.len() >= 1_000,
+                    "only {} requests to {path} in {took:?}: a p99 needs at least 1,000 (raise BENCH_HTTP_SECONDS)",
+                    all.len()
+                );
+                let rps = all.len() as f64 / took.as_secs_f64();
+                let p99 = percentile(&all, 99.0);
                 println!(
                     "{phase}{label:42} {rps:>9.0} req/s   p99 {:>6.2} ms",
                     p99.as_secs_f64() * 1e3
@@ -307,15 +334,16 @@ fn report_http(report: &mut support::Summary, figures: &[(f64, f64)], phase: &st
     );
 }
 
-/// `connections` loops requesting `url` for `duration`; returns requests/s and p99.
+/// `connections` loops requesting `url` for `warm_up` (not counted), then for
+/// `duration`; returns the latencies counted and the time they were counted over.
 async fn load(
     http: &reqwest::Client,
     url: &str,
     connections: usize,
+    warm_up: Duration,
     duration: Duration,
-) -> anyhow::Result<(f64, Duration)> {
-    // one second of the same load first, not counted: connections and caches warm
-    let warm_up = Instant::now() + Duration::from_secs(1);
+) -> anyhow::Result<(Vec<Duration>, Duration)> {
+    let warm_up = Instant::now() + warm_up;
     let deadline = warm_up + duration;
     let tasks: Vec<_> = (0..connections)
         .map(|_| {
@@ -343,15 +371,5 @@ async fn load(
     for task in tasks {
         all.extend(task.await??);
     }
-    all.sort();
-    anyhow::ensure!(
-        all.len() >= 1_000,
-        "only {} requests to {url} in {duration:?}: a p99 needs at least 1,000 (raise BENCH_HTTP_SECONDS)",
-        all.len()
-    );
-    let elapsed = duration;
-    Ok((
-        all.len() as f64 / elapsed.as_secs_f64(),
-        percentile(&all, 99.0),
-    ))
+    Ok((all, duration))
 }
