@@ -216,15 +216,15 @@ async fn main() -> anyhow::Result<()> {
         let (http, base) = (&http, &base);
         async move {
             let mut latencies = vec![Vec::new(); endpoints.len()];
-            let mut measured = vec![Duration::ZERO; endpoints.len()];
-            for slice in 0..http_seconds.max(1) {
+            let turns = http_seconds.max(1);
+            for slice in 0..turns {
                 for (i, (_, path)) in endpoints.iter().enumerate() {
                     // one second of the first turn warms connections and caches up
                     let warm_up = match slice {
                         0 => Duration::from_secs(1),
                         _ => Duration::from_millis(100),
                     };
-                    let (times, took) = load(
+                    let times = load(
                         http,
                         &format!("{base}{path}"),
                         32,
@@ -233,11 +233,11 @@ async fn main() -> anyhow::Result<()> {
                     )
                     .await?;
                     latencies[i].extend(times);
-                    measured[i] += took;
                 }
             }
             let mut figures = Vec::new();
-            for (((label, path), mut all), took) in endpoints.iter().zip(latencies).zip(measured) {
+            let took = Duration::from_secs(turns);
+            for ((label, path), mut all) in endpoints.iter().zip(latencies) {
                 all.sort();
                 anyhow::ensure!(
                     all.len() >= 1_000,
@@ -335,14 +335,14 @@ fn report_http(report: &mut support::Summary, figures: &[(f64, f64)], phase: &st
 }
 
 /// `connections` loops requesting `url` for `warm_up` (not counted), then for
-/// `duration`; returns the latencies counted and the time they were counted over.
+/// `duration`; returns the latencies counted.
 async fn load(
     http: &reqwest::Client,
     url: &str,
     connections: usize,
     warm_up: Duration,
     duration: Duration,
-) -> anyhow::Result<(Vec<Duration>, Duration)> {
+) -> anyhow::Result<Vec<Duration>> {
     let warm_up = Instant::now() + warm_up;
     let deadline = warm_up + duration;
     let tasks: Vec<_> = (0..connections)
@@ -371,5 +371,5 @@ async fn load(
     for task in tasks {
         all.extend(task.await??);
     }
-    Ok((all, duration))
+    Ok(all)
 }

@@ -225,10 +225,9 @@ impl<'c> Sorter<'c> {
             self.prepared.skipped.not_finite += 1;
             return;
         }
-        let time = DateTime::from_timestamp_millis(timestamp_ms).unwrap_or(self.default_time);
         self.prepared.rows.push(SampleRow {
             series_id,
-            time,
+            time: sample_time(Some(timestamp_ms), self.default_time),
             value,
         });
     }
@@ -299,10 +298,7 @@ pub(crate) fn sort_sample(
         skipped.not_finite += 1;
         return false;
     }
-    let time = sample
-        .timestamp_ms
-        .and_then(DateTime::from_timestamp_millis)
-        .unwrap_or(scrape_time);
+    let time = sample_time(sample.timestamp_ms, scrape_time);
     write_series_key(key, sample.name, merged(&sample.labels, &ctx.target_labels));
     if key.len() > MAX_SERIES_KEY_BYTES {
         skipped.too_long += 1;
@@ -329,6 +325,13 @@ pub(crate) fn sort_sample(
     });
     prepared.new_rows.push((index, time, sample.value));
     true
+}
+
+/// A sample's own time, or `default_time` when it has none (or one out of range).
+fn sample_time(timestamp_ms: Option<i64>, default_time: DateTime<Utc>) -> DateTime<Utc> {
+    timestamp_ms
+        .and_then(DateTime::from_timestamp_millis)
+        .unwrap_or(default_time)
 }
 
 fn label<'s>(labels: &'s [(&str, Cow<'_, str>)], name: &str) -> Option<&'s str> {

@@ -100,12 +100,13 @@ pub const MAX_KNOWN_SERIES_PER_SENDER: usize = 500_000;
 /// depend on nothing else), so its samples skip decoding the labels, the filters and
 /// the series key. Series are never deleted, so an id once found stays right.
 #[derive(Default)]
-struct KnownSeries(std::sync::RwLock<HashMap<Box<[u8]>, i64, foldhash::fast::RandomState>>);
+struct KnownSeries(std::sync::RwLock<IdsByLabelBytes>);
+
+/// Series ids by the label fields a sender encoded.
+type IdsByLabelBytes = HashMap<Box<[u8]>, i64, foldhash::fast::RandomState>;
 
 impl KnownSeries {
-    fn read(
-        &self,
-    ) -> std::sync::RwLockReadGuard<'_, HashMap<Box<[u8]>, i64, foldhash::fast::RandomState>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, IdsByLabelBytes> {
         // Plain values: a panicking holder cannot leave them half-written.
         self.0.read().unwrap_or_else(|p| p.into_inner())
     }

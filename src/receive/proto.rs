@@ -1,7 +1,7 @@
 //! Prometheus remote-write 1.0 messages (`prometheus/prompb/{remote,types}.proto`),
 //! declared by hand: only the fields a receiver reads. The receiver reads bodies with
-//! [`for_each_series`], which lends each series' labels straight from the body
-//! instead of allocating two strings per label; the prost structs encode requests
+//! [`for_each_lazy_series`], which lends each series' labels straight from the body
+//! (decoded only when asked for) instead of allocating two strings per label; the prost structs encode requests
 //! (tests, benches) and are the reference the decoder is tested against. Unknown
 //! fields (metadata, exemplars, histograms) are skipped.
 
@@ -50,35 +50,6 @@ pub struct Sample {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct DecodeError(&'static str);
-
-/// A series of a `WriteRequest` as [`for_each_series`] lends it: labels borrowed from
-/// the decoded buffer, samples as (value, milliseconds).
-#[derive(Debug, Default)]
-pub struct SeriesRef<'a> {
-    /// Label pairs in the order sent, `__name__` among them.
-    pub labels: Vec<(&'a str, &'a str)>,
-    /// Samples as (value, timestamp in ms).
-    pub samples: Vec<(f64, i64)>,
-}
-
-/// Decodes a `WriteRequest` without copying a label: calls `f` for each series with
-/// its labels borrowed from `buf` (UTF-8 checked, as prost checks `string` fields).
-/// Unknown fields (metadata, exemplars, histograms) are skipped. Only the request's
-/// structure is trusted to the length prefixes, each checked against what is left.
-pub fn for_each_series<'a>(
-    buf: &'a [u8],
-    mut f: impl FnMut(&SeriesRef<'a>),
-) -> Result<(), DecodeError> {
-    let mut series = SeriesRef::default();
-    for_each_lazy_series(buf, |lazy| {
-        series.labels.clear();
-        lazy.labels_into(&mut series.labels)?;
-        series.samples.clear();
-        series.samples.extend_from_slice(&lazy.samples);
-        f(&series);
-        Ok(())
-    })
-}
 
 /// A series whose samples are decoded and whose labels are decoded only when asked
 /// for ([`LazySeries::labels_into`]): a receiver that recognises the raw label bytes
@@ -272,16 +243,20 @@ mod tests {
     /// A series as compared: labels, and samples as (value bits, timestamp).
     type Read = (Vec<(String, String)>, Vec<(u64, i64)>);
 
+    /// What the receiver's decoder reads, labels decoded for every series.
     fn decoded(buf: &[u8]) -> Result<Vec<Read>, DecodeError> {
         let mut out = Vec::new();
-        for_each_series(buf, |s| {
+        for_each_lazy_series(buf, |s| {
+            let mut labels = Vec::new();
+            s.labels_into(&mut labels)?;
             out.push((
-                s.labels
+                labels
                     .iter()
                     .map(|(n, v)| (n.to_string(), v.to_string()))
                     .collect(),
                 s.samples.iter().map(|(v, t)| (v.to_bits(), *t)).collect(),
-            ))
+            ));
+            Ok(())
         })?;
         Ok(out)
     }
