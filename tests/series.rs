@@ -4,9 +4,12 @@
 mod common;
 
 use common::TestDb;
+use os_credits::config::Settings;
+use os_credits::ingest;
 use os_credits::store::migrations;
-use os_credits::store::series::{self, NewSeries};
-use std::collections::{BTreeMap, HashSet};
+use os_credits::store::series::{self, NewSeries, Race, SeriesCache};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 fn new_series(range: impl Iterator<Item = u32>) -> Vec<NewSeries> {
     range
@@ -47,13 +50,14 @@ async fn two_writers_creating_overlapping_series_at_once_get_one_id_each_and_nev
         let (left, right) = tokio::join!(
             async {
                 let tx = a.transaction().await.expect("begin");
-                let resolved = series::create_or_find(&tx, &forward).await;
+                let resolved = series::create_or_find(&tx, &forward, series::Race::Tolerated).await;
                 tx.commit().await.expect("commit");
                 resolved
             },
             async {
                 let tx = b.transaction().await.expect("begin");
-                let resolved = series::create_or_find(&tx, &backward).await;
+                let resolved =
+                    series::create_or_find(&tx, &backward, series::Race::Tolerated).await;
                 tx.commit().await.expect("commit");
                 resolved
             }
@@ -95,6 +99,159 @@ async fn two_writers_creating_overlapping_series_at_once_get_one_id_each_and_nev
         .expect("count")
         .get(0);
     assert_eq!(projects, 7, "projects registered with their first series");
+}
+
+/// The first try creates series with a plain insert of those not stored yet: series
+/// stored before (a restart forgot them) are found, not created again, and only the
+/// projects of the new ones are added.
+#[tokio::test]
+async fn a_plain_insert_finds_series_stored_before_and_creates_only_the_rest() {
+    let db = TestDb::create().await;
+    let mut client = migrated(&db).await;
+    let before = new_series(0..100);
+    let tx = client.transaction().await.expect("begin");
+    let stored = series::create_or_find(&tx, &before, Race::Tolerated)
+        .await
+        .expect("create");
+    tx.commit().await.expect("commit");
+
+    let mut asked = new_series(0..150);
+    // a project no series had before
+    for (i, s) in asked.iter_mut().enumerate().skip(140) {
+        s.project = "late".into();
+        s.labels.insert("project_name".into(), "late".into());
+        s.key = format!("project_vcpu_usage{{project_name=\"late\",site=\"s{i}\"}}");
+    }
+    asked.reverse();
+    let tx = client.transaction().await.expect("begin");
+    let resolved = series::create_or_find(&tx, &asked, Race::Fails)
+        .await
+        .expect("the series stored before do not fail the plain insert");
+    tx.commit().await.expect("commit");
+    assert_eq!(resolved.ids.len(), 150);
+    assert_eq!(
+        resolved.created.len(),
+        50,
+        "only the new series are created"
+    );
+    for (key, id) in &stored.ids {
+        assert_eq!(resolved.ids.get(key), Some(id), "{key} keeps its id");
+    }
+    let created: HashSet<i64> = resolved.created.iter().copied().collect();
+    for s in &asked[..50] {
+        assert!(created.contains(&resolved.ids[&s.key]), "{} created", s.key);
+    }
+    let rows = client
+        .query("SELECT name FROM projects ORDER BY name", &[])
+        .await
+        .expect("projects");
+    let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(names, ["late", "p0", "p1", "p2", "p3", "p4", "p5", "p6"]);
+    let count: i64 = client
+        .query_one("SELECT count(*) FROM series", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(count, 150);
+}
+
+/// Two replicas ingesting bodies whose new series overlap, at the same time: one
+/// replica's plain insert of new series meets series the other just created, and its
+/// retry through the merging path must store its samples anyway. Every sample is
+/// stored once, every series exists once, and neither replica reports a failure.
+#[tokio::test]
+async fn replicas_creating_the_same_new_series_at_once_both_store_every_sample_once() {
+    let db = TestDb::create().await;
+    let _ = migrated(&db).await;
+    let settings = Settings::from_vars(db.vars()).expect("settings");
+    let ctx = Arc::new(ingest::IngestContext::new(
+        &settings.ingest,
+        &settings.rules,
+        BTreeMap::new(),
+    ));
+    let body = |range: std::ops::Range<u32>, reverse: bool| {
+        let mut lines: Vec<String> = range
+            .map(|i| {
+                format!(
+                    "project_vcpu_usage{{project_name=\"p{}\",site=\"s{i}\"}} {i}\n",
+                    i % 7
+                )
+            })
+            .collect();
+        if reverse {
+            lines.reverse();
+        }
+        lines.concat()
+    };
+    let (pool_a, pool_b) = (
+        os_credits::store::pool(&settings.database).expect("pool"),
+        os_credits::store::pool(&settings.database).expect("pool"),
+    );
+    let (cache_a, cache_b) = (SeriesCache::default(), SeriesCache::default());
+    let start: chrono::DateTime<chrono::Utc> = "2026-06-01T00:00:00Z".parse().expect("time");
+    let rounds = 4u32;
+    for round in 0..rounds {
+        let base = round * 10_000;
+        let now = start + chrono::Duration::minutes(round.into());
+        let (a, b) = tokio::join!(
+            ingest::ingest_text(
+                &pool_a,
+                &cache_a,
+                ctx.clone(),
+                body(base..base + 2_000, false),
+                now
+            ),
+            ingest::ingest_text(
+                &pool_b,
+                &cache_b,
+                ctx.clone(),
+                body(base + 1_000..base + 3_000, true),
+                now
+            ),
+        );
+        let a = a.unwrap_or_else(|e| panic!("round {round}, replica a: {e}"));
+        let b = b.unwrap_or_else(|e| panic!("round {round}, replica b: {e}"));
+        assert_eq!(
+            a.stored + b.stored,
+            3_000,
+            "round {round}: each sample once"
+        );
+        assert_eq!(a.duplicates + b.duplicates, 1_000, "round {round}");
+        assert_eq!(
+            (a.series.len(), b.series.len()),
+            (2_000, 2_000),
+            "round {round}"
+        );
+    }
+    let client = db.connect().await;
+    let rows = client
+        .query(
+            "SELECT s.labels->>'site' AS site, count(*) AS n, min(u.value) AS value
+             FROM series s JOIN usage_samples u ON u.series_id = s.id GROUP BY 1",
+            &[],
+        )
+        .await
+        .expect("samples");
+    let stored: HashMap<String, (i64, f64)> = rows
+        .iter()
+        .map(|r| (r.get("site"), (r.get("n"), r.get("value"))))
+        .collect();
+    assert_eq!(stored.len(), (rounds * 3_000) as usize);
+    for round in 0..rounds {
+        for i in round * 10_000..round * 10_000 + 3_000 {
+            assert_eq!(
+                stored.get(&format!("s{i}")),
+                Some(&(1, f64::from(i))),
+                "s{i}"
+            );
+        }
+    }
+    let series: i64 = client
+        .query_one("SELECT count(*) FROM series", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(series, i64::from(rounds * 3_000), "every series once");
 }
 
 /// What the database refuses on its own (migration 0014), so a bug or a hand-written

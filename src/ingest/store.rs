@@ -3,7 +3,7 @@
 
 use super::{IngestError, IngestOutcome, Prepared, Skipped};
 use crate::store::samples::{self, SampleBatch, SampleRow};
-use crate::store::series::{self, NewSeries, Resolved, SeriesCache};
+use crate::store::series::{self, NewSeries, Race, Resolved, SeriesCache};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use std::collections::{HashMap, HashSet};
@@ -85,8 +85,9 @@ impl Collected {
 }
 
 /// Receives parsed chunks and streams them into one transaction. When the optimistic
-/// direct `COPY` meets a duplicate (another writer got there first), everything is
-/// stored again through the merging path.
+/// direct `COPY` meets a duplicate, or the plain insert of new series meets a series
+/// created meanwhile (another writer got there first), everything is stored again
+/// through the merging path.
 pub(crate) async fn store_stream(
     pool: &Pool,
     cache: &SeriesCache,
@@ -164,7 +165,16 @@ async fn finish(
     }
     let resolved = match collected.new_series.is_empty() {
         true => Resolved::default(),
-        false => series::create_or_find(batch.transaction().await?, &collected.new_series).await?,
+        false => {
+            // First try: a plain insert of the series not stored yet. Another writer
+            // creating one of them at the same time fails it with a unique violation,
+            // and the merging retry tolerates that.
+            let race = match merge_all {
+                false => Race::Fails,
+                true => Race::Tolerated,
+            };
+            series::create_or_find(batch.transaction().await?, &collected.new_series, race).await?
+        }
     };
     let new_rows = collected.new_series_rows(&resolved)?;
     let created: HashSet<i64> = resolved.created.iter().copied().collect();

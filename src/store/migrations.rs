@@ -75,6 +75,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0015_created_projects_do_not_notify.sql",
         sql: include_str!("../../sql/0015_created_projects_do_not_notify.sql"),
     },
+    Migration {
+        version: 16,
+        name: "0016_series_by_project_hash.sql",
+        sql: include_str!("../../sql/0016_series_by_project_hash.sql"),
+    },
 ];
 
 /// Arbitrary but fixed key of the advisory lock that serialises migrations.

@@ -147,81 +147,107 @@ pub struct Resolved {
     pub created: Vec<i64>,
 }
 
+/// How [`create_or_find`] meets a series that another writer creates at the same time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Race {
+    /// Plain `INSERT` of the series not found: the cheapest, but a series another
+    /// writer commits meanwhile fails the statement with a unique violation (the
+    /// caller then retries the whole transaction with [`Race::Tolerated`]).
+    Fails,
+    /// `INSERT … ON CONFLICT DO NOTHING`: never fails on a series created meanwhile.
+    Tolerated,
+}
+
 /// Creates the `new` series that do not exist yet and finds the ids of all of them,
-/// in a few statements whatever their number: one binary `COPY` into a temporary
-/// table, one `INSERT … ON CONFLICT DO NOTHING RETURNING` in key order (the ids of the
-/// series created), and only when some already existed one join for their ids. Series created by another writer at the same time are found too: the
-/// unique key makes the insert wait for it, and inserting in key order means two
-/// writers creating overlapping sets wait for each other in the same order instead
-/// of deadlocking. Runs in the caller's transaction (the temporary rows go at commit).
+/// in a few statements whatever their number: the series go as arrays (bound in
+/// binary), one `INSERT … RETURNING` in key order creates those not stored yet (the
+/// ids of the series created), and only when some already existed one lookup finds
+/// their ids. With [`Race::Tolerated`] series created by another writer at the same
+/// time are found too: the unique key makes the insert wait for it, and inserting in
+/// key order means two writers creating overlapping sets wait for each other in the
+/// same order instead of deadlocking. Their projects are registered. Runs in the
+/// caller's transaction.
 #[tracing::instrument(skip_all, fields(new = new.len()), err)]
 pub async fn create_or_find(
     tx: &tokio_postgres::Transaction<'_>,
     new: &[NewSeries],
+    race: Race,
 ) -> anyhow::Result<Resolved> {
-    use tokio_postgres::binary_copy::BinaryCopyInWriter;
-    use tokio_postgres::types::Type;
-
     let mut resolved = Resolved::default();
     if new.is_empty() {
         return Ok(resolved);
     }
-    tx.batch_execute(
-        "CREATE TEMPORARY TABLE IF NOT EXISTS new_series (
-             metric text, labels jsonb, series_key text COLLATE \"C\", project text
-         ) ON COMMIT DELETE ROWS",
-    )
-    .await
-    .context("preparing the new-series table")?;
-    let sink = tx
-        .copy_in("COPY new_series (metric, labels, series_key, project) FROM STDIN (FORMAT binary)")
-        .await
-        .context("starting the new-series COPY")?;
-    let writer = BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::JSONB, Type::TEXT, Type::TEXT]);
-    futures::pin_mut!(writer);
-    for series in new {
-        let labels = tokio_postgres::types::Json(&series.labels);
-        writer
-            .as_mut()
-            .write(&[&series.metric, &labels, &series.key, &series.project])
-            .await
-            .context("copying new series")?;
-    }
-    writer
-        .finish()
-        .await
-        .context("finishing the new-series COPY")?;
-    let created = tx
-        .query(
+    // Byte order of the keys, which is the order of their unique index (COLLATE "C").
+    let mut sorted: Vec<&NewSeries> = new.iter().collect();
+    sorted.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+    sorted.dedup_by(|a, b| a.key == b.key);
+    let metrics: Vec<&str> = sorted.iter().map(|s| s.metric.as_str()).collect();
+    let labels: Vec<tokio_postgres::types::Json<&BTreeMap<String, String>>> = sorted
+        .iter()
+        .map(|s| tokio_postgres::types::Json(&s.labels))
+        .collect();
+    let keys: Vec<&str> = sorted.iter().map(|s| s.key.as_str()).collect();
+    let projects: Vec<&str> = sorted.iter().map(|s| s.project.as_str()).collect();
+    let insert = match race {
+        // (the anti-join keeps series stored before, e.g. before a restart, from
+        // failing the plain insert)
+        Race::Fails => {
             "INSERT INTO series (metric, labels, series_key, project)
-             SELECT metric, labels, series_key, project FROM new_series ORDER BY series_key
+             SELECT n.metric, n.labels, n.series_key, n.project
+             FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::text[]) WITH ORDINALITY
+                  AS n (metric, labels, series_key, project, i)
+             WHERE NOT EXISTS (SELECT 1 FROM series s WHERE s.series_key = n.series_key)
+             ORDER BY n.i
+             RETURNING id, series_key"
+        }
+        Race::Tolerated => {
+            "INSERT INTO series (metric, labels, series_key, project)
+             SELECT n.metric, n.labels, n.series_key, n.project
+             FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::text[]) WITH ORDINALITY
+                  AS n (metric, labels, series_key, project, i)
+             ORDER BY n.i
              ON CONFLICT (series_key) DO NOTHING
-             RETURNING id, series_key",
-            &[],
-        )
+             RETURNING id, series_key"
+        }
+    };
+    let created = tx
+        .query(insert, &[&metrics, &labels, &keys, &projects])
         .await
         .context("inserting new series")?;
     if !created.is_empty() {
-        tx.execute(
-            "INSERT INTO projects (name) SELECT DISTINCT project FROM new_series
-             ORDER BY 1 ON CONFLICT DO NOTHING",
-            &[],
-        )
-        .await
-        .context("registering projects")?;
+        let mut names: Vec<&str> = projects.clone();
+        names.sort_unstable();
+        names.dedup();
+        let register = match race {
+            Race::Fails => {
+                "INSERT INTO projects (name)
+                 SELECT u.name FROM unnest($1::text[]) WITH ORDINALITY AS u (name, i)
+                 WHERE NOT EXISTS (SELECT 1 FROM projects p WHERE p.name = u.name)
+                 ORDER BY u.i"
+            }
+            Race::Tolerated => {
+                "INSERT INTO projects (name)
+                 SELECT u.name FROM unnest($1::text[]) WITH ORDINALITY AS u (name, i)
+                 ORDER BY u.i
+                 ON CONFLICT DO NOTHING"
+            }
+        };
+        tx.execute(register, &[&names])
+            .await
+            .context("registering projects")?;
     }
     for row in &created {
         let id = super::col(row, "id")?;
         resolved.created.push(id);
         resolved.ids.insert(super::col(row, "series_key")?, id);
     }
-    // Series another writer created first: their ids (the common case, all new, needs
-    // no second look).
-    if resolved.ids.len() < new.len() {
+    // Series stored before (or, tolerated, by another writer first): their ids (the
+    // common case, all new, needs no second look).
+    if resolved.ids.len() < keys.len() {
         let rows = tx
             .query(
-                "SELECT n.series_key, s.id FROM new_series n JOIN series s ON s.series_key = n.series_key",
-                &[],
+                "SELECT series_key, id FROM series WHERE series_key = ANY($1::text[])",
+                &[&keys],
             )
             .await
             .context("reading series ids")?;
