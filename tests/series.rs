@@ -103,7 +103,8 @@ async fn two_writers_creating_overlapping_series_at_once_get_one_id_each_and_nev
 
 /// The first try creates series with a plain insert of those not stored yet: series
 /// stored before (a restart forgot them) are found, not created again, and only the
-/// projects of the new ones are added.
+/// projects of the new ones are added; a project created at the same time (a grant)
+/// is no conflict.
 #[tokio::test]
 async fn a_plain_insert_finds_series_stored_before_and_creates_only_the_rest() {
     let db = TestDb::create().await;
@@ -123,10 +124,22 @@ async fn a_plain_insert_finds_series_stored_before_and_creates_only_the_rest() {
         s.key = format!("project_vcpu_usage{{project_name=\"late\",site=\"s{i}\"}}");
     }
     asked.reverse();
-    let tx = client.transaction().await.expect("begin");
-    let resolved = series::create_or_find(&tx, &asked, Race::Fails)
+    // A grant creates the project "late" at the same moment, committing while the
+    // series are inserted: that is no conflict.
+    let mut granting = db.connect().await;
+    let grant = granting.transaction().await.expect("begin");
+    grant
+        .batch_execute("INSERT INTO projects (name, granted_credits) VALUES ('late', 5)")
         .await
-        .expect("the series stored before do not fail the plain insert");
+        .expect("grant");
+    let tx = client.transaction().await.expect("begin");
+    let (resolved, ()) = tokio::join!(series::create_or_find(&tx, &asked, Race::Fails), async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        grant.commit().await.expect("commit the grant");
+    });
+    let resolved = resolved.expect(
+        "neither series stored before nor a project created meanwhile fail the plain insert",
+    );
     tx.commit().await.expect("commit");
     assert_eq!(resolved.ids.len(), 150);
     assert_eq!(
@@ -147,6 +160,15 @@ async fn a_plain_insert_finds_series_stored_before_and_creates_only_the_rest() {
         .expect("projects");
     let names: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(names, ["late", "p0", "p1", "p2", "p3", "p4", "p5", "p6"]);
+    let granted: String = client
+        .query_one(
+            "SELECT granted_credits::text FROM projects WHERE name = 'late'",
+            &[],
+        )
+        .await
+        .expect("grant")
+        .get(0);
+    assert_eq!(granted, "5", "the grant's project row is kept as it was");
     let count: i64 = client
         .query_one("SELECT count(*) FROM series", &[])
         .await

@@ -218,20 +218,13 @@ pub async fn create_or_find(
         let mut names: Vec<&str> = projects.clone();
         names.sort_unstable();
         names.dedup();
-        let register = match race {
-            Race::Fails => {
-                "INSERT INTO projects (name)
-                 SELECT u.name FROM unnest($1::text[]) WITH ORDINALITY AS u (name, i)
-                 WHERE NOT EXISTS (SELECT 1 FROM projects p WHERE p.name = u.name)
-                 ORDER BY u.i"
-            }
-            Race::Tolerated => {
-                "INSERT INTO projects (name)
-                 SELECT u.name FROM unnest($1::text[]) WITH ORDINALITY AS u (name, i)
-                 ORDER BY u.i
-                 ON CONFLICT DO NOTHING"
-            }
-        };
+        // (with ON CONFLICT either way: projects are also created by grants and by
+        // other sites' series, so a project created meanwhile is common and no reason
+        // to store everything again)
+        let register = "INSERT INTO projects (name)
+                        SELECT u.name FROM unnest($1::text[]) WITH ORDINALITY AS u (name, i)
+                        ORDER BY u.i
+                        ON CONFLICT DO NOTHING";
         tx.execute(register, &[&names])
             .await
             .context("registering projects")?;
