@@ -188,30 +188,27 @@ pub async fn create_or_find(
         .collect();
     let keys: Vec<&str> = sorted.iter().map(|s| s.key.as_str()).collect();
     let projects: Vec<&str> = sorted.iter().map(|s| s.project.as_str()).collect();
-    let insert = match race {
-        // (the anti-join keeps series stored before, e.g. before a restart, from
-        // failing the plain insert)
-        Race::Fails => {
-            "INSERT INTO series (metric, labels, series_key, project)
-             SELECT n.metric, n.labels, n.series_key, n.project
-             FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::text[]) WITH ORDINALITY
-                  AS n (metric, labels, series_key, project, i)
-             WHERE NOT EXISTS (SELECT 1 FROM series s WHERE s.series_key = n.series_key)
-             ORDER BY n.i
-             RETURNING id, series_key"
-        }
-        Race::Tolerated => {
-            "INSERT INTO series (metric, labels, series_key, project)
-             SELECT n.metric, n.labels, n.series_key, n.project
-             FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::text[]) WITH ORDINALITY
-                  AS n (metric, labels, series_key, project, i)
-             ORDER BY n.i
-             ON CONFLICT (series_key) DO NOTHING
-             RETURNING id, series_key"
-        }
+    // Fails: the anti-join keeps series stored before (e.g. before a restart) from
+    // failing the plain insert.
+    let (only_new, on_conflict) = match race {
+        Race::Fails => (
+            "WHERE NOT EXISTS (SELECT 1 FROM series s WHERE s.series_key = n.series_key)",
+            "",
+        ),
+        Race::Tolerated => ("", "ON CONFLICT (series_key) DO NOTHING"),
     };
+    let insert = format!(
+        "INSERT INTO series (metric, labels, series_key, project)
+         SELECT n.metric, n.labels, n.series_key, n.project
+         FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::text[]) WITH ORDINALITY
+              AS n (metric, labels, series_key, project, i)
+         {only_new}
+         ORDER BY n.i
+         {on_conflict}
+         RETURNING id, series_key"
+    );
     let created = tx
-        .query(insert, &[&metrics, &labels, &keys, &projects])
+        .query(&insert, &[&metrics, &labels, &keys, &projects])
         .await
         .context("inserting new series")?;
     if !created.is_empty() {
@@ -221,13 +218,15 @@ pub async fn create_or_find(
         // (with ON CONFLICT either way: projects are also created by grants and by
         // other sites' series, so a project created meanwhile is common and no reason
         // to store everything again)
-        let register = "INSERT INTO projects (name)
-                        SELECT u.name FROM unnest($1::text[]) WITH ORDINALITY AS u (name, i)
-                        ORDER BY u.i
-                        ON CONFLICT DO NOTHING";
-        tx.execute(register, &[&names])
-            .await
-            .context("registering projects")?;
+        tx.execute(
+            "INSERT INTO projects (name)
+             SELECT u.name FROM unnest($1::text[]) WITH ORDINALITY AS u (name, i)
+             ORDER BY u.i
+             ON CONFLICT DO NOTHING",
+            &[&names],
+        )
+        .await
+        .context("registering projects")?;
     }
     for row in &created {
         let id = super::col(row, "id")?;
