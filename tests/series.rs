@@ -30,6 +30,15 @@ fn new_series(range: impl Iterator<Item = u32>) -> Vec<NewSeries> {
         .collect()
 }
 
+/// Rows in `table`.
+async fn row_count(client: &tokio_postgres::Client, table: &str) -> i64 {
+    client
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .expect("count")
+        .get(0)
+}
+
 async fn migrated(db: &TestDb) -> tokio_postgres::Client {
     let mut client = db.connect().await;
     migrations::run(&mut client).await.expect("migrations");
@@ -87,17 +96,9 @@ async fn two_writers_creating_overlapping_series_at_once_get_one_id_each_and_nev
         forward.clear();
     }
     let client = db.connect().await;
-    let count: i64 = client
-        .query_one("SELECT count(*) FROM series", &[])
-        .await
-        .expect("count")
-        .get(0);
+    let count = row_count(&client, "series").await;
     assert_eq!(count, 20_000);
-    let projects: i64 = client
-        .query_one("SELECT count(*) FROM projects", &[])
-        .await
-        .expect("count")
-        .get(0);
+    let projects = row_count(&client, "projects").await;
     assert_eq!(projects, 7, "projects registered with their first series");
 }
 
@@ -169,11 +170,7 @@ async fn a_plain_insert_finds_series_stored_before_and_creates_only_the_rest() {
         .expect("grant")
         .get(0);
     assert_eq!(granted, "5", "the grant's project row is kept as it was");
-    let count: i64 = client
-        .query_one("SELECT count(*) FROM series", &[])
-        .await
-        .expect("count")
-        .get(0);
+    let count = row_count(&client, "series").await;
     assert_eq!(count, 150);
 }
 
@@ -268,11 +265,7 @@ async fn replicas_creating_the_same_new_series_at_once_both_store_every_sample_o
             );
         }
     }
-    let series: i64 = client
-        .query_one("SELECT count(*) FROM series", &[])
-        .await
-        .expect("count")
-        .get(0);
+    let series = row_count(&client, "series").await;
     assert_eq!(series, i64::from(rounds * 3_000), "every series once");
 }
 

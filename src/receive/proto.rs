@@ -1,9 +1,9 @@
 //! Prometheus remote-write 1.0 messages (`prometheus/prompb/{remote,types}.proto`),
 //! declared by hand: only the fields a receiver reads. The receiver reads bodies with
 //! [`for_each_lazy_series`], which lends each series' labels straight from the body
-//! (decoded only when asked for) instead of allocating two strings per label; the prost structs encode requests
-//! (tests, benches) and are the reference the decoder is tested against. Unknown
-//! fields (metadata, exemplars, histograms) are skipped.
+//! (decoded only when asked for) instead of allocating two strings per label; the
+//! prost structs encode requests (tests, benches) and are the reference the decoder
+//! is tested against. Unknown fields (metadata, exemplars, histograms) are skipped.
 
 /// `prometheus.WriteRequest`.
 #[derive(Clone, PartialEq, prost::Message)]
