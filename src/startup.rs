@@ -120,28 +120,23 @@ impl Application {
         let state = AppState::new(pool.clone(), mode, settings.clone(), logs)
             .with_storage(storage.clone())
             .with_receiver(receiver.clone());
-        // Balances are answered from memory while this listens (see api::memo); it
-        // runs with or without the other workers, supervised like them.
-        let memo = state.memo.clone();
-        let on_change: store::changes::OnChange = Arc::new(move |change| memo.on_change(change));
+        // Balances are answered from memory while the HTTP worker threads listen
+        // (see api::memo); they run with or without the other workers, supervised
+        // like them. The callback holds the memo weakly: the memo holds the callback.
+        let memo = Arc::downgrade(&state.memo);
+        let on_change: store::changes::OnChange = Arc::new(move |change| {
+            if let Some(memo) = memo.upgrade() {
+                memo.on_change(change);
+            }
+        });
         let mut listen_config = store::pg_config(&settings.database);
         listen_config.application_name(store::changes::APPLICATION_NAME);
-        let change_listener = store::changes::Listener::new();
-        state.memo.attach(change_listener.clone());
-        let listen_cancel = cancel.clone();
-        state.workers.spawn(
-            "change_listener",
-            Duration::ZERO,
-            Backoff::default(),
-            cancel.clone(),
-            move || {
-                change_listener.clone().run(
-                    listen_config.clone(),
-                    on_change.clone(),
-                    listen_cancel.clone(),
-                )
-            },
-        );
+        state.memo.listen(api::memo::Listen {
+            config: listen_config,
+            on_change,
+            cancel: cancel.clone(),
+            workers: state.workers.clone(),
+        });
         let workers = state.workers.clone();
         let server = api::server(state, listener)?;
         tracing::info!(port, "listening");

@@ -220,3 +220,73 @@ async fn the_project_detail_is_answered_from_memory_and_fresh_after_its_other_pa
     b_stop.stop().await;
     b_task.await.expect("second replica stops");
 }
+
+/// Pauses (SIGSTOP) PostgreSQL backend processes until dropped (SIGCONT).
+struct Paused(Vec<i32>);
+
+impl Paused {
+    fn signal(pids: &[i32], signal: &str) -> bool {
+        pids.iter().all(|pid| {
+            std::process::Command::new("kill")
+                .args([signal, &pid.to_string()])
+                .status()
+                .is_ok_and(|status| status.success())
+        })
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        Self::signal(&self.0, "-CONT");
+    }
+}
+
+#[tokio::test]
+async fn a_change_whose_notification_is_late_is_not_answered_around() {
+    let a = spawn_app(&[("API_KEY", KEY)]).await;
+    let (b, b_stop, b_task) = second_replica(&a).await;
+    let credits = || get_json(&a.http, format!("{b}/api/current_credits/Alpha"));
+    grant(&a, "Alpha", 1).await;
+    // B holds the balance (the second read is answered from memory).
+    for _ in 0..4 {
+        assert_eq!(credits().await.1["granted_credits"], json!(1.0));
+    }
+
+    // Every listening backend of this database is paused: the grant below commits,
+    // but its notification reaches no replica until they go on.
+    let pids: Vec<i32> =
+        a.db.connect()
+            .await
+            .query(
+                "SELECT pid FROM pg_stat_activity
+             WHERE application_name = 'os-credits-listener' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .expect("listening backends")
+            .iter()
+            .map(|row| row.get("pid"))
+            .collect();
+    assert!(pids.len() >= 2, "both replicas listen: {pids:?}");
+    assert!(
+        Paused::signal(&pids, "-STOP"),
+        "pausing backends {pids:?} with kill -STOP failed: this test must run as root or as the PostgreSQL server's user"
+    );
+    let paused = Paused(pids);
+    grant(&a, "Alpha", 2).await;
+    // The write returned, so every read now sees it: B's read barrier cannot pass,
+    // so B reads the database instead of answering from memory.
+    for round in 0..4 {
+        assert_eq!(
+            credits().await.1["granted_credits"],
+            json!(2.0),
+            "read {round} after the grant returned, its notification still on the way"
+        );
+    }
+    drop(paused);
+    grant(&a, "Alpha", 3).await;
+    assert_eq!(credits().await.1["granted_credits"], json!(3.0));
+
+    b_stop.stop().await;
+    b_task.await.expect("second replica stops");
+}

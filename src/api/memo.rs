@@ -7,6 +7,13 @@
 //! kept only if no change of its project arrived while it was read. Without a
 //! listening connection every request reads the database.
 //!
+//! Each HTTP worker thread listens on a connection of its own (up to
+//! [`MAX_LISTENERS`]; further threads share one), so a request's barrier is sent,
+//! answered and woken on the thread that serves it, with no hand-over to another
+//! thread: on a busy machine each hand-over costs a scheduling delay, and they were
+//! most of a memory answer's time. Any listener's change is applied to the one
+//! memory, so a barrier passed on one thread covers what every thread reads.
+//!
 //! Bounded: at most [`MAX_PROJECTS`] balances and details (about 250 bytes per
 //! balance; 1–2 KiB per detail, at most ~5 KiB with the 10 held charges, quarantined
 //! samples and stale series a held detail may list: under 550 MB for 100,000
@@ -17,14 +24,16 @@
 
 use super::projects::FullDetail as Detail;
 use crate::billing::account::Balance;
-use crate::store::changes::{Change, Listener};
+use crate::store::changes::{Change, Listener, OnChange};
+use crate::workers::{Backoff, Workers};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use std::cell::RefCell;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 /// Most projects whose balance (and detail) are held.
@@ -37,6 +46,9 @@ pub const MAX_HISTORY_BYTES: usize = 64 * 1024 * 1024;
 const SYNC_DEADLINE: Duration = Duration::from_millis(500);
 /// Change counters, one per stripe of project names.
 const STRIPES: usize = 1024;
+/// Listening connections of one process at most (one per HTTP worker thread up to
+/// this; threads beyond it share them).
+pub const MAX_LISTENERS: usize = 8;
 
 /// A history answer as sent: CSV or JSON body, or `None` for "nothing in the range".
 #[derive(Debug, Clone)]
@@ -69,7 +81,28 @@ pub struct Memo {
     stripes: Vec<AtomicU64>,
     /// Bumped (under the write lock) when everything is dropped.
     epoch: AtomicU64,
-    listener: OnceLock<Arc<Listener>>,
+    /// How to listen, set at start-up; without it every request reads the database.
+    listen: OnceLock<Listen>,
+    /// The listeners started so far, in order.
+    listeners: Mutex<Vec<Arc<Listener>>>,
+}
+
+/// What starting a listener needs.
+pub struct Listen {
+    /// The listening connection's settings.
+    pub config: tokio_postgres::Config,
+    /// Where its changes go (this memo's [`Memo::on_change`]).
+    pub on_change: OnChange,
+    /// Ends the listeners.
+    pub cancel: tokio_util::sync::CancellationToken,
+    /// Where they are supervised, each as `change_listener/<n>`.
+    pub workers: Workers,
+}
+
+thread_local! {
+    /// This thread's listener, per memo (by address: one process may run several
+    /// services, as the tests do).
+    static HERE: RefCell<Vec<(usize, Arc<Listener>)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A read in progress: whether memory may answer, and the change counters when it
@@ -86,7 +119,8 @@ impl Default for Memo {
             held: RwLock::default(),
             stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
             epoch: AtomicU64::new(0),
-            listener: OnceLock::new(),
+            listen: OnceLock::new(),
+            listeners: Mutex::default(),
         }
     }
 }
@@ -99,9 +133,57 @@ fn stripe_of(project: &str) -> usize {
 }
 
 impl Memo {
-    /// A memo fed by `listener`'s changes (see [`Memo::on_change`]).
-    pub fn attach(&self, listener: Arc<Listener>) {
-        let _ = self.listener.set(listener);
+    /// Lets the memo answer: each HTTP worker thread then listens
+    /// ([`Memo::listen_here`]).
+    pub fn listen(&self, listen: Listen) {
+        let _ = self.listen.set(listen);
+    }
+
+    /// This thread's listener: started (supervised, on this thread's runtime) on the
+    /// thread's first call, or shared with another thread's once [`MAX_LISTENERS`]
+    /// run. `None` before [`Memo::listen`] or outside a Tokio runtime.
+    pub fn listen_here(&self) -> Option<Arc<Listener>> {
+        let id = self as *const Self as usize;
+        if let Some(held) = HERE.with_borrow(|here| {
+            here.iter()
+                .find(|(memo, _)| *memo == id)
+                .map(|(_, listener)| listener.clone())
+        }) {
+            return Some(held);
+        }
+        let listen = self.listen.get()?;
+        tokio::runtime::Handle::try_current().ok()?;
+        let listener = {
+            let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+            if listeners.len() < MAX_LISTENERS {
+                let listener = Listener::new();
+                listeners.push(listener.clone());
+                let (config, on_change, cancel) = (
+                    listen.config.clone(),
+                    listen.on_change.clone(),
+                    listen.cancel.clone(),
+                );
+                let started = listener.clone();
+                listen.workers.spawn(
+                    format!("change_listener/{}", listeners.len()),
+                    Duration::ZERO,
+                    Backoff::default(),
+                    cancel.clone(),
+                    move || {
+                        started
+                            .clone()
+                            .run(config.clone(), on_change.clone(), cancel.clone())
+                    },
+                );
+                listener
+            } else {
+                // Spread over the others by thread count so far.
+                let n = HERE.with_borrow(Vec::len) + listeners.len();
+                listeners[n % MAX_LISTENERS].clone()
+            }
+        };
+        HERE.with_borrow_mut(|here| here.push((id, listener.clone())));
+        Some(listener)
     }
 
     /// Applies one change from the listener.
@@ -128,7 +210,7 @@ impl Memo {
     pub async fn begin(&self, project: &str) -> Read {
         let stripe = stripe_of(project);
         let seen = self.counters(stripe);
-        let fresh = match self.listener.get() {
+        let fresh = match self.listen_here() {
             Some(listener) => listener.sync(SYNC_DEADLINE).await,
             None => false,
         };

@@ -105,6 +105,9 @@ impl AppState {
 pub fn server(state: AppState, listener: TcpListener) -> std::io::Result<actix_web::dev::Server> {
     let data = web::Data::new(state);
     let server = HttpServer::new(move || {
+        // Called on each worker thread as it starts: its listener starts listening
+        // before the first request comes.
+        data.memo.listen_here();
         App::new()
             // inside the request span, so it sees the request id
             .wrap(actix_web::middleware::from_fn(input::utf8_only))

@@ -1,8 +1,10 @@
 //! Which projects changed: PostgreSQL `LISTEN` on the channel the `projects` and
-//! `ledger` triggers notify at commit, on one dedicated connection per process.
+//! `ledger` triggers notify at commit, on dedicated connections (the memo runs one
+//! per HTTP worker thread, [`crate::api::memo`]).
 //!
 //! [`Listener::sync`] is a read barrier: one empty query on the listening connection,
-//! shared by every request waiting when it is sent (several may be on their way).
+//! shared by every request waiting when it is sent (several may be on their way);
+//! its answer wakes only them.
 //! PostgreSQL sends a listening session every notification committed before that
 //! query started ahead of the query's answer, and they are handed to the callback in
 //! the order they arrive, so when `sync` returns `true` every change committed before
@@ -11,10 +13,10 @@
 //! listens.
 
 use futures::StreamExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
@@ -43,14 +45,85 @@ pub enum Change<'a> {
 /// Called for every change, on the listener's task; must not block.
 pub type OnChange = Arc<dyn Fn(Change<'_>) + Send + Sync>;
 
-/// The listening side of one process.
+/// One listening connection and its read barriers (the memo runs one per HTTP worker
+/// thread).
 pub struct Listener {
     listening: AtomicBool,
-    /// Barrier tickets handed out so far.
-    tickets: AtomicU64,
+    /// The barrier requests wait for now; it is sent once it has a waiter, and a new
+    /// one takes its place before it is sent.
+    next: Mutex<Arc<Barrier>>,
+    /// Woken when the next barrier gets its first waiter.
     wanted: Notify,
-    /// (session number, highest ticket whose barrier completed in that session).
-    done: watch::Sender<(u64, u64)>,
+}
+
+/// One read barrier and everyone waiting for it: completing it wakes only them.
+struct Barrier {
+    /// [`PENDING`], [`PASSED`] or [`FAILED`].
+    state: AtomicU8,
+    /// Whether a request waits for it (so it is worth sending).
+    waited: AtomicBool,
+    finished: Notify,
+}
+
+const PENDING: u8 = 0;
+const PASSED: u8 = 1;
+const FAILED: u8 = 2;
+
+impl Barrier {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            state: AtomicU8::new(PENDING),
+            waited: AtomicBool::new(false),
+            finished: Notify::new(),
+        })
+    }
+
+    /// Passes or fails the barrier (only the first call counts) and wakes its waiters.
+    fn finish(&self, passed: bool) {
+        let to = if passed { PASSED } else { FAILED };
+        if self
+            .state
+            .compare_exchange(PENDING, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.finished.notify_waiters();
+        }
+    }
+
+    /// Waits until the barrier is passed (`true`) or failed (`false`).
+    async fn passed(&self) -> bool {
+        let finished = self.finished.notified();
+        tokio::pin!(finished);
+        // Registered before the state is read, so a finish in between still wakes it.
+        finished.as_mut().enable();
+        match self.state.load(Ordering::Acquire) {
+            PENDING => {
+                finished.await;
+                self.state.load(Ordering::Acquire) == PASSED
+            }
+            state => state == PASSED,
+        }
+    }
+}
+
+/// Marks a listener as not listening, and fails its waiting barrier, when its run
+/// ends or is dropped.
+struct Stopped<'a>(&'a Listener);
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        self.0.listening.store(false, Ordering::Release);
+        drop(self.0.take_wanted());
+    }
+}
+
+/// A barrier on its way: failed when dropped unfinished (the session ended).
+struct Sent(Arc<Barrier>);
+
+impl Drop for Sent {
+    fn drop(&mut self) {
+        self.0.finish(false);
+    }
 }
 
 impl Listener {
@@ -58,10 +131,22 @@ impl Listener {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             listening: AtomicBool::new(false),
-            tickets: AtomicU64::new(0),
+            next: Mutex::new(Barrier::new()),
             wanted: Notify::new(),
-            done: watch::Sender::new((0, 0)),
         })
+    }
+
+    fn next(&self) -> std::sync::MutexGuard<'_, Arc<Barrier>> {
+        // A poisoned lock only means a panic elsewhere while swapping an Arc.
+        self.next.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The next barrier, if a request waits for it; a fresh one takes its place.
+    fn take_wanted(&self) -> Option<Sent> {
+        let mut next = self.next();
+        next.waited
+            .load(Ordering::Acquire)
+            .then(|| Sent(std::mem::replace(&mut *next, Barrier::new())))
     }
 
     /// Whether the connection listens now.
@@ -76,16 +161,17 @@ impl Listener {
         if !self.is_listening() {
             return false;
         }
-        let session = self.done.borrow().0;
-        let ticket = self.tickets.fetch_add(1, Ordering::AcqRel) + 1;
-        self.wanted.notify_one();
-        let mut done = self.done.subscribe();
-        let reached = tokio::time::timeout(
-            deadline,
-            done.wait_for(|(s, d)| *s != session || *d >= ticket),
+        // Taken before the barrier is sent: the listener swaps in a fresh barrier
+        // under the same lock before it sends this one.
+        let barrier = self.next().clone();
+        if !barrier.waited.swap(true, Ordering::AcqRel) {
+            // The first waiter wakes the listener; later ones ride along.
+            self.wanted.notify_one();
+        }
+        matches!(
+            tokio::time::timeout(deadline, barrier.passed()).await,
+            Ok(true)
         )
-        .await;
-        matches!(reached, Ok(Ok(seen)) if seen.0 == session)
     }
 
     /// Listens until `cancel`, reconnecting with a backoff after a failure (each
@@ -96,12 +182,15 @@ impl Listener {
         on_change: OnChange,
         cancel: CancellationToken,
     ) -> anyhow::Result<()> {
+        // Dropped mid-session too (its runtime ended): nobody waits on it then.
+        let _stopped = Stopped(&self);
         let mut delay = Duration::from_millis(100);
         while !cancel.is_cancelled() {
             let result = self.session(&config, &on_change, &cancel, &mut delay).await;
             self.listening.store(false, Ordering::Release);
-            // Waiters of the ended session give up at once.
-            self.done.send_modify(|(session, _)| *session += 1);
+            // Waiters of the ended session give up at once (those on the way were
+            // failed when the session dropped them).
+            drop(self.take_wanted());
             on_change(Change::Reset);
             if let Err(e) = result {
                 crate::telemetry::metrics::listener_failed();
@@ -153,25 +242,24 @@ impl Listener {
             *delay = Duration::from_millis(100);
             tracing::info!(channel = CHANNEL, "listening for project changes");
             // Barriers are pipelined: a request waits for the first barrier sent after
-            // it took its ticket, not for one already on the way to finish first.
+            // it joined the next one, not for one already on the way to finish first.
             // PostgreSQL hands a listening session its pending notifications before
             // each query's ReadyForQuery, so pipelining keeps the guarantee.
             let mut in_flight = futures::stream::FuturesOrdered::new();
-            let mut sent = self.done.borrow().1;
             loop {
-                let wanted = self.tickets.load(Ordering::Acquire);
-                if wanted > sent && in_flight.len() < MAX_BARRIERS_IN_FLIGHT {
-                    sent = wanted;
-                    let barrier = tokio::time::timeout(WAIT, client.simple_query(""));
-                    in_flight.push_back(async move { (wanted, barrier.await) });
-                    continue;
+                if in_flight.len() < MAX_BARRIERS_IN_FLIGHT {
+                    if let Some(sent) = self.take_wanted() {
+                        let barrier = tokio::time::timeout(WAIT, client.simple_query(""));
+                        in_flight.push_back(async move { (sent, barrier.await) });
+                        continue;
+                    }
                 }
                 tokio::select! {
-                    Some((covered, answer)) = in_flight.next(), if !in_flight.is_empty() => {
+                    Some((sent, answer)) = in_flight.next(), if !in_flight.is_empty() => {
                         answer
                             .context("read barrier timed out")?
                             .context("read barrier")?;
-                        self.done.send_modify(|(_, done)| *done = (*done).max(covered));
+                        sent.0.finish(true);
                     }
                     _ = self.wanted.notified() => {}
                     _ = cancel.cancelled() => return Ok(()),
