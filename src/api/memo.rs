@@ -83,8 +83,14 @@ pub struct Memo {
     epoch: AtomicU64,
     /// How to listen, set at start-up; without it every request reads the database.
     listen: OnceLock<Listen>,
-    /// The listeners started so far, in order.
-    listeners: Mutex<Vec<Arc<Listener>>>,
+    /// The listeners started so far, and how many threads asked for one.
+    listeners: Mutex<Listeners>,
+}
+
+#[derive(Default)]
+struct Listeners {
+    started: Vec<Arc<Listener>>,
+    threads: usize,
 }
 
 /// What starting a listener needs.
@@ -155,9 +161,10 @@ impl Memo {
         tokio::runtime::Handle::try_current().ok()?;
         let listener = {
             let mut listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
-            if listeners.len() < MAX_LISTENERS {
+            listeners.threads += 1;
+            if listeners.started.len() < MAX_LISTENERS {
                 let listener = Listener::new();
-                listeners.push(listener.clone());
+                listeners.started.push(listener.clone());
                 let (config, on_change, cancel) = (
                     listen.config.clone(),
                     listen.on_change.clone(),
@@ -165,7 +172,7 @@ impl Memo {
                 );
                 let started = listener.clone();
                 listen.workers.spawn(
-                    format!("change_listener/{}", listeners.len()),
+                    format!("change_listener/{}", listeners.started.len()),
                     Duration::ZERO,
                     Backoff::default(),
                     cancel.clone(),
@@ -177,9 +184,8 @@ impl Memo {
                 );
                 listener
             } else {
-                // Spread over the others by thread count so far.
-                let n = HERE.with_borrow(Vec::len) + listeners.len();
-                listeners[n % MAX_LISTENERS].clone()
+                // Threads beyond the first ones take turns.
+                listeners.started[listeners.threads % MAX_LISTENERS].clone()
             }
         };
         HERE.with_borrow_mut(|here| here.push((id, listener.clone())));
@@ -326,4 +332,67 @@ impl Memo {
 /// Bytes an answer holds, with its key and some overhead.
 fn answer_size(key: &str, answer: &HistoryAnswer) -> usize {
     answer.body.as_ref().map_or(0, Bytes::len) + key.len() + 64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_thread_listens_on_its_own_up_to_the_limit_and_later_threads_share() {
+        let memo = Arc::new(Memo::default());
+        let workers = Workers::new();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        // Nothing listens there: each listener fails and backs off, which is enough.
+        let mut config = tokio_postgres::Config::new();
+        config.host("127.0.0.1").port(1).user("nobody");
+        memo.listen(Listen {
+            config,
+            on_change: Arc::new(|_| {}),
+            cancel: cancel.clone(),
+            workers: workers.clone(),
+        });
+        assert!(memo.listen_here().is_none(), "not inside a runtime");
+        let threads = MAX_LISTENERS + 3;
+        let got: Vec<(Arc<Listener>, Arc<Listener>)> = (0..threads)
+            .map(|_| {
+                let memo = memo.clone();
+                std::thread::spawn(move || {
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("runtime")
+                        .block_on(async {
+                            let first = memo.listen_here().expect("a listener");
+                            (first, memo.listen_here().expect("the same again"))
+                        })
+                })
+            })
+            .map(|thread| thread.join().expect("thread"))
+            .collect();
+        cancel.cancel();
+        for (first, again) in &got {
+            assert!(Arc::ptr_eq(first, again), "one listener per thread");
+        }
+        let own = &got[..MAX_LISTENERS];
+        for (i, (a, _)) in own.iter().enumerate() {
+            for (b, _) in &own[i + 1..] {
+                assert!(!Arc::ptr_eq(a, b), "the first threads listen on their own");
+            }
+        }
+        let shared: Vec<usize> = got[MAX_LISTENERS..]
+            .iter()
+            .map(|(listener, _)| {
+                own.iter()
+                    .position(|(o, _)| Arc::ptr_eq(o, listener))
+                    .expect("later threads share a started listener")
+            })
+            .collect();
+        assert_eq!(shared, [1, 2, 3], "later threads take turns");
+        let names: Vec<String> = workers.snapshot().into_keys().collect();
+        let expected: Vec<String> = (1..=MAX_LISTENERS)
+            .map(|n| format!("change_listener/{n}"))
+            .collect();
+        assert_eq!(names, expected, "each started listener is supervised");
+    }
 }
