@@ -112,8 +112,7 @@ struct Stopped<'a>(&'a Listener);
 
 impl Drop for Stopped<'_> {
     fn drop(&mut self) {
-        self.0.listening.store(false, Ordering::Release);
-        drop(self.0.take_wanted());
+        self.0.stop();
     }
 }
 
@@ -147,6 +146,13 @@ impl Listener {
         next.waited
             .load(Ordering::Acquire)
             .then(|| Sent(std::mem::replace(&mut *next, Barrier::new())))
+    }
+
+    /// Not listening: waiters of the barrier not sent yet give up at once (those on
+    /// the way fail when their session drops them).
+    fn stop(&self) {
+        self.listening.store(false, Ordering::Release);
+        drop(self.take_wanted());
     }
 
     /// Whether the connection listens now.
@@ -187,10 +193,7 @@ impl Listener {
         let mut delay = Duration::from_millis(100);
         while !cancel.is_cancelled() {
             let result = self.session(&config, &on_change, &cancel, &mut delay).await;
-            self.listening.store(false, Ordering::Release);
-            // Waiters of the ended session give up at once (those on the way were
-            // failed when the session dropped them).
-            drop(self.take_wanted());
+            self.stop();
             on_change(Change::Reset);
             if let Err(e) = result {
                 crate::telemetry::metrics::listener_failed();
