@@ -44,8 +44,9 @@ pub fn burn_rate_per_hour(charged: Decimal, window: Duration) -> Decimal {
 }
 
 /// When a project runs out at `burn_rate` credits per hour: `now` when nothing
-/// remains, `None` when nothing burns, nothing was granted, or the instant is beyond
-/// what a timestamp can hold.
+/// remains, `None` when nothing burns, nothing was granted, or the instant lies after
+/// 9999-12-31T23:59:59Z: RFC 3339 (the API's `date-time`) has four-digit years, and
+/// a run-out that far away means "not in any time that matters".
 pub fn run_out_at(
     now: DateTime<Utc>,
     granted: Decimal,
@@ -63,5 +64,9 @@ pub fn run_out_at(
         .checked_div(burn_rate)?
         .floor();
     let seconds = i64::try_from(seconds).ok()?;
-    now.checked_add_signed(Duration::try_seconds(seconds)?)
+    let at = now.checked_add_signed(Duration::try_seconds(seconds)?)?;
+    (at.timestamp() <= LATEST_RFC3339).then_some(at)
 }
+
+/// The last second RFC 3339 can write, 9999-12-31T23:59:59Z, in Unix seconds.
+const LATEST_RFC3339: i64 = 253_402_300_799;

@@ -78,7 +78,7 @@ pub struct DetailView {
     #[schema(example = "2026-11-21T10:00:00Z")]
     burn_rate_since: DateTime<Utc>,
     /// Now + remaining ÷ burn rate; now when nothing remains; null when nothing
-    /// burns or nothing was granted.
+    /// burns, nothing was granted, or it lies after 9999-12-31T23:59:59Z.
     forecast_run_out_at: Option<DateTime<Utc>>,
     /// Per metric, the newest billed sample.
     metrics: Vec<MetricView>,

@@ -484,6 +484,24 @@ mod tests {
             ("already out", "1000", "-3", "2", Some(now())),
             ("exactly out", "1000", "0", "2", Some(now())),
             (
+                // Found by the API fuzzer: "+16143-01-20T00:15:38Z" is no RFC 3339.
+                "beyond year 9999",
+                "3080176590.65",
+                "3080176590.65",
+                "24.89244",
+                None,
+            ),
+            // At 3600 per hour, one credit lasts a second: now + 251,606,959,199 s is
+            // 9999-12-31T23:59:59Z, one more is the year 10000.
+            (
+                "the last second RFC 3339 writes",
+                "1",
+                "251606959199",
+                "3600",
+                DateTime::from_timestamp(253_402_300_799, 0),
+            ),
+            ("a second later", "1", "251606959200", "3600", None),
+            (
                 "beyond any timestamp",
                 "1000",
                 "79228162514264337593543950335",
