@@ -174,6 +174,47 @@ async fn a_plain_insert_finds_series_stored_before_and_creates_only_the_rest() {
     assert_eq!(count, 150);
 }
 
+/// The series go through a staging table of the connection: a second call in the
+/// same transaction, and the next transaction on the same connection, see only their
+/// own series, never the ones staged before.
+#[tokio::test]
+async fn each_call_creates_and_finds_only_the_series_it_was_given() {
+    let db = TestDb::create().await;
+    let mut client = migrated(&db).await;
+    let tx = client.transaction().await.expect("begin");
+    let first = series::create_or_find(&tx, &new_series(0..300), Race::Fails)
+        .await
+        .expect("first call");
+    let second = series::create_or_find(&tx, &new_series(200..400), Race::Fails)
+        .await
+        .expect("second call in the same transaction");
+    tx.commit().await.expect("commit");
+    assert_eq!((first.ids.len(), first.created.len()), (300, 300));
+    assert_eq!(
+        (second.ids.len(), second.created.len()),
+        (200, 100),
+        "the second call creates 300..399 and finds 200..299, nothing of the first's rest"
+    );
+    for s in new_series(200..300) {
+        assert_eq!(second.ids.get(&s.key), first.ids.get(&s.key), "{}", s.key);
+    }
+    let tx = client.transaction().await.expect("begin");
+    let third = series::create_or_find(&tx, &new_series(390..410), Race::Tolerated)
+        .await
+        .expect("next transaction");
+    tx.commit().await.expect("commit");
+    assert_eq!((third.ids.len(), third.created.len()), (20, 10));
+    let ids: HashSet<i64> = first
+        .ids
+        .values()
+        .chain(second.ids.values())
+        .chain(third.ids.values())
+        .copied()
+        .collect();
+    assert_eq!(ids.len(), 410, "one id per series");
+    assert_eq!(row_count(&client, "series").await, 410);
+}
+
 /// Two replicas ingesting bodies whose new series overlap, at the same time: one
 /// replica's plain insert of new series meets series the other just created, and its
 /// retry through the merging path must store its samples anyway. Every sample is

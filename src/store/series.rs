@@ -3,6 +3,8 @@
 use anyhow::Context;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::Type;
 
 /// A series seen in a scrape that the cache does not know yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,8 +161,9 @@ pub enum Race {
 }
 
 /// Creates the `new` series that do not exist yet and finds the ids of all of them,
-/// in a few statements whatever their number: the series go as arrays (bound in
-/// binary), one `INSERT … RETURNING` in key order creates those not stored yet (the
+/// in a few statements whatever their number: the series go by binary `COPY` into a
+/// session-local staging table (no per-row statement, no parameter arrays to bind),
+/// one `INSERT … SELECT … RETURNING` in key order creates those not stored yet (the
 /// ids of the series created), and only when some already existed one lookup finds
 /// their ids. With [`Race::Tolerated`] series created by another writer at the same
 /// time are found too: the unique key makes the insert wait for it, and inserting in
@@ -181,13 +184,7 @@ pub async fn create_or_find(
     let mut sorted: Vec<&NewSeries> = new.iter().collect();
     sorted.sort_unstable_by(|a, b| a.key.cmp(&b.key));
     sorted.dedup_by(|a, b| a.key == b.key);
-    let metrics: Vec<&str> = sorted.iter().map(|s| s.metric.as_str()).collect();
-    let labels: Vec<tokio_postgres::types::Json<&BTreeMap<String, String>>> = sorted
-        .iter()
-        .map(|s| tokio_postgres::types::Json(&s.labels))
-        .collect();
-    let keys: Vec<&str> = sorted.iter().map(|s| s.key.as_str()).collect();
-    let projects: Vec<&str> = sorted.iter().map(|s| s.project.as_str()).collect();
+    stage(tx, &sorted).await?;
     // Fails: the anti-join keeps series stored before (e.g. before a restart) from
     // failing the plain insert.
     let (only_new, on_conflict) = match race {
@@ -200,30 +197,26 @@ pub async fn create_or_find(
     let insert = format!(
         "INSERT INTO series (metric, labels, series_key, project)
          SELECT n.metric, n.labels, n.series_key, n.project
-         FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::text[]) WITH ORDINALITY
-              AS n (metric, labels, series_key, project, i)
+         FROM series_staging n
          {only_new}
          ORDER BY n.i
          {on_conflict}
          RETURNING id, series_key"
     );
     let created = tx
-        .query(&insert, &[&metrics, &labels, &keys, &projects])
+        .query(&insert, &[])
         .await
         .context("inserting new series")?;
     if !created.is_empty() {
-        let mut names: Vec<&str> = projects.clone();
-        names.sort_unstable();
-        names.dedup();
         // (with ON CONFLICT either way: projects are also created by grants and by
         // other sites' series, so a project created meanwhile is common and no reason
         // to store everything again)
         tx.execute(
             "INSERT INTO projects (name)
-             SELECT u.name FROM unnest($1::text[]) WITH ORDINALITY AS u (name, i)
-             ORDER BY u.i
+             SELECT DISTINCT n.project FROM series_staging n
+             ORDER BY 1
              ON CONFLICT DO NOTHING",
-            &[&names],
+            &[],
         )
         .await
         .context("registering projects")?;
@@ -235,11 +228,12 @@ pub async fn create_or_find(
     }
     // Series stored before (or, tolerated, by another writer first): their ids (the
     // common case, all new, needs no second look).
-    if resolved.ids.len() < keys.len() {
+    if resolved.ids.len() < sorted.len() {
         let rows = tx
             .query(
-                "SELECT series_key, id FROM series WHERE series_key = ANY($1::text[])",
-                &[&keys],
+                "SELECT s.series_key, s.id FROM series_staging n
+                 JOIN series s ON s.series_key = n.series_key",
+                &[],
             )
             .await
             .context("reading series ids")?;
@@ -250,6 +244,48 @@ pub async fn create_or_find(
         }
     }
     Ok(resolved)
+}
+
+/// Copies the series (sorted, no key twice) into `series_staging`, numbered in their
+/// order: a temporary table of this connection, emptied at commit (a rollback drops
+/// its rows anyway) and here, should a transaction create series twice.
+async fn stage(tx: &tokio_postgres::Transaction<'_>, sorted: &[&NewSeries]) -> anyhow::Result<()> {
+    tx.batch_execute(
+        "CREATE TEMP TABLE IF NOT EXISTS series_staging (
+            i bigint NOT NULL, metric text NOT NULL, labels jsonb NOT NULL,
+            series_key text COLLATE \"C\" NOT NULL, project text NOT NULL
+         ) ON COMMIT DELETE ROWS;
+         DELETE FROM series_staging",
+    )
+    .await
+    .context("creating the series staging table")?;
+    let sink = tx
+        .copy_in(
+            "COPY series_staging (i, metric, labels, series_key, project)
+             FROM STDIN (FORMAT binary)",
+        )
+        .await
+        .context("copying new series")?;
+    let writer = BinaryCopyInWriter::new(
+        sink,
+        &[Type::INT8, Type::TEXT, Type::JSONB, Type::TEXT, Type::TEXT],
+    );
+    futures::pin_mut!(writer);
+    for (i, s) in (0_i64..).zip(sorted) {
+        writer
+            .as_mut()
+            .write(&[
+                &i,
+                &s.metric,
+                &tokio_postgres::types::Json(&s.labels),
+                &s.key,
+                &s.project,
+            ])
+            .await
+            .context("copying new series")?;
+    }
+    writer.finish().await.context("copying new series")?;
+    Ok(())
 }
 
 #[cfg(test)]
