@@ -10,7 +10,7 @@ use common::{eventually, spawn_app, PgServer, TestApp};
 use os_credits::config::Settings;
 use os_credits::receive::proto::{Label, Sample, TimeSeries, WriteRequest};
 use prost::Message;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -200,6 +200,48 @@ async fn a_batch_sent_twice_is_stored_once() {
     assert_eq!(status["samples_stored_total"], 4, "{status}");
     assert_eq!(status["duplicates_total"], 6, "{status}");
     assert_eq!(status["pushes_total"], 3, "{status}");
+}
+
+/// Remote write carries label names as any bytes: the name `a="1",b` with the value
+/// `2` is not the two labels `a="1"` and `b="2"`. Each of the two series keeps its own
+/// sample; neither is stored as the other's, or dropped as its duplicate.
+#[tokio::test]
+async fn a_label_name_that_looks_like_two_labels_is_its_own_series() {
+    let app = app().await;
+    let name = ("__name__", "project_vcpu_usage");
+    let two = series(
+        &[name, ("a", "1"), ("b", "2"), ("project_name", "p")],
+        &[(T0, 5.0)],
+    );
+    let posing = series(
+        &[name, ("a=\"1\",b", "2"), ("project_name", "p")],
+        &[(T0, 7.0)],
+    );
+    let (status, text) = push(&app, Some(&bearer()), body(vec![two, posing])).await;
+    assert_eq!(status, 204, "{text}");
+    let mut stored: Vec<(Value, f64)> = app
+        .samples()
+        .await
+        .into_iter()
+        .map(|(_, _, labels, _, value)| (labels, value))
+        .collect();
+    stored.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let labels = |extra: Value| {
+        let mut all = json!({"location": "Bielefeld", "project_name": "p"});
+        all.as_object_mut()
+            .expect("an object")
+            .extend(extra.as_object().expect("an object").clone());
+        all
+    };
+    assert_eq!(
+        stored,
+        [
+            (labels(json!({"a": "1", "b": "2"})), 5.0),
+            (labels(json!({"a=\"1\",b": "2"})), 7.0),
+        ]
+    );
+    let status = sender_status(&app.health().await, "site-a");
+    assert_eq!(status["duplicates_total"], 0, "{status}");
 }
 
 /// A series a sender pushes again is recognised by its label bytes and its samples

@@ -21,6 +21,13 @@ pub struct NewSeries {
 
 /// Writes the canonical `metric{a="x",b="y"}` form: labels in the given (sorted) order,
 /// values escaped as in the exposition format, so equal label sets give equal keys.
+/// A label name holding a `"` (remote write carries names as any bytes) is written
+/// quoted and escaped as a value is: written bare, the name `a="1",b` with the value
+/// `2` would give the key of the two labels `a="1"` and `b="2"`, and one series'
+/// samples would be stored as the other's. Any other name is written bare, as it
+/// always was: without a `"` it ends at the first `="`, so it cannot pose as more
+/// than itself, and the keys stored so far stay the same. (Metric names are billed
+/// metrics' names, which are classic.)
 pub fn write_series_key<'a>(
     out: &mut String,
     metric: &str,
@@ -33,7 +40,13 @@ pub fn write_series_key<'a>(
         if i > 0 {
             out.push(',');
         }
-        out.push_str(name);
+        if name.contains('"') {
+            out.push('"');
+            push_escaped_label_value(out, name);
+            out.push('"');
+        } else {
+            out.push_str(name);
+        }
         out.push_str("=\"");
         push_escaped_label_value(out, value);
         out.push('"');
@@ -305,6 +318,29 @@ mod tests {
         assert_eq!(b, "m{}");
         write_series_key(&mut b, "m", [("a", "line\nbreak\\")]);
         assert_eq!(b, r#"m{a="line\nbreak\\"}"#);
+    }
+
+    #[test]
+    fn label_names_with_quotes_are_quoted_so_they_cannot_pose_as_two_labels() {
+        let key = |labels: &[(&str, &str)]| {
+            let mut out = String::new();
+            write_series_key(&mut out, "m", labels.iter().copied());
+            out
+        };
+        let two = key(&[("a", "1"), ("b", "2"), ("project_name", "p")]);
+        let posing = key(&[("a=\"1\",b", "2"), ("project_name", "p")]);
+        assert_eq!(two, r#"m{a="1",b="2",project_name="p"}"#);
+        assert_ne!(posing, two);
+        assert_eq!(posing, r#"m{"a=\"1\",b"="2",project_name="p"}"#);
+        // Names without a quote stay bare (the keys stored so far are unchanged); a
+        // name with one is quoted, with the escapes of a value.
+        assert_eq!(
+            key(&[("my.label", "v"), ("ü", "w")]),
+            r#"m{my.label="v",ü="w"}"#
+        );
+        assert_eq!(key(&[("a,b", "v")]), r#"m{a,b="v"}"#);
+        assert_eq!(key(&[("\"", "v")]), r#"m{"\""="v"}"#);
+        assert_eq!(key(&[("a\\\"\n", "v")]), r#"m{"a\\\"\n"="v"}"#);
     }
 
     #[test]
