@@ -244,6 +244,70 @@ async fn a_label_name_that_looks_like_two_labels_is_its_own_series() {
     assert_eq!(status["duplicates_total"], 0, "{status}");
 }
 
+/// A label that is not UTF-8 (remote write carries bytes; prost would refuse the
+/// whole request) drops that series only: the batch is stored without it, answered
+/// 204 so the sender does not retry it forever, and the drop is counted by reason.
+#[tokio::test]
+async fn a_series_with_a_label_that_is_not_utf8_is_dropped_and_the_rest_stored() {
+    let app = app().await;
+    let mut sent = batch();
+    sent.push(series(
+        &[
+            ("__name__", "project_vcpu_usage"),
+            ("project_name", "p"),
+            ("site", "BAD!"),
+        ],
+        &[(T0, 1.0), (T0 + 30_000, 2.0)],
+    ));
+    let mut bytes = WriteRequest { timeseries: sent }.encode_to_vec();
+    // The same length, so every length prefix still holds: "BAD!" becomes bytes
+    // that are no UTF-8.
+    let at = bytes
+        .windows(4)
+        .position(|w| w == b"BAD!")
+        .expect("the marker");
+    bytes[at..at + 4].copy_from_slice(&[0xff, 0xfe, 0xc3, 0x28]);
+    let compressed = snap::raw::Encoder::new()
+        .compress_vec(&bytes)
+        .expect("snappy compresses");
+    let (status, text) = push(&app, Some(&bearer()), compressed).await;
+    assert_eq!(status, 204, "{text}");
+    let mut stored: Vec<(String, f64)> = app
+        .samples()
+        .await
+        .into_iter()
+        .map(|(_, project, _, _, value)| (project, value))
+        .collect();
+    stored.sort_by(|a, b| a.1.total_cmp(&b.1));
+    assert_eq!(
+        stored,
+        [
+            ("Alpha".to_owned(), 1.0),
+            ("Alpha".to_owned(), 2.5),
+            ("Beta".to_owned(), 512.0)
+        ],
+        "the batch's other series are stored"
+    );
+    let status = sender_status(&app.health().await, "site-a");
+    // the batch's own: no project 1, NaN 1; the bad series' 2
+    assert_eq!(status["skipped_total"], 4, "{status}");
+    assert_eq!(status["failures_total"], 0, "{status}");
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.address))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics.lines().any(|l| l
+            == r#"os_credits_remote_write_samples_total{sender="site-a",outcome="not_utf8"} 2"#),
+        "{metrics}"
+    );
+}
+
 /// A series a sender pushes again is recognised by its label bytes and its samples
 /// skip the labels' decoding; they must still land in that sender's own series (the
 /// sender's added labels make it another series than the same bytes of another

@@ -100,11 +100,14 @@ pub struct Skipped {
     pub bad_project: u64,
     /// A label value with a NUL character, which PostgreSQL text cannot store.
     pub nul_label: u64,
+    /// A label name or value that is not UTF-8 (remote write carries bytes): it can
+    /// be neither keyed nor stored as text, and the sender's other series are kept.
+    pub not_utf8: u64,
 }
 
 impl Skipped {
     /// The counts by reason, as the `reason` label of the dropped-samples metric.
-    pub fn by_reason(&self) -> [(&'static str, u64); 6] {
+    pub fn by_reason(&self) -> [(&'static str, u64); 7] {
         [
             ("no_project", self.no_project),
             ("not_whitelisted", self.not_whitelisted),
@@ -112,6 +115,7 @@ impl Skipped {
             ("too_long", self.too_long),
             ("bad_project", self.bad_project),
             ("nul_label", self.nul_label),
+            ("not_utf8", self.not_utf8),
         ]
     }
 }
@@ -230,6 +234,14 @@ impl<'c> Sorter<'c> {
             time: sample_time(Some(timestamp_ms), self.default_time),
             value,
         });
+    }
+
+    /// Counts `samples` samples of a series whose labels are not all UTF-8 as
+    /// dropped, when `metric` (its name, if that one was UTF-8) is billed.
+    pub fn skip_not_utf8(&mut self, metric: &str, samples: usize) {
+        if self.wants(metric) {
+            self.prepared.skipped.not_utf8 += samples as u64;
+        }
     }
 
     /// Whether samples of `metric` are kept at all (a billed metric).

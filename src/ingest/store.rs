@@ -58,6 +58,7 @@ impl Collected {
         s.too_long += p.too_long;
         s.bad_project += p.bad_project;
         s.nul_label += p.nul_label;
+        s.not_utf8 += p.not_utf8;
     }
 
     fn total(&self) -> u64 {

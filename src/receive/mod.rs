@@ -277,7 +277,11 @@ impl Receiver {
                     return Ok(());
                 }
                 labels.clear();
-                series.labels_into(&mut labels)?;
+                if !series.labels_into(&mut labels)? {
+                    let name = labels.iter().find(|(n, _)| *n == "__name__");
+                    sorter.skip_not_utf8(name.map_or("", |(_, v)| *v), series.samples.len());
+                    return Ok(());
+                }
                 if add_series(&mut sorter, &labels, &series.samples) {
                     if let Some(r) = raw_labels {
                         learning.push((r, sorter.key().to_owned()));

@@ -65,27 +65,33 @@ pub struct LazySeries<'a> {
 }
 
 impl<'a> LazySeries<'a> {
-    /// Decodes the labels (in the order sent) into `out`, checking each is UTF-8.
-    pub fn labels_into(&self, out: &mut Vec<(&'a str, &'a str)>) -> Result<(), DecodeError> {
+    /// Decodes the labels (in the order sent) into `out`: `false` when a label name or
+    /// value is not UTF-8 (that label is left out; the caller drops the series, not
+    /// the request, as one bad series must not cost the sender the others).
+    pub fn labels_into(&self, out: &mut Vec<(&'a str, &'a str)>) -> Result<bool, DecodeError> {
+        let mut utf8 = true;
         let mut reader = Reader(self.body);
         while let Some((field, wire)) = reader.key()? {
             match (field, wire) {
                 (1, WIRE_LEN) => {
                     let mut label = Reader(reader.bytes()?);
-                    let (mut name, mut value) = ("", "");
+                    let (mut name, mut value) = (Some(""), Some(""));
                     while let Some((field, wire)) = label.key()? {
                         match (field, wire) {
-                            (1, WIRE_LEN) => name = label.string()?,
-                            (2, WIRE_LEN) => value = label.string()?,
+                            (1, WIRE_LEN) => name = std::str::from_utf8(label.bytes()?).ok(),
+                            (2, WIRE_LEN) => value = std::str::from_utf8(label.bytes()?).ok(),
                             _ => label.skip(wire)?,
                         }
                     }
-                    out.push((name, value));
+                    match name.zip(value) {
+                        Some(pair) => out.push(pair),
+                        None => utf8 = false,
+                    }
                 }
                 _ => reader.skip(wire)?,
             }
         }
-        Ok(())
+        Ok(utf8)
     }
 }
 
@@ -211,10 +217,6 @@ impl<'a> Reader<'a> {
         self.take(len)
     }
 
-    fn string(&mut self) -> Result<&'a str, DecodeError> {
-        std::str::from_utf8(self.bytes()?).map_err(|_| DecodeError("a label is not UTF-8"))
-    }
-
     fn fixed64(&mut self) -> Result<u64, DecodeError> {
         let bytes = self.take(8)?;
         let mut le = [0u8; 8];
@@ -248,7 +250,9 @@ mod tests {
         let mut out = Vec::new();
         for_each_lazy_series(buf, |s| {
             let mut labels = Vec::new();
-            s.labels_into(&mut labels)?;
+            if !s.labels_into(&mut labels)? {
+                return Err(DecodeError("a label is not UTF-8"));
+            }
             out.push((
                 labels
                     .iter()
@@ -429,9 +433,19 @@ mod tests {
             let theirs = WriteRequest::decode(&full[..cut]).is_ok();
             assert_eq!(ours, theirs, "cut at {cut}");
         }
-        // A label that is not UTF-8.
+        // A label that is not UTF-8: prost refuses the request; here the structure
+        // is sound and only that series says so, leaving the label out.
         let bad = [0x0a, 0x06, 0x0a, 0x04, 0x0a, 0x02, 0xff, 0xfe];
-        assert!(decoded(&bad).is_err());
         assert!(WriteRequest::decode(&bad[..]).is_err());
+        let mut series = 0;
+        for_each_lazy_series(&bad, |s| {
+            let mut labels = Vec::new();
+            assert!(!s.labels_into(&mut labels)?, "not UTF-8");
+            assert!(labels.is_empty(), "{labels:?}");
+            series += 1;
+            Ok(())
+        })
+        .expect("the structure is sound");
+        assert_eq!(series, 1);
     }
 }

@@ -89,7 +89,7 @@ fn describe() {
     );
     describe_counter!(
         "os_credits_samples_dropped_total",
-        "Billed samples scraped but not stored, by target and reason (no_project, not_whitelisted, not_finite, too_long, bad_project: blank, over 255 bytes or NUL; nul_label: a NUL in a label value)."
+        "Billed samples scraped but not stored, by target and reason (no_project, not_whitelisted, not_finite, too_long, bad_project: blank, over 255 bytes or NUL; nul_label: a NUL in a label value; not_utf8: a pushed label that is not UTF-8)."
     );
     describe_counter!(
         "os_credits_samples_duplicate_total",
@@ -156,7 +156,7 @@ pub struct IngestCounts {
     /// Samples already stored.
     pub duplicates: u64,
     /// Samples dropped, by reason label.
-    pub dropped: [(&'static str, u64); 6],
+    pub dropped: [(&'static str, u64); 7],
 }
 
 /// One scrape ended: what it stored, or the fixed word naming why it failed.
