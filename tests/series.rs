@@ -315,6 +315,84 @@ async fn replicas_creating_the_same_new_series_at_once_both_store_every_sample_o
 /// decreases, and ledger rows whose columns do not fit their kind. The rows billing
 /// writes (a usage row with its price, an approved held charge spanning a price
 /// change without one, a grant, an adjustment) are accepted.
+/// A body of several parse chunks (1 MiB each) stages each chunk's new series while
+/// the next is parsed: every series is created once, also one that comes back in a
+/// later chunk, and every sample lands in its own series; the next scrape of the same
+/// series creates none.
+#[tokio::test]
+async fn a_body_of_many_chunks_creates_each_new_series_once() {
+    let db = TestDb::create().await;
+    let client = migrated(&db).await;
+    let settings = Settings::from_vars(db.vars()).expect("settings");
+    let ctx = Arc::new(ingest::IngestContext::new(
+        &settings.ingest,
+        &settings.rules,
+        BTreeMap::new(),
+    ));
+    let pool = os_credits::store::pool(&settings.database).expect("pool");
+    let cache = SeriesCache::default();
+    let series = 40_000u32;
+    let body = |value: u32| {
+        let mut body = String::from(
+            "project_vcpu_usage{project_name=\"p0\",site=\"again\"} 1 1780000000000\n",
+        );
+        for i in 0..series {
+            body.push_str(&format!(
+                "project_vcpu_usage{{project_name=\"p{}\",site=\"s{i}\",padding=\"{:040}\"}} {}\n",
+                i % 7,
+                i,
+                i + value
+            ));
+        }
+        body.push_str("project_vcpu_usage{project_name=\"p0\",site=\"again\"} 2 1780000030000\n");
+        body
+    };
+    let first = body(0);
+    assert!(
+        first.len() > 3 << 20,
+        "several chunks: {} bytes",
+        first.len()
+    );
+    let start: chrono::DateTime<chrono::Utc> = "2026-06-01T00:00:00Z".parse().expect("time");
+    let outcome = ingest::ingest_text(&pool, &cache, ctx.clone(), first, start)
+        .await
+        .expect("first scrape");
+    assert_eq!(
+        (outcome.stored, outcome.duplicates),
+        (u64::from(series) + 2, 0)
+    );
+    assert_eq!(row_count(&client, "series").await, i64::from(series) + 1);
+    let wrong: i64 = client
+        .query_one(
+            "SELECT count(*) FROM usage_samples u JOIN series s ON s.id = u.series_id
+             WHERE s.labels->>'site' <> 'again'
+               AND u.value::bigint <> substr(s.labels->>'site', 2)::bigint",
+            &[],
+        )
+        .await
+        .expect("samples")
+        .get(0);
+    assert_eq!(wrong, 0, "each sample in its own series");
+    let again: Vec<f64> = client
+        .query(
+            "SELECT u.value FROM usage_samples u JOIN series s ON s.id = u.series_id
+             WHERE s.labels->>'site' = 'again' ORDER BY u.time",
+            &[],
+        )
+        .await
+        .expect("samples")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(again, [1.0, 2.0]);
+    let next = start + chrono::Duration::seconds(30);
+    let outcome = ingest::ingest_text(&pool, &cache, ctx, body(1), next)
+        .await
+        .expect("second scrape");
+    assert_eq!((outcome.stored, outcome.duplicates), (u64::from(series), 2));
+    assert_eq!(row_count(&client, "series").await, i64::from(series) + 1);
+}
+
 #[tokio::test]
 async fn the_database_refuses_rows_that_break_what_billing_relies_on() {
     let db = TestDb::create().await;

@@ -3,7 +3,7 @@
 
 use super::{IngestError, IngestOutcome, Prepared, Skipped};
 use crate::store::samples::{self, SampleBatch, SampleRow};
-use crate::store::series::{self, NewSeries, Race, Resolved, SeriesCache};
+use crate::store::series::{NewSeries, Race, Resolved, SeriesCache, Staging};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use std::collections::{HashMap, HashSet};
@@ -34,7 +34,10 @@ struct Collected {
 }
 
 impl Collected {
-    fn add(&mut self, prepared: Prepared) {
+    /// Adds a chunk; returns where its series new to this body start in
+    /// `new_series` (those after it are this chunk's, each key once per body).
+    fn add(&mut self, prepared: Prepared) -> usize {
+        let fresh = self.new_series.len();
         self.rows.extend_from_slice(&prepared.rows);
         let mut local_to_global = Vec::with_capacity(prepared.new_series.len());
         for series in prepared.new_series {
@@ -59,6 +62,7 @@ impl Collected {
         s.bad_project += p.bad_project;
         s.nul_label += p.nul_label;
         s.not_utf8 += p.not_utf8;
+        fresh
     }
 
     fn total(&self) -> u64 {
@@ -100,20 +104,27 @@ pub(crate) async fn store_stream(
         .await
         .map_err(IngestError::Store)?;
     let mut failure = None;
+    // The body's new series, staged chunk by chunk while later chunks are parsed.
+    let mut staging: Option<Staging> = None;
     while let Some(chunk) = receiver.recv().await {
         let prepared = chunk?;
         if failure.is_none() {
             let newer = cache.all_newer(&prepared.rows);
             failure = batch.push(&prepared.rows, newer).await.err();
         }
-        collected.add(prepared);
+        let fresh = collected.add(prepared);
+        if failure.is_none() && fresh < collected.new_series.len() {
+            failure = stage(&mut batch, &mut staging, &collected.new_series[fresh..])
+                .await
+                .err();
+        }
     }
     let attempt = match failure {
         Some(e) => {
             drop(batch); // rolls back
             Err(e)
         }
-        None => finish(batch, &collected, false).await,
+        None => finish(batch, &collected, Attempt::First(staging)).await,
     };
     let (stored, resolved) = match attempt {
         Ok(done) => done,
@@ -122,7 +133,7 @@ pub(crate) async fn store_stream(
             let batch = SampleBatch::begin(&mut client)
                 .await
                 .map_err(IngestError::Store)?;
-            finish(batch, &collected, true)
+            finish(batch, &collected, Attempt::Merging)
                 .await
                 .map_err(IngestError::Store)?
         }
@@ -154,27 +165,61 @@ pub(crate) async fn store_stream(
     })
 }
 
-/// Creates the new series in the batch's transaction, writes their rows (and, when
-/// `merge_all`, every row through the merging path) and commits.
+/// Stages `series` in the batch's transaction, beginning the staging at the first.
+async fn stage(
+    batch: &mut SampleBatch<'_>,
+    staging: &mut Option<Staging>,
+    series: &[NewSeries],
+) -> anyhow::Result<()> {
+    let tx = batch.transaction().await?;
+    let staging = match staging {
+        Some(staging) => staging,
+        None => staging.insert(Staging::begin(tx).await?),
+    };
+    staging.add(tx, series).await
+}
+
+/// Which try [`finish`] ends.
+enum Attempt {
+    /// The stream's own transaction, with the body's new series staged as they came
+    /// (`None` when the body had none).
+    First(Option<Staging>),
+    /// The retry in a new transaction: every row through the merging path, the new
+    /// series staged here.
+    Merging,
+}
+
+/// Creates the new series in the batch's transaction, writes their rows and commits.
 async fn finish(
     mut batch: SampleBatch<'_>,
     collected: &Collected,
-    merge_all: bool,
+    attempt: Attempt,
 ) -> anyhow::Result<(u64, Resolved)> {
+    let merge_all = matches!(attempt, Attempt::Merging);
     if merge_all {
         batch.push(&collected.rows, false).await?;
     }
-    let resolved = match collected.new_series.is_empty() {
-        true => Resolved::default(),
-        false => {
-            // First try: a plain insert of the series not stored yet. Another writer
-            // creating one of them at the same time fails it with a unique violation,
-            // and the merging retry tolerates that.
-            let race = match merge_all {
-                false => Race::Fails,
-                true => Race::Tolerated,
-            };
-            series::create_or_find(batch.transaction().await?, &collected.new_series, race).await?
+    let resolved = match (collected.new_series.is_empty(), attempt) {
+        (true, _) => Resolved::default(),
+        // First try: a plain insert of the series not stored yet. Another writer
+        // creating one of them at the same time fails it with a unique violation, and
+        // the merging retry tolerates that.
+        (false, Attempt::First(Some(staged))) => {
+            staged
+                .create(batch.transaction().await?, Race::Fails)
+                .await?
+        }
+        (false, Attempt::First(None)) => {
+            anyhow::bail!("the body's new series were not staged")
+        }
+        (false, Attempt::Merging) => {
+            let mut staging = Staging::begin(batch.transaction().await?).await?;
+            staging
+                .add(batch.transaction().await?, &collected.new_series)
+                .await?;
+            staging
+                .create(batch.transaction().await?, Race::Tolerated)
+                .await?
         }
     };
     let new_rows = collected.new_series_rows(&resolved)?;

@@ -174,131 +174,163 @@ pub enum Race {
 }
 
 /// Creates the `new` series that do not exist yet and finds the ids of all of them,
-/// in a few statements whatever their number: the series go by binary `COPY` into a
-/// session-local staging table (no per-row statement, no parameter arrays to bind),
-/// one `INSERT … SELECT … RETURNING` in key order creates those not stored yet (the
-/// ids of the series created), and only when some already existed one lookup finds
-/// their ids. With [`Race::Tolerated`] series created by another writer at the same
-/// time are found too: the unique key makes the insert wait for it, and inserting in
-/// key order means two writers creating overlapping sets wait for each other in the
-/// same order instead of deadlocking. Their projects are registered. Runs in the
-/// caller's transaction.
+/// in a few statements whatever their number (see [`Staging`]). Their projects are
+/// registered. Runs in the caller's transaction.
 #[tracing::instrument(skip_all, fields(new = new.len()), err)]
 pub async fn create_or_find(
     tx: &tokio_postgres::Transaction<'_>,
     new: &[NewSeries],
     race: Race,
 ) -> anyhow::Result<Resolved> {
-    let mut resolved = Resolved::default();
     if new.is_empty() {
-        return Ok(resolved);
+        return Ok(Resolved::default());
     }
-    // Byte order of the keys, which is the order of their unique index (COLLATE "C").
-    let mut sorted: Vec<&NewSeries> = new.iter().collect();
-    sorted.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-    sorted.dedup_by(|a, b| a.key == b.key);
-    stage(tx, &sorted).await?;
-    // Fails: the anti-join keeps series stored before (e.g. before a restart) from
-    // failing the plain insert.
-    let (only_new, on_conflict) = match race {
-        Race::Fails => (
-            "WHERE NOT EXISTS (SELECT 1 FROM series s WHERE s.series_key = n.series_key)",
-            "",
-        ),
-        Race::Tolerated => ("", "ON CONFLICT (series_key) DO NOTHING"),
-    };
-    let insert = format!(
-        "INSERT INTO series (metric, labels, series_key, project)
-         SELECT n.metric, n.labels, n.series_key, n.project
-         FROM series_staging n
-         {only_new}
-         ORDER BY n.i
-         {on_conflict}
-         RETURNING id, series_key"
-    );
-    let created = tx
-        .query(&insert, &[])
-        .await
-        .context("inserting new series")?;
-    if !created.is_empty() {
-        // (with ON CONFLICT either way: projects are also created by grants and by
-        // other sites' series, so a project created meanwhile is common and no reason
-        // to store everything again)
-        tx.execute(
-            "INSERT INTO projects (name)
-             SELECT DISTINCT n.project FROM series_staging n
-             ORDER BY 1
-             ON CONFLICT DO NOTHING",
-            &[],
+    let mut unique: Vec<&NewSeries> = new.iter().collect();
+    unique.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+    unique.dedup_by(|a, b| a.key == b.key);
+    let mut staging = Staging::begin(tx).await?;
+    staging.add(tx, unique).await?;
+    staging.create(tx, race).await
+}
+
+/// New series gathered in a transaction, then created at once: they go by binary
+/// `COPY` into `series_staging`, a temporary table of the connection (no statement
+/// per series, no parameter arrays to bind), in as many parts as the caller likes
+/// (the ingest path stages each parsed chunk while the next is parsed); then one
+/// `INSERT … SELECT … RETURNING` in key order creates those not stored yet (the ids
+/// of the series created), and only when some already existed one lookup finds their
+/// ids. With [`Race::Tolerated`] series created by another writer at the same time
+/// are found too: the unique key makes the insert wait for it, and inserting in key
+/// order means two writers creating overlapping sets wait for each other in the same
+/// order instead of deadlocking.
+#[derive(Debug)]
+pub struct Staging {
+    staged: usize,
+}
+
+impl Staging {
+    /// Creates the staging table if this connection has none yet, and empties it
+    /// (it is emptied at every commit, and a rollback drops its rows: this is for a
+    /// transaction that creates series twice).
+    pub async fn begin(tx: &tokio_postgres::Transaction<'_>) -> anyhow::Result<Self> {
+        tx.batch_execute(
+            "CREATE TEMP TABLE IF NOT EXISTS series_staging (
+                metric text NOT NULL, labels jsonb NOT NULL,
+                series_key text COLLATE \"C\" NOT NULL, project text NOT NULL
+             ) ON COMMIT DELETE ROWS;
+             DELETE FROM series_staging",
         )
         .await
-        .context("registering projects")?;
+        .context("creating the series staging table")?;
+        Ok(Self { staged: 0 })
     }
-    for row in &created {
-        let id = super::col(row, "id")?;
-        resolved.created.push(id);
-        resolved.ids.insert(super::col(row, "series_key")?, id);
+
+    /// Stages `series`. A key must be staged once per transaction (the caller keeps
+    /// them apart); no other `COPY` may be running in `tx`.
+    pub async fn add<'s>(
+        &mut self,
+        tx: &tokio_postgres::Transaction<'_>,
+        series: impl IntoIterator<Item = &'s NewSeries>,
+    ) -> anyhow::Result<()> {
+        let sink = tx
+            .copy_in(
+                "COPY series_staging (metric, labels, series_key, project)
+                 FROM STDIN (FORMAT binary)",
+            )
+            .await
+            .context("copying new series")?;
+        let writer =
+            BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::JSONB, Type::TEXT, Type::TEXT]);
+        futures::pin_mut!(writer);
+        for s in series {
+            writer
+                .as_mut()
+                .write(&[
+                    &s.metric,
+                    &tokio_postgres::types::Json(&s.labels),
+                    &s.key,
+                    &s.project,
+                ])
+                .await
+                .context("copying new series")?;
+        }
+        let copied = writer.finish().await.context("copying new series")?;
+        self.staged += usize::try_from(copied).unwrap_or(usize::MAX);
+        Ok(())
     }
-    // Series stored before (or, tolerated, by another writer first): their ids (the
-    // common case, all new, needs no second look).
-    if resolved.ids.len() < sorted.len() {
-        let rows = tx
-            .query(
-                "SELECT s.series_key, s.id FROM series_staging n
-                 JOIN series s ON s.series_key = n.series_key",
+
+    /// Creates the staged series not stored yet, registers their projects and finds
+    /// the ids of all staged series.
+    pub async fn create(
+        self,
+        tx: &tokio_postgres::Transaction<'_>,
+        race: Race,
+    ) -> anyhow::Result<Resolved> {
+        let mut resolved = Resolved::default();
+        if self.staged == 0 {
+            return Ok(resolved);
+        }
+        // Fails: the anti-join keeps series stored before (e.g. before a restart)
+        // from failing the plain insert. Key order is byte order (COLLATE "C"), the
+        // order of the unique index.
+        let (only_new, on_conflict) = match race {
+            Race::Fails => (
+                "WHERE NOT EXISTS (SELECT 1 FROM series s WHERE s.series_key = n.series_key)",
+                "",
+            ),
+            Race::Tolerated => ("", "ON CONFLICT (series_key) DO NOTHING"),
+        };
+        let insert = format!(
+            "INSERT INTO series (metric, labels, series_key, project)
+             SELECT n.metric, n.labels, n.series_key, n.project
+             FROM series_staging n
+             {only_new}
+             ORDER BY n.series_key
+             {on_conflict}
+             RETURNING id, series_key"
+        );
+        let created = tx
+            .query(&insert, &[])
+            .await
+            .context("inserting new series")?;
+        if !created.is_empty() {
+            // (with ON CONFLICT either way: projects are also created by grants and
+            // by other sites' series, so a project created meanwhile is common and no
+            // reason to store everything again)
+            tx.execute(
+                "INSERT INTO projects (name)
+                 SELECT DISTINCT n.project FROM series_staging n
+                 ORDER BY 1
+                 ON CONFLICT DO NOTHING",
                 &[],
             )
             .await
-            .context("reading series ids")?;
-        for row in &rows {
-            resolved
-                .ids
-                .insert(super::col(row, "series_key")?, super::col(row, "id")?);
+            .context("registering projects")?;
         }
+        for row in &created {
+            let id = super::col(row, "id")?;
+            resolved.created.push(id);
+            resolved.ids.insert(super::col(row, "series_key")?, id);
+        }
+        // Series stored before (or, tolerated, by another writer first): their ids
+        // (the common case, all new, needs no second look).
+        if resolved.ids.len() < self.staged {
+            let rows = tx
+                .query(
+                    "SELECT s.series_key, s.id FROM series_staging n
+                     JOIN series s ON s.series_key = n.series_key",
+                    &[],
+                )
+                .await
+                .context("reading series ids")?;
+            for row in &rows {
+                resolved
+                    .ids
+                    .insert(super::col(row, "series_key")?, super::col(row, "id")?);
+            }
+        }
+        Ok(resolved)
     }
-    Ok(resolved)
-}
-
-/// Copies the series (sorted, no key twice) into `series_staging`, numbered in their
-/// order: a temporary table of this connection, emptied at commit (a rollback drops
-/// its rows anyway) and here, should a transaction create series twice.
-async fn stage(tx: &tokio_postgres::Transaction<'_>, sorted: &[&NewSeries]) -> anyhow::Result<()> {
-    tx.batch_execute(
-        "CREATE TEMP TABLE IF NOT EXISTS series_staging (
-            i bigint NOT NULL, metric text NOT NULL, labels jsonb NOT NULL,
-            series_key text COLLATE \"C\" NOT NULL, project text NOT NULL
-         ) ON COMMIT DELETE ROWS;
-         DELETE FROM series_staging",
-    )
-    .await
-    .context("creating the series staging table")?;
-    let sink = tx
-        .copy_in(
-            "COPY series_staging (i, metric, labels, series_key, project)
-             FROM STDIN (FORMAT binary)",
-        )
-        .await
-        .context("copying new series")?;
-    let writer = BinaryCopyInWriter::new(
-        sink,
-        &[Type::INT8, Type::TEXT, Type::JSONB, Type::TEXT, Type::TEXT],
-    );
-    futures::pin_mut!(writer);
-    for (i, s) in (0_i64..).zip(sorted) {
-        writer
-            .as_mut()
-            .write(&[
-                &i,
-                &s.metric,
-                &tokio_postgres::types::Json(&s.labels),
-                &s.key,
-                &s.project,
-            ])
-            .await
-            .context("copying new series")?;
-    }
-    writer.finish().await.context("copying new series")?;
-    Ok(())
 }
 
 #[cfg(test)]
