@@ -126,7 +126,7 @@ pub(crate) async fn store_stream(
         }
         None => finish(batch, &collected, Attempt::First(staging)).await,
     };
-    let (stored, resolved) = match attempt {
+    let (stored, resolved, new_rows) = match attempt {
         Ok(done) => done,
         Err(e) if samples::is_unique_violation(&e) => {
             tracing::debug!("direct COPY met a stored sample; merging instead");
@@ -139,24 +139,16 @@ pub(crate) async fn store_stream(
         }
         Err(e) => return Err(IngestError::Store(e)),
     };
-    cache.remember(&resolved);
     cache.remember_stored(&collected.rows);
-    cache.remember_stored(
-        &collected
-            .new_series_rows(&resolved)
-            .map_err(IngestError::Store)?,
-    );
+    cache.remember_stored(&new_rows);
+    // (every new series has its id in `resolved`, or `finish` would have failed)
     let series = collected
         .rows
         .iter()
         .map(|r| r.series_id)
-        .chain(
-            collected
-                .new_series
-                .iter()
-                .filter_map(|s| resolved.ids.get(&s.key).copied()),
-        )
+        .chain(resolved.ids.values().copied())
         .collect();
+    cache.remember(resolved);
     Ok(IngestOutcome {
         stored,
         duplicates: collected.total() - stored,
@@ -189,12 +181,13 @@ enum Attempt {
     Merging,
 }
 
-/// Creates the new series in the batch's transaction, writes their rows and commits.
+/// Creates the new series in the batch's transaction, writes their rows and commits;
+/// returns the rows stored, the new series' ids and their rows.
 async fn finish(
     mut batch: SampleBatch<'_>,
     collected: &Collected,
     attempt: Attempt,
-) -> anyhow::Result<(u64, Resolved)> {
+) -> anyhow::Result<(u64, Resolved, Vec<SampleRow>)> {
     let merge_all = matches!(attempt, Attempt::Merging);
     if merge_all {
         batch.push(&collected.rows, false).await?;
@@ -223,8 +216,13 @@ async fn finish(
         }
     };
     let new_rows = collected.new_series_rows(&resolved)?;
-    let created: HashSet<i64> = resolved.created.iter().copied().collect();
-    let all_created = !merge_all && new_rows.iter().all(|r| created.contains(&r.series_id));
+    // Rows of series created just now are newer than anything stored for them (the
+    // common case, every series created, needs no look at each row).
+    let all_created = !merge_all
+        && (resolved.created.len() == resolved.ids.len() || {
+            let created: HashSet<i64> = resolved.created.iter().copied().collect();
+            new_rows.iter().all(|r| created.contains(&r.series_id))
+        });
     batch.push(&new_rows, all_created).await?;
-    Ok((batch.commit().await?, resolved))
+    Ok((batch.commit().await?, resolved, new_rows))
 }
