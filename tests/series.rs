@@ -45,6 +45,17 @@ async fn migrated(db: &TestDb) -> tokio_postgres::Client {
     client
 }
 
+/// The settings of `db` and the ingest context scraping uses, without target labels.
+fn ingest_setup(db: &TestDb) -> (Settings, Arc<ingest::IngestContext>) {
+    let settings = Settings::from_vars(db.vars()).expect("settings");
+    let ctx = Arc::new(ingest::IngestContext::new(
+        &settings.ingest,
+        &settings.rules,
+        BTreeMap::new(),
+    ));
+    (settings, ctx)
+}
+
 #[tokio::test]
 async fn two_writers_creating_overlapping_series_at_once_get_one_id_each_and_never_deadlock() {
     let db = TestDb::create().await;
@@ -223,12 +234,7 @@ async fn each_call_creates_and_finds_only_the_series_it_was_given() {
 async fn replicas_creating_the_same_new_series_at_once_both_store_every_sample_once() {
     let db = TestDb::create().await;
     let _ = migrated(&db).await;
-    let settings = Settings::from_vars(db.vars()).expect("settings");
-    let ctx = Arc::new(ingest::IngestContext::new(
-        &settings.ingest,
-        &settings.rules,
-        BTreeMap::new(),
-    ));
+    let (settings, ctx) = ingest_setup(&db);
     let body = |range: std::ops::Range<u32>, reverse: bool| {
         let mut lines: Vec<String> = range
             .map(|i| {
@@ -323,12 +329,7 @@ async fn replicas_creating_the_same_new_series_at_once_both_store_every_sample_o
 async fn a_body_of_many_chunks_creates_each_new_series_once() {
     let db = TestDb::create().await;
     let client = migrated(&db).await;
-    let settings = Settings::from_vars(db.vars()).expect("settings");
-    let ctx = Arc::new(ingest::IngestContext::new(
-        &settings.ingest,
-        &settings.rules,
-        BTreeMap::new(),
-    ));
+    let (settings, ctx) = ingest_setup(&db);
     let pool = os_credits::store::pool(&settings.database).expect("pool");
     let cache = SeriesCache::default();
     let series = 40_000u32;
