@@ -45,9 +45,13 @@ fn series(labels: &[(&str, &str)], samples: &[(i64, f64)]) -> TimeSeries {
 
 /// A remote-write body as Prometheus sends it: protobuf, snappy block format.
 fn body(timeseries: Vec<TimeSeries>) -> Vec<u8> {
-    let raw = WriteRequest { timeseries }.encode_to_vec();
+    snappy(&WriteRequest { timeseries }.encode_to_vec())
+}
+
+/// `raw` in the snappy block format.
+fn snappy(raw: &[u8]) -> Vec<u8> {
     snap::raw::Encoder::new()
-        .compress_vec(&raw)
+        .compress_vec(raw)
         .expect("snappy compresses")
 }
 
@@ -267,10 +271,7 @@ async fn a_series_with_a_label_that_is_not_utf8_is_dropped_and_the_rest_stored()
         .position(|w| w == b"BAD!")
         .expect("the marker");
     bytes[at..at + 4].copy_from_slice(&[0xff, 0xfe, 0xc3, 0x28]);
-    let compressed = snap::raw::Encoder::new()
-        .compress_vec(&bytes)
-        .expect("snappy compresses");
-    let (status, text) = push(&app, Some(&bearer()), compressed).await;
+    let (status, text) = push(&app, Some(&bearer()), snappy(&bytes)).await;
     assert_eq!(status, 204, "{text}");
     let mut stored: Vec<(String, f64)> = app
         .samples()
@@ -414,9 +415,7 @@ async fn without_valid_credentials_nothing_is_stored() {
 #[tokio::test]
 async fn a_body_that_can_never_be_read_is_refused_with_400_and_a_reason() {
     let app = app().await;
-    let not_protobuf = snap::raw::Encoder::new()
-        .compress_vec(b"\xff\xff\xff\xff not a write request")
-        .expect("compress");
+    let not_protobuf = snappy(b"\xff\xff\xff\xff not a write request");
     for (what, bad) in [
         ("snappy", b"plain text, not snappy".to_vec()),
         ("WriteRequest", not_protobuf),
