@@ -11,14 +11,15 @@ use std::str::FromStr;
 
 const KEY: &str = "forecast-key";
 
-#[tokio::test]
-async fn a_project_billed_for_6_minutes_forecasts_from_those_6_minutes() {
+/// Project "young" with `granted` credits, billed 1.36 vCPU-hours over its first 6
+/// minutes (13.6 credits an hour) through a real scrape and billing run; returns the
+/// app (its exporter kept alive with it) and the whole second the usage ended.
+async fn young_project(granted: &str) -> (common::TestApp, FixtureExporter, DateTime<Utc>) {
     let exporter = FixtureExporter::start(Answer::ok("")).await;
     let app = spawn_app(&[("SCRAPE_TARGETS", &exporter.url), ("API_KEY", KEY)]).await;
     let now = Utc::now()
         .duration_trunc(Duration::seconds(1))
         .expect("whole seconds");
-    // 1.36 vCPU-hours in 6 minutes: 13.6 credits an hour.
     for (ago, value) in [(360, "100"), (180, "100.68"), (0, "101.36")] {
         let ms = (now - Duration::seconds(ago)).timestamp_millis();
         exporter.set(Answer::ok(format!(
@@ -31,7 +32,9 @@ async fn a_project_billed_for_6_minutes_forecasts_from_those_6_minutes() {
         .http
         .put(format!("{}/api/projects/young/grant", app.address))
         .header("X-API-KEY", KEY)
-        .json(&serde_json::json!({"granted_credits": 100}))
+        .json(&serde_json::json!({
+            "granted_credits": serde_json::Number::from_str(granted).expect("a number")
+        }))
         .send()
         .await
         .expect("grant");
@@ -44,7 +47,12 @@ async fn a_project_billed_for_6_minutes_forecasts_from_those_6_minutes() {
         .await
         .expect("billing run");
     assert_eq!(run.status(), 200);
+    (app, exporter, now)
+}
 
+#[tokio::test]
+async fn a_project_billed_for_6_minutes_forecasts_from_those_6_minutes() {
+    let (app, _exporter, now) = young_project("100").await;
     let detail: serde_json::Value = app
         .get("/api/projects/young")
         .await
@@ -104,4 +112,23 @@ async fn a_project_billed_for_6_minutes_forecasts_from_those_6_minutes() {
             "{item} not in the served summary: {summary}"
         );
     }
+}
+
+/// The API fuzzer's case: 3,080,176,590.68 credits at 13.6 an hour last some 25,800
+/// years, which RFC 3339 (four-digit years) cannot write. The detail answers `null`,
+/// a `date-time` or nothing as its OpenAPI description says, never "+27826-…".
+#[tokio::test]
+async fn a_run_out_after_the_year_9999_is_null() {
+    let (app, _exporter, _) = young_project("3080176590.68").await;
+    let detail: serde_json::Value = app
+        .get("/api/projects/young")
+        .await
+        .json()
+        .await
+        .expect("detail");
+    assert_eq!(detail["used_credits"], "1.36", "{detail}");
+    assert!(
+        detail["forecast_run_out_at"].is_null(),
+        "no run-out a date-time can hold: {detail}"
+    );
 }
