@@ -3,7 +3,7 @@
 
 use super::{IngestError, IngestOutcome, Prepared, Skipped};
 use crate::store::samples::{self, SampleBatch, SampleRow};
-use crate::store::series::{NewSeries, Race, Resolved, SeriesCache, Staging};
+use crate::store::series::{self, NewSeries, Race, Resolved, SeriesCache, Staging};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use std::collections::{HashMap, HashSet};
@@ -206,13 +206,12 @@ async fn finish(
             anyhow::bail!("the body's new series were not staged")
         }
         (false, Attempt::Merging) => {
-            let mut staging = Staging::begin(batch.transaction().await?).await?;
-            staging
-                .add(batch.transaction().await?, &collected.new_series)
-                .await?;
-            staging
-                .create(batch.transaction().await?, Race::Tolerated)
-                .await?
+            series::create_or_find(
+                batch.transaction().await?,
+                &collected.new_series,
+                Race::Tolerated,
+            )
+            .await?
         }
     };
     let new_rows = collected.new_series_rows(&resolved)?;
