@@ -12,7 +12,7 @@
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use os_credits::config::{ScrapeTarget, Settings, TargetAuth};
 use os_credits::demo_exporter::{self, DemoConfig};
-use os_credits::store::samples::{write_rows, SampleRow};
+use os_credits::store::samples::write_rows;
 use os_credits::store::series::SeriesCache;
 use os_credits::{ingest, scrape};
 use std::collections::BTreeMap;
@@ -85,21 +85,12 @@ async fn main() -> anyhow::Result<()> {
         if first_scrape.is_zero() {
             first_scrape = ours;
         }
-        let batch: Vec<SampleRow> = pool
-            .get()
-            .await?
-            .query(
-                "SELECT series_id, time, value FROM usage_samples WHERE time = $1",
-                &[now],
-            )
-            .await?
-            .iter()
-            .map(|r| SampleRow {
-                series_id: r.get(0),
-                time: r.get(1),
-                value: r.get(2),
-            })
-            .collect();
+        let batch = support::sample_rows(
+            &*pool.get().await?,
+            "SELECT series_id, time, value FROM usage_samples WHERE time = $1",
+            &[now],
+        )
+        .await?;
         let clock = Instant::now();
         let mut client = pool.get().await?;
         let tx = client.transaction().await?;

@@ -170,20 +170,13 @@ async fn main() -> anyhow::Result<()> {
     client
         .batch_execute("CREATE TABLE usage_samples_baseline (LIKE usage_samples INCLUDING ALL)")
         .await?;
-    let rows: Vec<SampleRow> = client
-        .query(
-            "SELECT u.series_id, u.time, u.value FROM usage_samples u JOIN series s ON s.id = u.series_id
-             ORDER BY s.labels->>'location', u.time, u.series_id",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| SampleRow {
-            series_id: r.get(0),
-            time: r.get(1),
-            value: r.get(2),
-        })
-        .collect();
+    let rows = support::sample_rows(
+        &client,
+        "SELECT u.series_id, u.time, u.value FROM usage_samples u JOIN series s ON s.id = u.series_id
+         ORDER BY s.labels->>'location', u.time, u.series_id",
+        &[],
+    )
+    .await?;
     drop(client);
     let per: Vec<&[SampleRow]> = rows.chunks(per_sender.max(1)).collect();
     support::checkpoint(&pool).await?;

@@ -5,6 +5,26 @@
 use os_credits::config::{DatabaseSettings, Secret};
 use std::time::Duration;
 
+/// The samples a query returns as `(series_id, time, value)`, the baseline's rows.
+pub async fn sample_rows(
+    client: &tokio_postgres::Client,
+    query: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> anyhow::Result<Vec<os_credits::store::samples::SampleRow>> {
+    client
+        .query(query, params)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(os_credits::store::samples::SampleRow {
+                series_id: r.try_get("series_id")?,
+                time: r.try_get("time")?,
+                value: r.try_get("value")?,
+            })
+        })
+        .collect()
+}
+
 /// A size from the environment (to shrink a bench), or its default.
 pub fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
