@@ -7,7 +7,7 @@ use common::TestDb;
 use os_credits::config::Settings;
 use os_credits::ingest;
 use os_credits::store::migrations;
-use os_credits::store::series::{self, NewSeries, Race, SeriesCache};
+use os_credits::store::series::{self, NewSeries, SeriesCache};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -70,14 +70,13 @@ async fn two_writers_creating_overlapping_series_at_once_get_one_id_each_and_nev
         let (left, right) = tokio::join!(
             async {
                 let tx = a.transaction().await.expect("begin");
-                let resolved = series::create_or_find(&tx, &forward, series::Race::Tolerated).await;
+                let resolved = series::create_or_find(&tx, &forward).await;
                 tx.commit().await.expect("commit");
                 resolved
             },
             async {
                 let tx = b.transaction().await.expect("begin");
-                let resolved =
-                    series::create_or_find(&tx, &backward, series::Race::Tolerated).await;
+                let resolved = series::create_or_find(&tx, &backward).await;
                 tx.commit().await.expect("commit");
                 resolved
             }
@@ -113,19 +112,16 @@ async fn two_writers_creating_overlapping_series_at_once_get_one_id_each_and_nev
     assert_eq!(projects, 7, "projects registered with their first series");
 }
 
-/// The first try creates series with a plain insert of those not stored yet: series
-/// stored before (a restart forgot them) are found, not created again, and only the
-/// projects of the new ones are added; a project created at the same time (a grant)
-/// is no conflict.
+/// Series stored before (a restart forgot them) are found, not created again, and
+/// only the projects of the new ones are added; a project created at the same time (a
+/// grant) is no conflict.
 #[tokio::test]
-async fn a_plain_insert_finds_series_stored_before_and_creates_only_the_rest() {
+async fn series_stored_before_are_found_and_only_the_rest_created() {
     let db = TestDb::create().await;
     let mut client = migrated(&db).await;
     let before = new_series(0..100);
     let tx = client.transaction().await.expect("begin");
-    let stored = series::create_or_find(&tx, &before, Race::Tolerated)
-        .await
-        .expect("create");
+    let stored = series::create_or_find(&tx, &before).await.expect("create");
     tx.commit().await.expect("commit");
 
     let mut asked = new_series(0..150);
@@ -145,13 +141,12 @@ async fn a_plain_insert_finds_series_stored_before_and_creates_only_the_rest() {
         .await
         .expect("grant");
     let tx = client.transaction().await.expect("begin");
-    let (resolved, ()) = tokio::join!(series::create_or_find(&tx, &asked, Race::Fails), async {
+    let (resolved, ()) = tokio::join!(series::create_or_find(&tx, &asked), async {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         grant.commit().await.expect("commit the grant");
     });
-    let resolved = resolved.expect(
-        "neither series stored before nor a project created meanwhile fail the plain insert",
-    );
+    let resolved =
+        resolved.expect("neither series stored before nor a project created meanwhile fail it");
     tx.commit().await.expect("commit");
     assert_eq!(resolved.ids.len(), 150);
     assert_eq!(
@@ -193,10 +188,10 @@ async fn each_call_creates_and_finds_only_the_series_it_was_given() {
     let db = TestDb::create().await;
     let mut client = migrated(&db).await;
     let tx = client.transaction().await.expect("begin");
-    let first = series::create_or_find(&tx, &new_series(0..300), Race::Fails)
+    let first = series::create_or_find(&tx, &new_series(0..300))
         .await
         .expect("first call");
-    let second = series::create_or_find(&tx, &new_series(200..400), Race::Fails)
+    let second = series::create_or_find(&tx, &new_series(200..400))
         .await
         .expect("second call in the same transaction");
     tx.commit().await.expect("commit");
@@ -210,7 +205,7 @@ async fn each_call_creates_and_finds_only_the_series_it_was_given() {
         assert_eq!(second.ids.get(&s.key), first.ids.get(&s.key), "{}", s.key);
     }
     let tx = client.transaction().await.expect("begin");
-    let third = series::create_or_find(&tx, &new_series(390..410), Race::Tolerated)
+    let third = series::create_or_find(&tx, &new_series(390..410))
         .await
         .expect("next transaction");
     tx.commit().await.expect("commit");
@@ -227,7 +222,7 @@ async fn each_call_creates_and_finds_only_the_series_it_was_given() {
 }
 
 /// Two replicas ingesting bodies whose new series overlap, at the same time: one
-/// replica's plain insert of new series meets series the other just created, and its
+/// replica's `COPY` of new series meets series the other just created, and its
 /// retry through the merging path must store its samples anyway. Every sample is
 /// stored once, every series exists once, and neither replica reports a failure.
 #[tokio::test]
@@ -316,15 +311,11 @@ async fn replicas_creating_the_same_new_series_at_once_both_store_every_sample_o
     assert_eq!(series, i64::from(rounds * 3_000), "every series once");
 }
 
-/// What the database refuses on its own (migration 0014), so a bug or a hand-written
-/// statement fails loudly: rows naming a series that does not exist, NaN counter
-/// decreases, and ledger rows whose columns do not fit their kind. The rows billing
-/// writes (a usage row with its price, an approved held charge spanning a price
-/// change without one, a grant, an adjustment) are accepted.
-/// A body of several parse chunks (1 MiB each) stages each chunk's new series while
-/// the next is parsed: every series is created once, also one that comes back in a
-/// later chunk, and every sample lands in its own series; the next scrape of the same
-/// series creates none.
+/// A body of several parse chunks (1 MiB each): each chunk's new series get their ids
+/// and their samples are written while the next is parsed, the series rows at the
+/// end. Every series is created once, also one that comes back in a later chunk, and
+/// every sample lands in its own series; the next scrape of the same series creates
+/// none.
 #[tokio::test]
 async fn a_body_of_many_chunks_creates_each_new_series_once() {
     let db = TestDb::create().await;
@@ -394,6 +385,179 @@ async fn a_body_of_many_chunks_creates_each_new_series_once() {
     assert_eq!(row_count(&client, "series").await, i64::from(series) + 1);
 }
 
+/// Id of each series by its `site` label.
+async fn site_ids(client: &tokio_postgres::Client) -> HashMap<String, i64> {
+    client
+        .query("SELECT labels->>'site' AS site, id FROM series", &[])
+        .await
+        .expect("series")
+        .iter()
+        .map(|r| (r.get("site"), r.get("id")))
+        .collect()
+}
+
+/// A replica restarted with an empty cache gets a body of several chunks, half of
+/// whose series were stored before the restart: its `COPY` of what it takes for new
+/// series meets a stored one, and the retry through the merging path finds the
+/// stored series and creates only the rest. Every series exists once, the stored ones
+/// keep their ids, every sample lands in its own series once, and the next scrape
+/// creates nothing.
+#[tokio::test]
+async fn after_a_restart_series_stored_before_are_found_and_only_the_rest_created() {
+    let db = TestDb::create().await;
+    let client = migrated(&db).await;
+    let (settings, ctx) = ingest_setup(&db);
+    let pool = os_credits::store::pool(&settings.database).expect("pool");
+    let series = 40_000u32;
+    let stored_before = 20_000u32;
+    let body = |range: std::ops::Range<u32>| {
+        range
+            .map(|i| {
+                format!(
+                    "project_vcpu_usage{{project_name=\"p{}\",site=\"s{i}\",padding=\"{:040}\"}} {i}\n",
+                    i % 7,
+                    i
+                )
+            })
+            .collect::<String>()
+    };
+    let start: chrono::DateTime<chrono::Utc> = "2026-06-01T00:00:00Z".parse().expect("time");
+    let before_restart = SeriesCache::default();
+    ingest::ingest_text(
+        &pool,
+        &before_restart,
+        ctx.clone(),
+        body(stored_before..series),
+        start,
+    )
+    .await
+    .expect("scrape before the restart");
+    let ids_before = site_ids(&client).await;
+    assert_eq!(ids_before.len(), (series - stored_before) as usize);
+
+    let whole = body(0..series);
+    assert!(
+        whole.len() > 3 << 20,
+        "several 1 MiB chunks: {} bytes",
+        whole.len()
+    );
+    let restarted = SeriesCache::default();
+    let next = start + chrono::Duration::seconds(30);
+    let outcome = ingest::ingest_text(&pool, &restarted, ctx.clone(), whole.clone(), next)
+        .await
+        .expect("first scrape after the restart");
+    assert_eq!((outcome.stored, outcome.duplicates), (u64::from(series), 0));
+    assert_eq!(outcome.series.len(), series as usize);
+    let ids_after = site_ids(&client).await;
+    assert_eq!(ids_after.len(), series as usize, "every series once");
+    for (site, id) in &ids_before {
+        assert_eq!(ids_after.get(site), Some(id), "{site} keeps its id");
+    }
+    let samples: HashMap<String, (i64, f64, f64)> = client
+        .query(
+            "SELECT s.labels->>'site' AS site, count(*) AS n,
+                    min(u.value) AS low, max(u.value) AS high
+             FROM series s JOIN usage_samples u ON u.series_id = s.id GROUP BY 1",
+            &[],
+        )
+        .await
+        .expect("samples")
+        .iter()
+        .map(|r| (r.get("site"), (r.get("n"), r.get("low"), r.get("high"))))
+        .collect();
+    for i in 0..series {
+        let times = if i < stored_before { 1 } else { 2 };
+        assert_eq!(
+            samples.get(&format!("s{i}")),
+            Some(&(times, f64::from(i), f64::from(i))),
+            "s{i}"
+        );
+    }
+    let later = next + chrono::Duration::seconds(30);
+    let outcome = ingest::ingest_text(&pool, &restarted, ctx, whole, later)
+        .await
+        .expect("second scrape after the restart");
+    assert_eq!((outcome.stored, outcome.duplicates), (u64::from(series), 0));
+    assert_eq!(row_count(&client, "series").await, i64::from(series));
+}
+
+/// A first scrape with many new projects registers them on a second connection while
+/// its series are copied, or, when the pool has no second connection to give, in its
+/// own transaction: either way every project is registered once, no series is left
+/// without its project, and a project a grant created before keeps its grant.
+#[tokio::test]
+async fn the_projects_of_many_new_series_are_registered_with_or_without_a_second_connection() {
+    for pool_size in [16usize, 1] {
+        let db = TestDb::create().await;
+        let client = migrated(&db).await;
+        client
+            .batch_execute("INSERT INTO projects (name, granted_credits) VALUES ('p7', 5)")
+            .await
+            .expect("grant");
+        let mut vars = db.vars();
+        vars.push(("POSTGRES_POOL_SIZE".into(), pool_size.to_string()));
+        let settings = Settings::from_vars(vars).expect("settings");
+        let ctx = Arc::new(ingest::IngestContext::new(
+            &settings.ingest,
+            &settings.rules,
+            BTreeMap::new(),
+        ));
+        let pool = os_credits::store::pool(&settings.database).expect("pool");
+        let projects = 3_000u32;
+        let body: String = (0..2 * projects)
+            .map(|i| {
+                format!(
+                    "project_vcpu_usage{{project_name=\"p{}\",site=\"s{i}\"}} {i}\n",
+                    i / 2
+                )
+            })
+            .collect();
+        let now: chrono::DateTime<chrono::Utc> = "2026-06-01T00:00:00Z".parse().expect("time");
+        let outcome = ingest::ingest_text(&pool, &SeriesCache::default(), ctx, body, now)
+            .await
+            .unwrap_or_else(|e| panic!("pool of {pool_size}: {e}"));
+        assert_eq!(
+            outcome.stored,
+            u64::from(2 * projects),
+            "pool of {pool_size}"
+        );
+        let names: Vec<String> = client
+            .query("SELECT name FROM projects ORDER BY name", &[])
+            .await
+            .expect("projects")
+            .iter()
+            .map(|r| r.get("name"))
+            .collect();
+        let mut expected: Vec<String> = (0..projects).map(|i| format!("p{i}")).collect();
+        expected.sort();
+        assert_eq!(names, expected, "pool of {pool_size}: each project once");
+        let orphans: i64 = client
+            .query_one(
+                "SELECT count(*) FROM series s
+                 WHERE NOT EXISTS (SELECT 1 FROM projects p WHERE p.name = s.project)",
+                &[],
+            )
+            .await
+            .expect("orphans")
+            .get(0);
+        assert_eq!(orphans, 0, "pool of {pool_size}");
+        let granted: String = client
+            .query_one(
+                "SELECT granted_credits::text FROM projects WHERE name = 'p7'",
+                &[],
+            )
+            .await
+            .expect("grant")
+            .get(0);
+        assert_eq!(granted, "5", "pool of {pool_size}: the grant's row is kept");
+    }
+}
+
+/// What the database refuses on its own (migration 0014), so a bug or a hand-written
+/// statement fails loudly: rows naming a series that does not exist, NaN counter
+/// decreases, and ledger rows whose columns do not fit their kind. The rows billing
+/// writes (a usage row with its price, an approved held charge spanning a price
+/// change without one, a grant, an adjustment) are accepted.
 #[tokio::test]
 async fn the_database_refuses_rows_that_break_what_billing_relies_on() {
     let db = TestDb::create().await;

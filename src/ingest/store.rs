@@ -3,11 +3,13 @@
 
 use super::{IngestError, IngestOutcome, Prepared, Skipped};
 use crate::store::samples::{self, SampleBatch, SampleRow};
-use crate::store::series::{self, NewSeries, Race, Resolved, SeriesCache, Staging};
+use crate::store::series::{self, NewSeries, Resolved, SeriesCache};
+use anyhow::Context;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use tokio::sync::mpsc;
+use tokio_postgres::error::SqlState;
 
 /// Stores samples sorted by [`prepare_samples`] atomically, through the same `COPY`
 /// and merge as parsed bodies: samples already stored count as duplicates.
@@ -28,16 +30,17 @@ pub async fn store_prepared(
 struct Collected {
     rows: Vec<SampleRow>,
     new_series: Vec<NewSeries>,
-    new_index: HashMap<String, usize>,
+    new_index: HashMap<String, usize, foldhash::fast::RandomState>,
     new_rows: Vec<(usize, DateTime<Utc>, f64)>,
     skipped: Skipped,
 }
 
 impl Collected {
     /// Adds a chunk; returns where its series new to this body start in
-    /// `new_series` (those after it are this chunk's, each key once per body).
-    fn add(&mut self, prepared: Prepared) -> usize {
-        let fresh = self.new_series.len();
+    /// `new_series` (those after it are this chunk's, each key once per body) and
+    /// where its rows of new series start in `new_rows`.
+    fn add(&mut self, prepared: Prepared) -> (usize, usize) {
+        let fresh = (self.new_series.len(), self.new_rows.len());
         self.rows.extend_from_slice(&prepared.rows);
         let mut local_to_global = Vec::with_capacity(prepared.new_series.len());
         for series in prepared.new_series {
@@ -89,9 +92,113 @@ impl Collected {
     }
 }
 
+/// How the first try creates the body's new series: each chunk's new series get
+/// their ids and have their rows written while later chunks are parsed; the series
+/// rows themselves are written at the end, all in key order (see
+/// [`series::copy_created`]), and their projects registered meanwhile.
+#[derive(Default)]
+struct Creating {
+    /// Id taken for each of the body's new series (by index).
+    ids: Vec<i64>,
+    /// Rows of the new series written so far.
+    rows: Vec<SampleRow>,
+}
+
+/// From this many new projects on, they are registered on a second connection while
+/// the series are copied on the first (50,000 projects: about 0.15 s here, off the
+/// path of the body) when the pool has one idle; fewer, or with no idle connection,
+/// in the body's own transaction after the series.
+const PROJECTS_APART: usize = 1_000;
+
+impl Creating {
+    /// Takes ids for a chunk's new series and writes the chunk's rows of new series.
+    async fn chunk(
+        &mut self,
+        batch: &mut SampleBatch<'_>,
+        collected: &Collected,
+        (fresh, fresh_rows): (usize, usize),
+    ) -> anyhow::Result<()> {
+        let series = &collected.new_series[fresh..];
+        if !series.is_empty() {
+            let tx = batch.transaction().await?;
+            self.ids.extend(series::take_ids(tx, series.len()).await?);
+        }
+        // (every new series so far has its id, and nothing stored: every row is newer)
+        let start = self.rows.len();
+        for &(index, time, value) in &collected.new_rows[fresh_rows..] {
+            self.rows.push(SampleRow {
+                series_id: self.ids[index],
+                time,
+                value,
+            });
+        }
+        batch.push(&self.rows[start..], true).await
+    }
+
+    /// Writes the series rows in key order and registers their projects.
+    async fn create(
+        &self,
+        pool: &Pool,
+        batch: &mut SampleBatch<'_>,
+        collected: &Collected,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.ids.len() == collected.new_series.len(),
+            "{} new series but {} ids",
+            collected.new_series.len(),
+            self.ids.len()
+        );
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        let mut sorted: Vec<(&NewSeries, i64)> = collected
+            .new_series
+            .iter()
+            .zip(self.ids.iter().copied())
+            .collect();
+        sorted.sort_unstable_by(|a, b| a.0.key.cmp(&b.0.key));
+        let mut projects: Vec<&str> = sorted.iter().map(|(s, _)| s.project.as_str()).collect();
+        projects.sort_unstable();
+        projects.dedup();
+        let apart = if projects.len() >= PROJECTS_APART {
+            let mut no_wait = pool.timeouts();
+            no_wait.wait = Some(std::time::Duration::ZERO);
+            pool.timeout_get(&no_wait).await.ok()
+        } else {
+            None
+        };
+        let tx = batch.transaction().await?;
+        match apart {
+            Some(mut other) => {
+                let (copied, registered) = tokio::join!(
+                    series::copy_created(tx, &sorted),
+                    register_apart(&mut other, &projects)
+                );
+                copied?;
+                registered
+            }
+            None => {
+                series::copy_created(tx, &sorted).await?;
+                series::register_projects(tx, &projects).await
+            }
+        }
+    }
+}
+
+/// Registers projects in a transaction of their own (a project without series yet is
+/// what a grant makes too, should the body's transaction fail).
+async fn register_apart(
+    client: &mut deadpool_postgres::Client,
+    projects: &[&str],
+) -> anyhow::Result<()> {
+    let tx = client.transaction().await.context("registering projects")?;
+    series::register_projects(&tx, projects).await?;
+    tx.commit().await.context("registering projects")
+}
+
 /// Receives parsed chunks and streams them into one transaction. When the optimistic
-/// direct `COPY` meets a duplicate, or the plain insert of new series meets a series
-/// created meanwhile (another writer got there first), everything is stored again
+/// direct `COPY` meets a duplicate, or the new series meet one stored already (a
+/// restart forgot it, another writer got there first), everything is stored again
 /// through the merging path.
 pub(crate) async fn store_stream(
     pool: &Pool,
@@ -104,8 +211,7 @@ pub(crate) async fn store_stream(
         .await
         .map_err(IngestError::Store)?;
     let mut failure = None;
-    // The body's new series, staged chunk by chunk while later chunks are parsed.
-    let mut staging: Option<Staging> = None;
+    let mut creating = Creating::default();
     while let Some(chunk) = receiver.recv().await {
         let prepared = chunk?;
         if failure.is_none() {
@@ -113,10 +219,8 @@ pub(crate) async fn store_stream(
             failure = batch.push(&prepared.rows, newer).await.err();
         }
         let fresh = collected.add(prepared);
-        if failure.is_none() && fresh < collected.new_series.len() {
-            failure = stage(&mut batch, &mut staging, &collected.new_series[fresh..])
-                .await
-                .err();
+        if failure.is_none() {
+            failure = creating.chunk(&mut batch, &collected, fresh).await.err();
         }
     }
     let attempt = match failure {
@@ -124,16 +228,16 @@ pub(crate) async fn store_stream(
             drop(batch); // rolls back
             Err(e)
         }
-        None => finish(batch, &collected, Attempt::First(staging)).await,
+        None => finish(pool, batch, &mut collected, Attempt::First(creating)).await,
     };
     let (stored, resolved, new_rows) = match attempt {
         Ok(done) => done,
-        Err(e) if samples::is_unique_violation(&e) => {
-            tracing::debug!("direct COPY met a stored sample; merging instead");
+        Err(e) if is_conflict(&e) => {
+            tracing::debug!("direct COPY met a stored sample or series; merging instead");
             let batch = SampleBatch::begin(&mut client)
                 .await
                 .map_err(IngestError::Store)?;
-            finish(batch, &collected, Attempt::Merging)
+            finish(pool, batch, &mut collected, Attempt::Merging)
                 .await
                 .map_err(IngestError::Store)?
         }
@@ -157,71 +261,55 @@ pub(crate) async fn store_stream(
     })
 }
 
-/// Stages `series` in the batch's transaction, beginning the staging at the first.
-async fn stage(
-    batch: &mut SampleBatch<'_>,
-    staging: &mut Option<Staging>,
-    series: &[NewSeries],
-) -> anyhow::Result<()> {
-    let tx = batch.transaction().await?;
-    let staging = match staging {
-        Some(staging) => staging,
-        None => staging.insert(Staging::begin(tx).await?),
-    };
-    staging.add(tx, series).await
+/// Whether the first try failed only because another writer (or an earlier body) got
+/// there first: a sample or series stored already, or two writers creating the same
+/// series waiting for each other. The merging retry tolerates both.
+fn is_conflict(error: &anyhow::Error) -> bool {
+    samples::is_unique_violation(error)
+        || error
+            .chain()
+            .filter_map(|e| e.downcast_ref::<tokio_postgres::Error>())
+            .any(|e| e.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED))
 }
 
 /// Which try [`finish`] ends.
 enum Attempt {
-    /// The stream's own transaction, with the body's new series staged as they came
-    /// (`None` when the body had none).
-    First(Option<Staging>),
+    /// The stream's own transaction: the new series have their ids, projects and rows
+    /// already; their series rows are still to be written.
+    First(Creating),
     /// The retry in a new transaction: every row through the merging path, the new
-    /// series staged here.
+    /// series created or found here.
     Merging,
 }
 
-/// Creates the new series in the batch's transaction, writes their rows and commits;
-/// returns the rows stored, the new series' ids and their rows.
+/// Creates the new series in the batch's transaction, writes whatever rows are left
+/// and commits; returns the rows stored, the new series' ids and their rows. After a
+/// commit of the first try the new series' keys are moved into the ids returned.
 async fn finish(
+    pool: &Pool,
     mut batch: SampleBatch<'_>,
-    collected: &Collected,
+    collected: &mut Collected,
     attempt: Attempt,
 ) -> anyhow::Result<(u64, Resolved, Vec<SampleRow>)> {
-    let merge_all = matches!(attempt, Attempt::Merging);
-    if merge_all {
-        batch.push(&collected.rows, false).await?;
+    match attempt {
+        Attempt::First(creating) => {
+            creating.create(pool, &mut batch, collected).await?;
+            let stored = batch.commit().await?;
+            let mut resolved = Resolved::default();
+            resolved.ids.reserve(creating.ids.len());
+            for (series, &id) in collected.new_series.iter_mut().zip(&creating.ids) {
+                resolved.ids.insert(std::mem::take(&mut series.key), id);
+            }
+            resolved.created = creating.ids;
+            Ok((stored, resolved, creating.rows))
+        }
+        Attempt::Merging => {
+            batch.push(&collected.rows, false).await?;
+            let resolved =
+                series::create_or_find(batch.transaction().await?, &collected.new_series).await?;
+            let rows = collected.new_series_rows(&resolved)?;
+            batch.push(&rows, false).await?;
+            Ok((batch.commit().await?, resolved, rows))
+        }
     }
-    let resolved = match (collected.new_series.is_empty(), attempt) {
-        (true, _) => Resolved::default(),
-        // First try: a plain insert of the series not stored yet. Another writer
-        // creating one of them at the same time fails it with a unique violation, and
-        // the merging retry tolerates that.
-        (false, Attempt::First(Some(staged))) => {
-            staged
-                .create(batch.transaction().await?, Race::Fails)
-                .await?
-        }
-        (false, Attempt::First(None)) => {
-            anyhow::bail!("the body's new series were not staged")
-        }
-        (false, Attempt::Merging) => {
-            series::create_or_find(
-                batch.transaction().await?,
-                &collected.new_series,
-                Race::Tolerated,
-            )
-            .await?
-        }
-    };
-    let new_rows = collected.new_series_rows(&resolved)?;
-    // Rows of series created just now are newer than anything stored for them (the
-    // common case, every series created, needs no look at each row).
-    let all_created = !merge_all
-        && (resolved.created.len() == resolved.ids.len() || {
-            let created: HashSet<i64> = resolved.created.iter().copied().collect();
-            new_rows.iter().all(|r| created.contains(&r.series_id))
-        });
-    batch.push(&new_rows, all_created).await?;
-    Ok((batch.commit().await?, resolved, new_rows))
 }

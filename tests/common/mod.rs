@@ -357,7 +357,7 @@ where
     V: AsRef<str>,
     P: AsRef<str>,
 {
-    use os_credits::store::series::{create_or_find, write_series_key, NewSeries, Race};
+    use os_credits::store::series::{create_or_find, write_series_key, NewSeries};
     let new: Vec<NewSeries> = series
         .into_iter()
         .map(|(metric, labels, project)| {
@@ -388,9 +388,7 @@ where
         })
         .collect();
     let tx = client.transaction().await.expect("begin");
-    let resolved = create_or_find(&tx, &new, Race::Tolerated)
-        .await
-        .expect("create series");
+    let resolved = create_or_find(&tx, &new).await.expect("create series");
     tx.commit().await.expect("commit series");
     new.iter()
         .map(|s| {
