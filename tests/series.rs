@@ -481,76 +481,65 @@ async fn after_a_restart_series_stored_before_are_found_and_only_the_rest_create
     assert_eq!(row_count(&client, "series").await, i64::from(series));
 }
 
-/// A first scrape with many new projects registers them on a second connection while
-/// its series are copied, or, when the pool has no second connection to give, in its
-/// own transaction: either way every project is registered once, no series is left
+/// A first scrape registers the projects of its new series as its chunks come, each
+/// project once, also one that comes back in a later chunk: no series is left
 /// without its project, and a project a grant created before keeps its grant.
 #[tokio::test]
-async fn the_projects_of_many_new_series_are_registered_with_or_without_a_second_connection() {
-    for pool_size in [16usize, 1] {
-        let db = TestDb::create().await;
-        let client = migrated(&db).await;
-        client
-            .batch_execute("INSERT INTO projects (name, granted_credits) VALUES ('p7', 5)")
-            .await
-            .expect("grant");
-        let mut vars = db.vars();
-        vars.push(("POSTGRES_POOL_SIZE".into(), pool_size.to_string()));
-        let settings = Settings::from_vars(vars).expect("settings");
-        let ctx = Arc::new(ingest::IngestContext::new(
-            &settings.ingest,
-            &settings.rules,
-            BTreeMap::new(),
-        ));
-        let pool = os_credits::store::pool(&settings.database).expect("pool");
-        let projects = 3_000u32;
-        let body: String = (0..2 * projects)
-            .map(|i| {
-                format!(
-                    "project_vcpu_usage{{project_name=\"p{}\",site=\"s{i}\"}} {i}\n",
-                    i / 2
-                )
-            })
-            .collect();
-        let now: chrono::DateTime<chrono::Utc> = "2026-06-01T00:00:00Z".parse().expect("time");
-        let outcome = ingest::ingest_text(&pool, &SeriesCache::default(), ctx, body, now)
-            .await
-            .unwrap_or_else(|e| panic!("pool of {pool_size}: {e}"));
-        assert_eq!(
-            outcome.stored,
-            u64::from(2 * projects),
-            "pool of {pool_size}"
-        );
-        let names: Vec<String> = client
-            .query("SELECT name FROM projects ORDER BY name", &[])
-            .await
-            .expect("projects")
-            .iter()
-            .map(|r| r.get("name"))
-            .collect();
-        let mut expected: Vec<String> = (0..projects).map(|i| format!("p{i}")).collect();
-        expected.sort();
-        assert_eq!(names, expected, "pool of {pool_size}: each project once");
-        let orphans: i64 = client
-            .query_one(
-                "SELECT count(*) FROM series s
-                 WHERE NOT EXISTS (SELECT 1 FROM projects p WHERE p.name = s.project)",
-                &[],
+async fn the_projects_of_new_series_are_registered_once_and_a_grant_is_kept() {
+    let db = TestDb::create().await;
+    let client = migrated(&db).await;
+    client
+        .batch_execute("INSERT INTO projects (name, granted_credits) VALUES ('p7', 5)")
+        .await
+        .expect("grant");
+    let (settings, ctx) = ingest_setup(&db);
+    let pool = os_credits::store::pool(&settings.database).expect("pool");
+    let projects = 3_000u32;
+    // Every project in every chunk: 30,000 series, project i % 3,000.
+    let body: String = (0..10 * projects)
+        .map(|i| {
+            format!(
+                "project_vcpu_usage{{project_name=\"p{}\",site=\"s{i}\",padding=\"{:040}\"}} {i}\n",
+                i % projects,
+                i
             )
-            .await
-            .expect("orphans")
-            .get(0);
-        assert_eq!(orphans, 0, "pool of {pool_size}");
-        let granted: String = client
-            .query_one(
-                "SELECT granted_credits::text FROM projects WHERE name = 'p7'",
-                &[],
-            )
-            .await
-            .expect("grant")
-            .get(0);
-        assert_eq!(granted, "5", "pool of {pool_size}: the grant's row is kept");
-    }
+        })
+        .collect();
+    assert!(body.len() > 2 << 20, "several chunks: {} bytes", body.len());
+    let now: chrono::DateTime<chrono::Utc> = "2026-06-01T00:00:00Z".parse().expect("time");
+    let outcome = ingest::ingest_text(&pool, &SeriesCache::default(), ctx, body, now)
+        .await
+        .expect("first scrape");
+    assert_eq!(outcome.stored, u64::from(10 * projects));
+    let names: Vec<String> = client
+        .query("SELECT name FROM projects ORDER BY name", &[])
+        .await
+        .expect("projects")
+        .iter()
+        .map(|r| r.get("name"))
+        .collect();
+    let mut expected: Vec<String> = (0..projects).map(|i| format!("p{i}")).collect();
+    expected.sort();
+    assert_eq!(names, expected, "each project once");
+    let orphans: i64 = client
+        .query_one(
+            "SELECT count(*) FROM series s
+             WHERE NOT EXISTS (SELECT 1 FROM projects p WHERE p.name = s.project)",
+            &[],
+        )
+        .await
+        .expect("orphans")
+        .get(0);
+    assert_eq!(orphans, 0);
+    let granted: String = client
+        .query_one(
+            "SELECT granted_credits::text FROM projects WHERE name = 'p7'",
+            &[],
+        )
+        .await
+        .expect("grant")
+        .get(0);
+    assert_eq!(granted, "5", "the grant's row is kept");
 }
 
 /// What the database refuses on its own (migration 0014), so a bug or a hand-written

@@ -4,10 +4,9 @@
 use super::{IngestError, IngestOutcome, Prepared, Skipped};
 use crate::store::samples::{self, SampleBatch, SampleRow};
 use crate::store::series::{self, NewSeries, Resolved, SeriesCache};
-use anyhow::Context;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use tokio::sync::mpsc;
 use tokio_postgres::error::SqlState;
 
@@ -93,25 +92,22 @@ impl Collected {
 }
 
 /// How the first try creates the body's new series: each chunk's new series get
-/// their ids and have their rows written while later chunks are parsed; the series
-/// rows themselves are written at the end, all in key order (see
-/// [`series::copy_created`]), and their projects registered meanwhile.
+/// their ids and projects and have their rows written while later chunks are parsed;
+/// the series rows themselves are written at the end, all in key order (see
+/// [`series::copy_created`]).
 #[derive(Default)]
 struct Creating {
     /// Id taken for each of the body's new series (by index).
     ids: Vec<i64>,
+    /// Projects registered in this transaction.
+    projects: HashSet<String>,
     /// Rows of the new series written so far.
     rows: Vec<SampleRow>,
 }
 
-/// From this many new projects on, they are registered on a second connection while
-/// the series are copied on the first (50,000 projects: about 0.15 s here, off the
-/// path of the body) when the pool has one idle; fewer, or with no idle connection,
-/// in the body's own transaction after the series.
-const PROJECTS_APART: usize = 1_000;
-
 impl Creating {
-    /// Takes ids for a chunk's new series and writes the chunk's rows of new series.
+    /// Takes ids for a chunk's new series, registers their projects not registered
+    /// yet, and writes the chunk's rows of new series.
     async fn chunk(
         &mut self,
         batch: &mut SampleBatch<'_>,
@@ -122,6 +118,16 @@ impl Creating {
         if !series.is_empty() {
             let tx = batch.transaction().await?;
             self.ids.extend(series::take_ids(tx, series.len()).await?);
+            let mut projects: Vec<&str> = series
+                .iter()
+                .map(|s| s.project.as_str())
+                .filter(|p| !self.projects.contains(*p))
+                .collect();
+            projects.sort_unstable();
+            projects.dedup();
+            series::register_projects(tx, &projects).await?;
+            self.projects
+                .extend(projects.into_iter().map(str::to_owned));
         }
         // (every new series so far has its id, and nothing stored: every row is newer)
         let start = self.rows.len();
@@ -135,10 +141,9 @@ impl Creating {
         batch.push(&self.rows[start..], true).await
     }
 
-    /// Writes the series rows in key order and registers their projects.
+    /// Writes the series rows, in key order.
     async fn create(
         &self,
-        pool: &Pool,
         batch: &mut SampleBatch<'_>,
         collected: &Collected,
     ) -> anyhow::Result<()> {
@@ -148,52 +153,14 @@ impl Creating {
             collected.new_series.len(),
             self.ids.len()
         );
-        if self.ids.is_empty() {
-            return Ok(());
-        }
         let mut sorted: Vec<(&NewSeries, i64)> = collected
             .new_series
             .iter()
             .zip(self.ids.iter().copied())
             .collect();
         sorted.sort_unstable_by(|a, b| a.0.key.cmp(&b.0.key));
-        let mut projects: Vec<&str> = sorted.iter().map(|(s, _)| s.project.as_str()).collect();
-        projects.sort_unstable();
-        projects.dedup();
-        let apart = if projects.len() >= PROJECTS_APART {
-            let mut no_wait = pool.timeouts();
-            no_wait.wait = Some(std::time::Duration::ZERO);
-            pool.timeout_get(&no_wait).await.ok()
-        } else {
-            None
-        };
-        let tx = batch.transaction().await?;
-        match apart {
-            Some(mut other) => {
-                let (copied, registered) = tokio::join!(
-                    series::copy_created(tx, &sorted),
-                    register_apart(&mut other, &projects)
-                );
-                copied?;
-                registered
-            }
-            None => {
-                series::copy_created(tx, &sorted).await?;
-                series::register_projects(tx, &projects).await
-            }
-        }
+        series::copy_created(batch.transaction().await?, &sorted).await
     }
-}
-
-/// Registers projects in a transaction of their own (a project without series yet is
-/// what a grant makes too, should the body's transaction fail).
-async fn register_apart(
-    client: &mut deadpool_postgres::Client,
-    projects: &[&str],
-) -> anyhow::Result<()> {
-    let tx = client.transaction().await.context("registering projects")?;
-    series::register_projects(&tx, projects).await?;
-    tx.commit().await.context("registering projects")
 }
 
 /// Receives parsed chunks and streams them into one transaction. When the optimistic
@@ -228,7 +195,7 @@ pub(crate) async fn store_stream(
             drop(batch); // rolls back
             Err(e)
         }
-        None => finish(pool, batch, &mut collected, Attempt::First(creating)).await,
+        None => finish(batch, &mut collected, Attempt::First(creating)).await,
     };
     let (stored, resolved, new_rows) = match attempt {
         Ok(done) => done,
@@ -237,7 +204,7 @@ pub(crate) async fn store_stream(
             let batch = SampleBatch::begin(&mut client)
                 .await
                 .map_err(IngestError::Store)?;
-            finish(pool, batch, &mut collected, Attempt::Merging)
+            finish(batch, &mut collected, Attempt::Merging)
                 .await
                 .map_err(IngestError::Store)?
         }
@@ -286,14 +253,13 @@ enum Attempt {
 /// and commits; returns the rows stored, the new series' ids and their rows. After a
 /// commit of the first try the new series' keys are moved into the ids returned.
 async fn finish(
-    pool: &Pool,
     mut batch: SampleBatch<'_>,
     collected: &mut Collected,
     attempt: Attempt,
 ) -> anyhow::Result<(u64, Resolved, Vec<SampleRow>)> {
     match attempt {
         Attempt::First(creating) => {
-            creating.create(pool, &mut batch, collected).await?;
+            creating.create(&mut batch, collected).await?;
             let stored = batch.commit().await?;
             let mut resolved = Resolved::default();
             resolved.ids.reserve(creating.ids.len());
