@@ -542,6 +542,57 @@ async fn the_projects_of_new_series_are_registered_once_and_a_grant_is_kept() {
     assert_eq!(granted, "5", "the grant's row is kept");
 }
 
+/// A grant creating a project at the very moment a first scrape registers the same
+/// project: the scrape's plain insert waits for the grant, meets its project, and the
+/// scrape is stored through the merging retry instead of failing. Every sample is
+/// stored once, every project exists once, and the grant keeps its credits.
+#[tokio::test]
+async fn a_grant_creating_a_project_while_a_first_scrape_registers_it_is_no_failure() {
+    let db = TestDb::create().await;
+    let client = migrated(&db).await;
+    let (settings, ctx) = ingest_setup(&db);
+    let pool = os_credits::store::pool(&settings.database).expect("pool");
+    let mut granting = db.connect().await;
+    let grant = granting.transaction().await.expect("begin");
+    grant
+        .batch_execute("INSERT INTO projects (name, granted_credits) VALUES ('p3', 5)")
+        .await
+        .expect("grant");
+    let body: String = (0..700u32)
+        .map(|i| {
+            format!(
+                "project_vcpu_usage{{project_name=\"p{}\",site=\"s{i}\"}} {i}\n",
+                i % 7
+            )
+        })
+        .collect();
+    let now: chrono::DateTime<chrono::Utc> = "2026-06-01T00:00:00Z".parse().expect("time");
+    let cache = SeriesCache::default();
+    let (outcome, ()) = tokio::join!(ingest::ingest_text(&pool, &cache, ctx, body, now), async {
+        // (the scrape waits for the grant's uncommitted project meanwhile)
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        grant.commit().await.expect("commit the grant");
+    });
+    let outcome = outcome.expect("the scrape is stored, not failed");
+    assert_eq!((outcome.stored, outcome.duplicates), (700, 0));
+    assert_eq!(row_count(&client, "series").await, 700);
+    assert_eq!(row_count(&client, "usage_samples").await, 700);
+    let projects: Vec<(String, String)> = client
+        .query(
+            "SELECT name, granted_credits::text AS granted FROM projects ORDER BY name",
+            &[],
+        )
+        .await
+        .expect("projects")
+        .iter()
+        .map(|r| (r.get("name"), r.get("granted")))
+        .collect();
+    let expected: Vec<(String, String)> = (0..7)
+        .map(|i| (format!("p{i}"), if i == 3 { "5" } else { "0" }.to_owned()))
+        .collect();
+    assert_eq!(projects, expected);
+}
+
 /// What the database refuses on its own (migration 0014), so a bug or a hand-written
 /// statement fails loudly: rows naming a series that does not exist, NaN counter
 /// decreases, and ledger rows whose columns do not fit their kind. The rows billing
