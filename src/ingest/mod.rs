@@ -58,7 +58,7 @@ pub struct IngestSettings {
 #[derive(Debug, Clone)]
 pub struct IngestContext {
     /// Metric names that are billed; everything else is ignored.
-    pub billed: HashSet<String>,
+    pub billed: HashSet<String, foldhash::fast::RandomState>,
     /// The label naming the project.
     pub project_label: String,
     /// When set, only these projects are kept.

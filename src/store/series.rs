@@ -56,6 +56,11 @@ pub fn write_series_key<'a>(
 
 /// Appends a label value escaped as the exposition format requires (`\\`, `\"`, `\n`).
 pub fn push_escaped_label_value(out: &mut String, value: &str) {
+    // (nearly every value needs no escape: one copy instead of a push per char)
+    if !value.bytes().any(|b| matches!(b, b'\\' | b'"' | b'\n')) {
+        out.push_str(value);
+        return;
+    }
     for c in value.chars() {
         match c {
             '\\' => out.push_str("\\\\"),
