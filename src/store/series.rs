@@ -229,25 +229,44 @@ pub async fn copy_created(
     if series.is_empty() {
         return Ok(());
     }
+    let rows: Vec<(&NewSeries, Option<i64>)> =
+        series.iter().map(|&(s, id)| (s, Some(id))).collect();
+    copy_series(tx, "series", &rows).await
+}
+
+/// Copies series rows into `table` by binary `COPY`: with the given ids, or (`None`
+/// for all) without the `id` column.
+async fn copy_series(
+    tx: &tokio_postgres::Transaction<'_>,
+    table: &str,
+    series: &[(&NewSeries, Option<i64>)],
+) -> anyhow::Result<()> {
+    let with_ids = series.first().is_some_and(|(_, id)| id.is_some());
+    let (columns, types): (&str, &[Type]) = match with_ids {
+        true => (
+            "id, metric, labels, series_key, project",
+            &[Type::INT8, Type::TEXT, Type::JSONB, Type::TEXT, Type::TEXT],
+        ),
+        false => (
+            "metric, labels, series_key, project",
+            &[Type::TEXT, Type::JSONB, Type::TEXT, Type::TEXT],
+        ),
+    };
     let sink = tx
-        .copy_in("COPY series (id, metric, labels, series_key, project) FROM STDIN (FORMAT binary)")
+        .copy_in(&format!(
+            "COPY {table} ({columns}) FROM STDIN (FORMAT binary)"
+        ))
         .await
         .context("copying new series")?;
-    let writer = BinaryCopyInWriter::new(
-        sink,
-        &[Type::INT8, Type::TEXT, Type::JSONB, Type::TEXT, Type::TEXT],
-    );
+    let writer = BinaryCopyInWriter::new(sink, types);
     futures::pin_mut!(writer);
     for (s, id) in series {
+        let labels = tokio_postgres::types::Json(&s.labels);
+        let row: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&id, &s.metric, &labels, &s.key, &s.project];
         writer
             .as_mut()
-            .write(&[
-                id,
-                &s.metric,
-                &tokio_postgres::types::Json(&s.labels),
-                &s.key,
-                &s.project,
-            ])
+            .write(&row[usize::from(!with_ids)..])
             .await
             .context("copying new series")?;
     }
@@ -290,28 +309,8 @@ pub async fn create_or_find(
     )
     .await
     .context("creating the series staging table")?;
-    let sink = tx
-        .copy_in(
-            "COPY series_staging (metric, labels, series_key, project)
-             FROM STDIN (FORMAT binary)",
-        )
-        .await
-        .context("copying new series")?;
-    let writer = BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::JSONB, Type::TEXT, Type::TEXT]);
-    futures::pin_mut!(writer);
-    for s in &unique {
-        writer
-            .as_mut()
-            .write(&[
-                &s.metric,
-                &tokio_postgres::types::Json(&s.labels),
-                &s.key,
-                &s.project,
-            ])
-            .await
-            .context("copying new series")?;
-    }
-    writer.finish().await.context("copying new series")?;
+    let rows: Vec<(&NewSeries, Option<i64>)> = unique.iter().map(|&s| (s, None)).collect();
+    copy_series(tx, "series_staging", &rows).await?;
     // Key order is byte order (COLLATE "C"), the order of the unique index.
     let created = tx
         .query(
