@@ -50,15 +50,19 @@ async fn young_project(granted: &str) -> (common::TestApp, FixtureExporter, Date
     (app, exporter, now)
 }
 
-#[tokio::test]
-async fn a_project_billed_for_6_minutes_forecasts_from_those_6_minutes() {
-    let (app, _exporter, now) = young_project("100").await;
-    let detail: serde_json::Value = app
-        .get("/api/projects/young")
+/// `GET /api/projects/young` as JSON.
+async fn young_detail(app: &common::TestApp) -> serde_json::Value {
+    app.get("/api/projects/young")
         .await
         .json()
         .await
-        .expect("detail");
+        .expect("detail")
+}
+
+#[tokio::test]
+async fn a_project_billed_for_6_minutes_forecasts_from_those_6_minutes() {
+    let (app, _exporter, now) = young_project("100").await;
+    let detail = young_detail(&app).await;
     let asked = Utc::now();
     assert_eq!(detail["used_credits"], "1.36", "{detail}");
     let rate = Decimal::from_str(detail["burn_rate_per_hour"].as_str().unwrap_or("x"))
@@ -120,12 +124,7 @@ async fn a_project_billed_for_6_minutes_forecasts_from_those_6_minutes() {
 #[tokio::test]
 async fn a_run_out_after_the_year_9999_is_null() {
     let (app, _exporter, _) = young_project("3080176590.68").await;
-    let detail: serde_json::Value = app
-        .get("/api/projects/young")
-        .await
-        .json()
-        .await
-        .expect("detail");
+    let detail = young_detail(&app).await;
     assert_eq!(detail["used_credits"], "1.36", "{detail}");
     assert!(
         detail["forecast_run_out_at"].is_null(),
