@@ -1,6 +1,7 @@
 //! PostgreSQL/TimescaleDB: the pool, migrations, and the storage mode.
 
 pub mod changes;
+pub mod copy;
 pub mod migrations;
 pub mod rollup;
 pub mod samples;

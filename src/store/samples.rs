@@ -5,12 +5,10 @@
 //! series not seen since start-up) the rest goes through a staging table merged with
 //! `ON CONFLICT DO NOTHING`. Both happen in one transaction.
 
+use super::copy::CopyWriter;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use std::pin::Pin;
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::Type;
 use tokio_postgres::Transaction;
 
 /// One sample ready to store.
@@ -33,8 +31,6 @@ pub struct StoreOutcome {
     pub duplicates: u64,
 }
 
-const COLUMN_TYPES: &[Type] = &[Type::INT8, Type::TIMESTAMPTZ, Type::FLOAT8];
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Destination {
     Direct,
@@ -44,7 +40,7 @@ enum Destination {
 /// An open transaction that samples are streamed into.
 pub struct SampleBatch<'a> {
     tx: Transaction<'a>,
-    copy: Option<Pin<Box<BinaryCopyInWriter>>>,
+    copy: Option<CopyWriter>,
     destination: Destination,
     stored_direct: u64,
 }
@@ -92,15 +88,10 @@ impl<'a> SampleBatch<'a> {
                     "COPY {table} (series_id, time, value) FROM STDIN (FORMAT binary)"
                 ))
                 .await?;
-            self.copy = Some(Box::pin(BinaryCopyInWriter::new(sink, COLUMN_TYPES)));
+            self.copy = Some(CopyWriter::new(sink));
         }
         if let Some(writer) = self.copy.as_mut() {
-            for row in rows {
-                writer
-                    .as_mut()
-                    .write(&[&row.series_id, &row.time, &row.value])
-                    .await?;
-            }
+            write_all(writer, rows).await?;
         }
         Ok(())
     }
@@ -112,8 +103,8 @@ impl<'a> SampleBatch<'a> {
     }
 
     async fn close_copy(&mut self) -> anyhow::Result<()> {
-        if let Some(mut writer) = self.copy.take() {
-            let written = writer.as_mut().finish().await?;
+        if let Some(writer) = self.copy.take() {
+            let written = writer.finish().await?;
             if self.destination == Destination::Direct {
                 self.stored_direct += written;
             }
@@ -156,12 +147,20 @@ pub async fn write_rows(
     sink: tokio_postgres::CopyInSink<bytes::Bytes>,
     rows: &[SampleRow],
 ) -> anyhow::Result<u64> {
-    let mut writer = Box::pin(BinaryCopyInWriter::new(sink, COLUMN_TYPES));
+    let mut writer = CopyWriter::new(sink);
+    write_all(&mut writer, rows).await?;
+    writer.finish().await
+}
+
+/// Writes sample rows as `(series_id, time, value)`.
+async fn write_all(writer: &mut CopyWriter, rows: &[SampleRow]) -> anyhow::Result<()> {
     for row in rows {
         writer
-            .as_mut()
-            .write(&[&row.series_id, &row.time, &row.value])
-            .await?;
+            .row(3)
+            .int8(row.series_id)
+            .timestamptz(row.time)?
+            .float8(row.value);
+        writer.end_row().await?;
     }
-    Ok(writer.as_mut().finish().await?)
+    Ok(())
 }

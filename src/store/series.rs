@@ -1,10 +1,9 @@
 //! Series identity: metric + full label set → id, cached in memory.
 
+use super::copy::CopyWriter;
 use anyhow::Context;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::Type;
 
 /// A series seen in a scrape that the cache does not know yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,15 +241,9 @@ async fn copy_series(
     series: &[(&NewSeries, Option<i64>)],
 ) -> anyhow::Result<()> {
     let with_ids = series.first().is_some_and(|(_, id)| id.is_some());
-    let (columns, types): (&str, &[Type]) = match with_ids {
-        true => (
-            "id, metric, labels, series_key, project",
-            &[Type::INT8, Type::TEXT, Type::JSONB, Type::TEXT, Type::TEXT],
-        ),
-        false => (
-            "metric, labels, series_key, project",
-            &[Type::TEXT, Type::JSONB, Type::TEXT, Type::TEXT],
-        ),
+    let columns = match with_ids {
+        true => "id, metric, labels, series_key, project",
+        false => "metric, labels, series_key, project",
     };
     let sink = tx
         .copy_in(&format!(
@@ -258,17 +251,22 @@ async fn copy_series(
         ))
         .await
         .context("copying new series")?;
-    let writer = BinaryCopyInWriter::new(sink, types);
-    futures::pin_mut!(writer);
-    for (s, id) in series {
-        let labels = tokio_postgres::types::Json(&s.labels);
-        let row: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-            [&id, &s.metric, &labels, &s.key, &s.project];
+    let mut writer = CopyWriter::new(sink);
+    for &(s, id) in series {
+        writer.row(4 + i16::from(with_ids));
+        match (with_ids, id) {
+            (true, Some(id)) => {
+                writer.int8(id);
+            }
+            (false, None) => {}
+            _ => anyhow::bail!("series rows given both with and without ids"),
+        }
         writer
-            .as_mut()
-            .write(&row[usize::from(!with_ids)..])
-            .await
-            .context("copying new series")?;
+            .text(&s.metric)?
+            .jsonb(&s.labels)?
+            .text(&s.key)?
+            .text(&s.project)?;
+        writer.end_row().await.context("copying new series")?;
     }
     writer.finish().await.context("copying new series")?;
     Ok(())
