@@ -353,6 +353,10 @@ async fn a_body_of_many_chunks_creates_each_new_series_once() {
         (outcome.stored, outcome.duplicates),
         (u64::from(series) + 2, 0)
     );
+    assert!(
+        !outcome.merged,
+        "a fresh database: the first try stores it all, no merging retry"
+    );
     assert_eq!(row_count(&client, "series").await, i64::from(series) + 1);
     let wrong: i64 = client
         .query_one(
@@ -382,6 +386,10 @@ async fn a_body_of_many_chunks_creates_each_new_series_once() {
         .await
         .expect("second scrape");
     assert_eq!((outcome.stored, outcome.duplicates), (u64::from(series), 2));
+    assert!(
+        !outcome.merged,
+        "the cache knows `again`'s samples are not newer: staged in the first try"
+    );
     assert_eq!(row_count(&client, "series").await, i64::from(series) + 1);
 }
 
@@ -447,6 +455,10 @@ async fn after_a_restart_series_stored_before_are_found_and_only_the_rest_create
         .await
         .expect("first scrape after the restart");
     assert_eq!((outcome.stored, outcome.duplicates), (u64::from(series), 0));
+    assert!(
+        outcome.merged,
+        "the direct COPY met the series stored before"
+    );
     assert_eq!(outcome.series.len(), series as usize);
     let ids_after = site_ids(&client).await;
     assert_eq!(ids_after.len(), series as usize, "every series once");

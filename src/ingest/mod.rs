@@ -156,6 +156,9 @@ pub struct IngestOutcome {
     pub skipped: Skipped,
     /// The billed series the body held (for completeness: see `super::completeness`).
     pub series: Vec<i64>,
+    /// Whether the direct `COPY` met a sample or series stored already and the body
+    /// was stored again through the merging path (see [`store`]).
+    pub merged: bool,
 }
 
 impl IngestOutcome {

@@ -6,7 +6,7 @@ use crate::store::samples::{self, SampleBatch, SampleRow};
 use crate::store::series::{self, NewSeries, Resolved, SeriesCache};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use tokio::sync::mpsc;
 use tokio_postgres::error::SqlState;
 
@@ -92,43 +92,40 @@ impl Collected {
 }
 
 /// How the first try creates the body's new series: each chunk's new series get
-/// their ids and projects and have their rows written while later chunks are parsed;
-/// the series rows themselves are written at the end, all in key order (see
-/// [`series::copy_created`]).
+/// their ids and have their rows written while later chunks are parsed; the series
+/// rows themselves and their projects are written at the end (see [`Creating::create`]).
 #[derive(Default)]
 struct Creating {
     /// Id taken for each of the body's new series (by index).
     ids: Vec<i64>,
-    /// Projects registered in this transaction.
-    projects: HashSet<String>,
+    /// Ids taken but not given yet (handed out from the end).
+    spare: Vec<i64>,
     /// Rows of the new series written so far.
     rows: Vec<SampleRow>,
 }
 
 impl Creating {
-    /// Takes ids for a chunk's new series, registers their projects not registered
-    /// yet, and writes the chunk's rows of new series.
+    /// Takes ids for a chunk's new series and writes the chunk's rows of new series.
     async fn chunk(
         &mut self,
         batch: &mut SampleBatch<'_>,
         collected: &Collected,
         (fresh, fresh_rows): (usize, usize),
     ) -> anyhow::Result<()> {
-        let series = &collected.new_series[fresh..];
-        if !series.is_empty() {
-            let tx = batch.transaction().await?;
-            self.ids.extend(series::take_ids(tx, series.len()).await?);
-            let mut projects: Vec<&str> = series
-                .iter()
-                .map(|s| s.project.as_str())
-                .filter(|p| !self.projects.contains(*p))
-                .collect();
-            projects.sort_unstable();
-            projects.dedup();
-            series::register_projects(tx, &projects).await?;
-            self.projects
-                .extend(projects.into_iter().map(str::to_owned));
+        let count = collected.new_series.len() - fresh;
+        if self.spare.len() < count {
+            // Ids are taken in blocks, each at least as large as all taken before,
+            // so a body's series take a few blocks rather than one per chunk: taking
+            // them ends the samples' `COPY` and waits for the database to catch up
+            // with it. Ids left over are never used (ids need not be dense).
+            let block = count.max(self.ids.len() + self.spare.len());
+            let mut taken = series::take_ids(batch.transaction().await?, block).await?;
+            taken.reverse();
+            taken.append(&mut self.spare);
+            self.spare = taken;
         }
+        self.ids
+            .extend(self.spare.drain(self.spare.len() - count..).rev());
         // (every new series so far has its id, and nothing stored: every row is newer)
         let start = self.rows.len();
         for &(index, time, value) in &collected.new_rows[fresh_rows..] {
@@ -141,7 +138,8 @@ impl Creating {
         batch.push(&self.rows[start..], true).await
     }
 
-    /// Writes the series rows, in key order.
+    /// Registers the projects of the body's new series and writes the series rows,
+    /// in key order (see [`series::copy_created`]).
     async fn create(
         &self,
         batch: &mut SampleBatch<'_>,
@@ -153,13 +151,22 @@ impl Creating {
             collected.new_series.len(),
             self.ids.len()
         );
+        let mut projects: Vec<&str> = collected
+            .new_series
+            .iter()
+            .map(|s| s.project.as_str())
+            .collect();
+        projects.sort_unstable();
+        projects.dedup();
         let mut sorted: Vec<(&NewSeries, i64)> = collected
             .new_series
             .iter()
             .zip(self.ids.iter().copied())
             .collect();
         sorted.sort_unstable_by(|a, b| a.0.key.cmp(&b.0.key));
-        series::copy_created(batch.transaction().await?, &sorted).await
+        let tx = batch.transaction().await?;
+        series::register_projects(tx, &projects).await?;
+        series::copy_created(tx, &sorted).await
     }
 }
 
@@ -197,10 +204,12 @@ pub(crate) async fn store_stream(
         }
         None => finish(batch, &mut collected, Attempt::First(creating)).await,
     };
+    let merged = attempt.as_ref().is_err();
     let (stored, resolved, new_rows) = match attempt {
         Ok(done) => done,
         Err(e) if is_conflict(&e) => {
             tracing::debug!("direct COPY met a stored sample or series; merging instead");
+            crate::telemetry::metrics::ingest_merged();
             let batch = SampleBatch::begin(&mut client)
                 .await
                 .map_err(IngestError::Store)?;
@@ -225,6 +234,7 @@ pub(crate) async fn store_stream(
         duplicates: collected.total() - stored,
         skipped: collected.skipped,
         series,
+        merged,
     })
 }
 

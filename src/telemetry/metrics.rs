@@ -92,6 +92,10 @@ fn describe() {
         "Billed samples scraped but not stored, by target and reason (no_project, not_whitelisted, not_finite, too_long, bad_project: blank, over 255 bytes or NUL; nul_label: a NUL in a label value; not_utf8: a pushed label that is not UTF-8)."
     );
     describe_counter!(
+        "os_credits_ingest_merged_total",
+        "Scrapes and pushes whose direct COPY met a sample or series stored already (a restart, a re-sent batch, another replica) and that were stored again through the slower merging path."
+    );
+    describe_counter!(
         "os_credits_samples_duplicate_total",
         "Samples not stored because they were stored already, by target."
     );
@@ -146,6 +150,11 @@ fn describe() {
         "os_credits_notification_attempts_total",
         "Delivery attempts of notifications by channel (email, webhook) and outcome."
     );
+}
+
+/// One scrape or push was stored again through the merging path.
+pub fn ingest_merged() {
+    counter!("os_credits_ingest_merged_total").increment(1);
 }
 
 /// What one ingest stored, as plain figures.
