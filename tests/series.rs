@@ -393,6 +393,167 @@ async fn a_body_of_many_chunks_creates_each_new_series_once() {
     assert_eq!(row_count(&client, "series").await, i64::from(series) + 1);
 }
 
+/// The values stored at `time`, by the `site` label of their series.
+async fn values_at(
+    client: &tokio_postgres::Client,
+    time: chrono::DateTime<chrono::Utc>,
+) -> HashMap<String, f64> {
+    client
+        .query(
+            "SELECT s.labels->>'site' AS site, u.value FROM usage_samples u
+             JOIN series s ON s.id = u.series_id WHERE u.time = $1",
+            &[&time],
+        )
+        .await
+        .expect("samples")
+        .iter()
+        .map(|r| (r.get("site"), r.get("value")))
+        .collect()
+}
+
+/// A body written as the target's last one is matched line by line against that
+/// one's layout: every sample lands in its own series as when each key is built and
+/// looked up. A series inserted in the middle, a line spelled differently (same
+/// series, labels in another order), a NaN, a series gone: those lines go the long
+/// way and still land right; the next body is matched against this one. A context
+/// new to the process (a restart) or a replaced cache matches nothing.
+#[tokio::test]
+async fn a_body_written_as_the_last_one_is_matched_line_by_line_and_lands_the_same() {
+    let db = TestDb::create().await;
+    let client = migrated(&db).await;
+    let (settings, ctx) = ingest_setup(&db);
+    let pool = os_credits::store::pool(&settings.database).expect("pool");
+    let cache = SeriesCache::default();
+    let line = |i: u32, value: f64| {
+        format!(
+            "project_vcpu_usage{{project_name=\"p{}\",site=\"s{i}\"}} {value}\n",
+            i % 7
+        )
+    };
+    // Site i's value at scrape n is n * 10,000 + i: any sample in another series shows.
+    let body = |n: u32, sites: &mut dyn Iterator<Item = u32>| {
+        sites
+            .map(|i| line(i, f64::from(n * 10_000 + i)))
+            .collect::<String>()
+    };
+    let expected = |n: u32, sites: &mut dyn Iterator<Item = u32>| {
+        sites
+            .map(|i| (format!("s{i}"), f64::from(n * 10_000 + i)))
+            .collect::<HashMap<_, _>>()
+    };
+    let start: chrono::DateTime<chrono::Utc> = "2026-06-01T00:00:00Z".parse().expect("time");
+    let at = |n: u32| start + chrono::Duration::seconds(30 * i64::from(n));
+    let scrape = |ctx: Arc<ingest::IngestContext>, cache: SeriesCache, n: u32, text: String| {
+        let pool = pool.clone();
+        async move {
+            ingest::ingest_text(&pool, &cache, ctx, text, at(n))
+                .await
+                .expect("scrape")
+        }
+    };
+
+    // 1 creates the series, 2 finds them by key and learns the layout, 3 matches.
+    for n in 1..=3 {
+        let outcome = scrape(ctx.clone(), cache.clone(), n, body(n, &mut (0..2_000))).await;
+        assert_eq!(outcome.stored, 2_000, "scrape {n}");
+        assert_eq!(
+            outcome.matched,
+            if n == 3 { 2_000 } else { 0 },
+            "scrape {n}"
+        );
+        assert_eq!(
+            values_at(&client, at(n)).await,
+            expected(n, &mut (0..2_000))
+        );
+    }
+
+    // 4: a new series in the middle, site 1500 spelled with its labels swapped, a
+    // NaN for site 1600, site 1999 gone.
+    let mut text = String::new();
+    for i in 0..1_999 {
+        match i {
+            1_000 => {
+                text.push_str(&line(1_000, 41_000.0));
+                text.push_str("project_vcpu_usage{project_name=\"p9\",site=\"new\"} 7\n");
+            }
+            1_500 => text.push_str(&format!(
+                "project_vcpu_usage{{site=\"s1500\",project_name=\"p{}\"}} 41500\n",
+                1_500 % 7
+            )),
+            1_600 => text.push_str(&line(1_600, f64::NAN)),
+            _ => text.push_str(&line(i, f64::from(40_000 + i))),
+        }
+    }
+    let outcome = scrape(ctx.clone(), cache.clone(), 4, text).await;
+    assert_eq!(
+        outcome.stored,
+        1_999 - 1 + 1,
+        "all but the NaN, and the new one"
+    );
+    assert_eq!(outcome.skipped.not_finite, 1);
+    // (a line that differs leaves the place expected next as it was: after the
+    // inserted series, s1001 is where it was expected; after the respelled s1500
+    // every line differs from that place)
+    assert_eq!(outcome.matched, 1_500);
+    let mut want = expected(4, &mut (0..1_999).filter(|&i| i != 1_600));
+    want.insert("new".into(), 7.0);
+    assert_eq!(values_at(&client, at(4)).await, want);
+    assert_eq!(row_count(&client, "series").await, 2_001);
+
+    // 5: the same lines as 4 (values of 5, s1600 a number again): all matched but
+    // the new series (created by 4, found by key now) and s1600 (not a row last time).
+    let mut text = String::new();
+    for i in 0..1_999 {
+        if i == 1_000 {
+            text.push_str(&line(1_000, 51_000.0));
+            text.push_str("project_vcpu_usage{project_name=\"p9\",site=\"new\"} 8\n");
+        } else if i == 1_500 {
+            text.push_str(&format!(
+                "project_vcpu_usage{{site=\"s1500\",project_name=\"p{}\"}} 51500\n",
+                1_500 % 7
+            ));
+        } else {
+            text.push_str(&line(i, f64::from(50_000 + i)));
+        }
+    }
+    let outcome = scrape(ctx.clone(), cache.clone(), 5, text.clone()).await;
+    assert_eq!(outcome.stored, 2_000);
+    assert_eq!(outcome.matched, 1_998);
+    let mut want = expected(5, &mut (0..1_999));
+    want.insert("new".into(), 8.0);
+    assert_eq!(values_at(&client, at(5)).await, want);
+
+    // 6: the same again, s10 a NaN: every line matched, the NaN skipped as ever.
+    let text = text
+        .replace(" 5", " 6")
+        .replace("site=\"s10\"} 60010", "site=\"s10\"} NaN");
+    let outcome = scrape(ctx.clone(), cache.clone(), 6, text).await;
+    assert_eq!((outcome.stored, outcome.matched), (1_999, 2_000));
+    assert_eq!(outcome.skipped.not_finite, 1);
+    let mut want = expected(6, &mut (0..1_999).filter(|&i| i != 10));
+    want.insert("new".into(), 8.0);
+    assert_eq!(values_at(&client, at(6)).await, want);
+
+    // A replaced cache (ids it does not know) and a new context (a restart) match
+    // nothing, and store the same.
+    let fresh = Arc::new(ingest::IngestContext::new(
+        &settings.ingest,
+        &settings.rules,
+        BTreeMap::new(),
+    ));
+    for (n, ctx, cache) in [
+        (7, ctx.clone(), SeriesCache::default()),
+        (8, fresh, cache.clone()),
+    ] {
+        let outcome = scrape(ctx, cache, n, body(n, &mut (0..1_999))).await;
+        assert_eq!((outcome.stored, outcome.matched), (1_999, 0), "scrape {n}");
+        assert_eq!(
+            values_at(&client, at(n)).await,
+            expected(n, &mut (0..1_999))
+        );
+    }
+}
+
 /// Id of each series by its `site` label.
 async fn site_ids(client: &tokio_postgres::Client) -> HashMap<String, i64> {
     client

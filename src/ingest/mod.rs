@@ -55,7 +55,7 @@ pub struct IngestSettings {
 }
 
 /// What decides which samples of a target are kept.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct IngestContext {
     /// Metric names that are billed; everything else is ignored.
     pub billed: HashSet<String, foldhash::fast::RandomState>,
@@ -65,6 +65,9 @@ pub struct IngestContext {
     pub whitelist: Option<BTreeSet<String>>,
     /// Labels added to every sample (an exposed label of the same name wins).
     pub target_labels: BTreeMap<String, String>,
+    /// The series of the last text body parsed with this context, in order (see
+    /// [`text::Layout`]).
+    pub(crate) layout: std::sync::Mutex<text::Layout>,
 }
 
 impl IngestContext {
@@ -80,6 +83,7 @@ impl IngestContext {
             project_label: settings.project_label.clone(),
             whitelist: settings.project_whitelist.clone(),
             target_labels,
+            layout: Default::default(),
         }
     }
 }
@@ -159,6 +163,9 @@ pub struct IngestOutcome {
     /// Whether the direct `COPY` met a sample or series stored already and the body
     /// was stored again through the merging path (see [`store`]).
     pub merged: bool,
+    /// Samples whose series was found by its place in the target's last body (see
+    /// [`text::Layout`]) rather than by its key.
+    pub matched: u64,
 }
 
 impl IngestOutcome {
@@ -343,7 +350,7 @@ pub(crate) fn sort_sample(
 }
 
 /// A sample's own time, or `default_time` when it has none (or one out of range).
-fn sample_time(timestamp_ms: Option<i64>, default_time: DateTime<Utc>) -> DateTime<Utc> {
+pub(crate) fn sample_time(timestamp_ms: Option<i64>, default_time: DateTime<Utc>) -> DateTime<Utc> {
     timestamp_ms
         .and_then(DateTime::from_timestamp_millis)
         .unwrap_or(default_time)

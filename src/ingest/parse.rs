@@ -26,6 +26,9 @@ use std::borrow::Cow;
 pub struct Sample<'a> {
     /// Metric name, e.g. `project_vcpu_usage`.
     pub name: &'a str,
+    /// The series as the body wrote it (`name{labels}`, escapes and all; empty where
+    /// the sample did not come from text).
+    pub series: &'a str,
     /// Label pairs in the order they appeared; values are unescaped.
     pub labels: Vec<(&'a str, Cow<'a, str>)>,
     /// Sample value (may be NaN or ±Inf).
@@ -41,6 +44,9 @@ pub struct ParseStats {
     pub samples: usize,
     /// Sample lines handed to the callback.
     pub wanted: usize,
+    /// Wanted lines whose series was found by its place in the last body of the
+    /// target (see `super::text::Layout`), counted by the caller.
+    pub matched: usize,
 }
 
 /// Why a body could not be parsed: the first bad line, 1-based.
@@ -66,7 +72,20 @@ const METRIC_TYPES: [&str; 5] = ["counter", "gauge", "histogram", "summary", "un
 /// validated: the first malformed line fails the whole body.
 pub fn parse<'a>(
     text: &'a str,
+    want: impl FnMut(&str) -> bool,
+    on_sample: impl FnMut(Sample<'a>),
+) -> Result<ParseStats, ParseError> {
+    parse_with_known(text, want, |_, _, _| false, on_sample)
+}
+
+/// [`parse`], offering each wanted sample first to `known` as its series text as
+/// written (`name{labels}`, see [`RawSample`]), value and timestamp: when `known`
+/// takes it (`true`), its labels are not unescaped and `on_sample` does not see it.
+/// Every line is validated all the same.
+pub fn parse_with_known<'a>(
+    text: &'a str,
     mut want: impl FnMut(&str) -> bool,
+    mut known: impl FnMut(&'a str, f64, Option<i64>) -> bool,
     mut on_sample: impl FnMut(Sample<'a>),
 ) -> Result<ParseStats, ParseError> {
     let bytes = text.as_bytes();
@@ -90,7 +109,11 @@ pub fn parse<'a>(
         stats.samples += 1;
         if want(sample.name) {
             stats.wanted += 1;
+            if known(sample.series, sample.value, sample.timestamp_ms) {
+                continue;
+            }
             on_sample(Sample {
+                series: sample.series,
                 name: sample.name,
                 labels: scratch.labels.iter().map(RawLabel::materialise).collect(),
                 value: sample.value,
@@ -142,6 +165,9 @@ impl<'a> RawLabel<'a> {
 /// A validated sample line; its labels are in `Scratch::labels`.
 struct RawSample<'a> {
     name: &'a str,
+    /// The series as written: the name and the label set with its braces, as the
+    /// line spells them (no blanks around).
+    series: &'a str,
     value: f64,
     timestamp_ms: Option<i64>,
 }
@@ -342,6 +368,8 @@ impl<'a> Cursor<'a> {
     /// Reads a sample line; its labels go to `scratch.labels`.
     fn sample(&mut self, scratch: &mut Scratch<'a>) -> Result<RawSample<'a>, String> {
         scratch.labels.clear();
+        let from = self.pos;
+        let mut to = self.pos;
         let mut name = None;
         if self.peek() != Some(b'{') {
             let plain = self.metric_name()?;
@@ -352,11 +380,13 @@ impl<'a> Cursor<'a> {
                 ));
             }
             name = Some(plain);
+            to = self.pos;
             self.skip_blanks();
         }
         if self.eat(b'{') {
             self.label_set(&mut name, &mut scratch.labels)?;
             check_duplicates(&scratch.labels, &mut scratch.names)?;
+            to = self.pos;
             self.skip_blanks();
         }
         let name = name.ok_or("missing metric name (a quoted name inside the braces)")?;
@@ -381,6 +411,7 @@ impl<'a> Cursor<'a> {
         };
         Ok(RawSample {
             name,
+            series: &self.line[from..to],
             value,
             timestamp_ms,
         })
@@ -1100,7 +1131,8 @@ mod tests {
             stats,
             ParseStats {
                 samples: 4,
-                wanted: 2
+                wanted: 2,
+                matched: 0
             }
         );
     }

@@ -32,6 +32,7 @@ struct Collected {
     new_index: HashMap<String, usize, foldhash::fast::RandomState>,
     new_rows: Vec<(usize, DateTime<Utc>, f64)>,
     skipped: Skipped,
+    matched: u64,
 }
 
 impl Collected {
@@ -41,6 +42,7 @@ impl Collected {
     fn add(&mut self, prepared: Prepared) -> (usize, usize) {
         let fresh = (self.new_series.len(), self.new_rows.len());
         self.rows.extend_from_slice(&prepared.rows);
+        self.matched += prepared.stats.matched as u64;
         let mut local_to_global = Vec::with_capacity(prepared.new_series.len());
         for series in prepared.new_series {
             let next = self.new_series.len();
@@ -235,6 +237,7 @@ pub(crate) async fn store_stream(
         skipped: collected.skipped,
         series,
         merged,
+        matched: collected.matched,
     })
 }
 

@@ -394,6 +394,7 @@ fn add_series<'a>(
     let mut kept = false;
     for &(value, timestamp) in samples {
         kept |= sorter.add(Sample {
+            series: "",
             name,
             labels: labels.clone(),
             value,

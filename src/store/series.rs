@@ -90,6 +90,11 @@ impl SeriesState {
         self.newest.get(&series_id).is_some_and(|&t| time_us > t)
     }
 
+    /// Whether samples of the series were stored or it was created through this cache.
+    pub fn knows(&self, series_id: i64) -> bool {
+        self.newest.contains_key(&series_id)
+    }
+
     /// Records the newest stored sample of a series.
     pub fn stored(&mut self, series_id: i64, time_us: i64) {
         let newest = self.newest.entry(series_id).or_insert(time_us);
