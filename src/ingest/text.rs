@@ -102,6 +102,8 @@ fn prepare_matching(
 /// text per target; past that, the rest of a body goes the long way.
 #[derive(Default)]
 pub struct Layout {
+    /// The series cache whose ids these are ([`SeriesCache::identity`]).
+    cache: usize,
     text: String,
     ends: Vec<usize>,
     ids: Vec<i64>,
@@ -144,17 +146,29 @@ pub(crate) struct Matching<'l> {
 }
 
 impl<'l> Matching<'l> {
-    fn new(last: &'l Layout) -> Self {
+    fn new(last: &'l Layout, cache: &SeriesCache) -> Self {
+        static EMPTY: Layout = Layout {
+            cache: 0,
+            text: String::new(),
+            ends: Vec::new(),
+            ids: Vec::new(),
+        };
+        let cache = cache.identity();
         Self {
-            last,
+            // (a layout of another cache's ids matches nothing)
+            last: if last.cache == cache { last } else { &EMPTY },
             at: 0,
-            next: Layout::default(),
+            next: Layout {
+                cache,
+                ..Layout::default()
+            },
             matched: 0,
         }
     }
 
     /// The id of `series` when it is the series expected next and one this cache
-    /// knows (the layout outlives a cache that was replaced: then nothing matches).
+    /// knows (besides the cache's identity: a new cache may reuse a dropped one's
+    /// address).
     fn next_is(&mut self, series: &str, state: &SeriesState) -> Option<i64> {
         let (expected, id) = self.last.get(self.at)?;
         if expected != series || !state.knows(id) {
@@ -201,9 +215,14 @@ fn parse_chunks(
     sender: &mpsc::Sender<Result<Prepared, parse::ParseError>>,
 ) {
     // (never waiting for the layout: a second body of the same target at once, if
-    // ever, goes the long way)
-    let mut layout = ctx.layout.try_lock().ok();
-    let mut matching = layout.as_deref().map(Matching::new);
+    // ever, goes the long way; a panic elsewhere cannot leave it half-written, as
+    // it is replaced whole)
+    let mut layout = match ctx.layout.try_lock() {
+        Ok(layout) => Some(layout),
+        Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    };
+    let mut matching = layout.as_deref().map(|last| Matching::new(last, cache));
     let mut lines_before = 0;
     let mut rest = body;
     while !rest.is_empty() {

@@ -117,6 +117,12 @@ impl SeriesState {
 pub struct SeriesCache(Arc<RwLock<SeriesState>>);
 
 impl SeriesCache {
+    /// Which cache this is (clones share it): what is derived from one cache's ids
+    /// must not be used with another's, which may name other series by the same ids.
+    pub fn identity(&self) -> usize {
+        Arc::as_ptr(&self.0) as usize
+    }
+
     /// Runs `f` with read access.
     pub fn read<T>(&self, f: impl FnOnce(&SeriesState) -> T) -> T {
         // A poisoned lock only means another thread panicked mid-update of a cache;
