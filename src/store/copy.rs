@@ -115,7 +115,7 @@ fn put_text(buf: &mut BytesMut, value: &str) -> anyhow::Result<()> {
 fn put_timestamptz(buf: &mut BytesMut, value: DateTime<Utc>) -> anyhow::Result<()> {
     let micros = value
         .naive_utc()
-        .signed_duration_since(pg_epoch())
+        .signed_duration_since(PG_EPOCH)
         .num_microseconds()
         .with_context(|| format!("time {value} out of range for PostgreSQL"))?;
     buf.put_i32(8);
@@ -134,12 +134,15 @@ fn put_jsonb<T: serde::Serialize + ?Sized>(buf: &mut BytesMut, value: &T) -> any
     Ok(())
 }
 
-/// PostgreSQL's epoch for timestamps.
-fn pg_epoch() -> chrono::NaiveDateTime {
-    NaiveDate::from_ymd_opt(2000, 1, 1)
-        .and_then(|d| d.and_hms_opt(0, 0, 0))
-        .unwrap_or_default()
-}
+/// PostgreSQL's epoch for timestamps (evaluated at compile time: a bad date would
+/// fail the build, never a run).
+const PG_EPOCH: chrono::NaiveDateTime = match NaiveDate::from_ymd_opt(2000, 1, 1) {
+    Some(date) => match date.and_hms_opt(0, 0, 0) {
+        Some(epoch) => epoch,
+        None => panic!("midnight exists"),
+    },
+    None => panic!("2000-01-01 exists"),
+};
 
 #[cfg(test)]
 mod tests {
