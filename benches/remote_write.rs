@@ -173,7 +173,7 @@ async fn main() -> anyhow::Result<()> {
     let rows = support::sample_rows(
         &client,
         "SELECT u.series_id, u.time, u.value FROM usage_samples u JOIN series s ON s.id = u.series_id
-         ORDER BY s.labels->>'location', u.time, u.series_id",
+         ORDER BY series_labels(s.series_key)->>'location', u.time, u.series_id",
         &[],
     )
     .await?;

@@ -229,8 +229,8 @@ async fn measure(
     let clock = Instant::now();
     client
         .batch_execute(&format!(
-            "INSERT INTO series (metric, labels, series_key, project)
-             SELECT m, jsonb_build_object('project_name', 'p' || i), m || '{{project_name=\"p' || i || '\"}}', 'p' || i
+            "INSERT INTO series (metric, series_key, project)
+             SELECT m, m || '{{project_name=\"p' || i || '\"}}', 'p' || i
              FROM generate_series(1, {projects}) i, unnest(ARRAY['project_vcpu_usage', 'project_mb_usage']) m;
              INSERT INTO projects (name) SELECT DISTINCT project FROM series ON CONFLICT DO NOTHING;
              INSERT INTO usage_samples (series_id, time, value)

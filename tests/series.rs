@@ -15,15 +15,9 @@ fn new_series(range: impl Iterator<Item = u32>) -> Vec<NewSeries> {
     range
         .map(|i| {
             let project = format!("p{}", i % 7);
-            let labels: BTreeMap<String, String> = [
-                ("project_name".to_owned(), project.clone()),
-                ("site".to_owned(), format!("s{i}")),
-            ]
-            .into();
             NewSeries {
                 key: format!("project_vcpu_usage{{project_name=\"{project}\",site=\"s{i}\"}}"),
                 metric: "project_vcpu_usage".into(),
-                labels,
                 project,
             }
         })
@@ -128,7 +122,6 @@ async fn series_stored_before_are_found_and_only_the_rest_created() {
     // a project no series had before
     for (i, s) in asked.iter_mut().enumerate().skip(140) {
         s.project = "late".into();
-        s.labels.insert("project_name".into(), "late".into());
         s.key = format!("project_vcpu_usage{{project_name=\"late\",site=\"s{i}\"}}");
     }
     asked.reverse();
@@ -287,7 +280,7 @@ async fn replicas_creating_the_same_new_series_at_once_both_store_every_sample_o
     let client = db.connect().await;
     let rows = client
         .query(
-            "SELECT s.labels->>'site' AS site, count(*) AS n, min(u.value) AS value
+            "SELECT series_labels(s.series_key)->>'site' AS site, count(*) AS n, min(u.value) AS value
              FROM series s JOIN usage_samples u ON u.series_id = s.id GROUP BY 1",
             &[],
         )
@@ -361,8 +354,8 @@ async fn a_body_of_many_chunks_creates_each_new_series_once() {
     let wrong: i64 = client
         .query_one(
             "SELECT count(*) FROM usage_samples u JOIN series s ON s.id = u.series_id
-             WHERE s.labels->>'site' <> 'again'
-               AND u.value::bigint <> substr(s.labels->>'site', 2)::bigint",
+             WHERE series_labels(s.series_key)->>'site' <> 'again'
+               AND u.value::bigint <> substr(series_labels(s.series_key)->>'site', 2)::bigint",
             &[],
         )
         .await
@@ -372,7 +365,7 @@ async fn a_body_of_many_chunks_creates_each_new_series_once() {
     let again: Vec<f64> = client
         .query(
             "SELECT u.value FROM usage_samples u JOIN series s ON s.id = u.series_id
-             WHERE s.labels->>'site' = 'again' ORDER BY u.time",
+             WHERE series_labels(s.series_key)->>'site' = 'again' ORDER BY u.time",
             &[],
         )
         .await
@@ -400,7 +393,7 @@ async fn values_at(
 ) -> HashMap<String, f64> {
     client
         .query(
-            "SELECT s.labels->>'site' AS site, u.value FROM usage_samples u
+            "SELECT series_labels(s.series_key)->>'site' AS site, u.value FROM usage_samples u
              JOIN series s ON s.id = u.series_id WHERE u.time = $1",
             &[&time],
         )
@@ -557,7 +550,10 @@ async fn a_body_written_as_the_last_one_is_matched_line_by_line_and_lands_the_sa
 /// Id of each series by its `site` label.
 async fn site_ids(client: &tokio_postgres::Client) -> HashMap<String, i64> {
     client
-        .query("SELECT labels->>'site' AS site, id FROM series", &[])
+        .query(
+            "SELECT series_labels(series_key)->>'site' AS site, id FROM series",
+            &[],
+        )
         .await
         .expect("series")
         .iter()
@@ -628,7 +624,7 @@ async fn after_a_restart_series_stored_before_are_found_and_only_the_rest_create
     }
     let samples: HashMap<String, (i64, f64, f64)> = client
         .query(
-            "SELECT s.labels->>'site' AS site, count(*) AS n,
+            "SELECT series_labels(s.series_key)->>'site' AS site, count(*) AS n,
                     min(u.value) AS low, max(u.value) AS high
              FROM series s JOIN usage_samples u ON u.series_id = s.id GROUP BY 1",
             &[],
@@ -863,4 +859,129 @@ async fn the_database_refuses_rows_that_break_what_billing_relies_on() {
             "{statement}: {db_error:?}"
         );
     }
+}
+
+/// A database migrated up to (not including) `version`, as an older service left it.
+async fn migrated_before(db: &TestDb, version: i32) -> tokio_postgres::Client {
+    let client = db.connect().await;
+    client
+        .batch_execute(
+            "CREATE TABLE os_credits_migrations (
+                version integer PRIMARY KEY, name text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .expect("bookkeeping");
+    for m in migrations::MIGRATIONS
+        .iter()
+        .filter(|m| m.version < version)
+    {
+        client.batch_execute(m.sql).await.expect(m.name);
+        client
+            .execute(
+                "INSERT INTO os_credits_migrations (version, name) VALUES ($1, $2)",
+                &[&m.version, &m.name],
+            )
+            .await
+            .expect("record");
+    }
+    client
+}
+
+#[tokio::test]
+async fn series_labels_move_from_their_column_into_the_key_without_losing_one() {
+    // Label sets the old column held, with the keys the service wrote for them.
+    let sets: Vec<Vec<(&str, &str)>> = vec![
+        vec![("project_name", "p1"), ("domain_id", "default")],
+        vec![
+            ("project_name", "p2"),
+            ("note", "a \"quoted\", {braced} \\ line\nbreak"),
+        ],
+        vec![
+            ("project_name", "p3"),
+            ("a=\"1\",b", "2"),
+            ("a=", "=\""),
+            ("ü", ""),
+        ],
+        vec![("project_name", "p4"), ("x\\\"\n", "\\n")],
+    ];
+    let db = TestDb::create().await;
+    let mut client = migrated_before(&db, 17).await;
+    let mut expected = BTreeMap::new();
+    for set in &sets {
+        let mut sorted = set.clone();
+        sorted.sort();
+        let mut key = String::new();
+        series::write_series_key(&mut key, "project_vcpu_usage", sorted.iter().copied());
+        let labels: BTreeMap<String, String> = sorted
+            .iter()
+            .map(|&(n, v)| (n.to_owned(), v.to_owned()))
+            .collect();
+        client
+            .execute(
+                "INSERT INTO series (metric, labels, series_key, project)
+                 VALUES ('project_vcpu_usage', $1, $2, $3)",
+                &[
+                    &serde_json::to_value(&labels).unwrap(),
+                    &key,
+                    &labels["project_name"],
+                ],
+            )
+            .await
+            .expect("old series");
+        expected.insert(key, labels);
+    }
+    migrations::run(&mut client).await.expect("migration 17");
+    let columns: i64 = client
+        .query_one(
+            "SELECT count(*) FROM information_schema.columns
+             WHERE table_name = 'series' AND column_name = 'labels'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(columns, 0, "the labels column is gone");
+    for row in client
+        .query(
+            "SELECT series_key, series_labels(series_key) AS labels FROM series",
+            &[],
+        )
+        .await
+        .unwrap()
+    {
+        let key: String = row.get("series_key");
+        let in_sql: BTreeMap<String, String> =
+            serde_json::from_value(row.get("labels")).expect("an object of strings");
+        let (_, in_rust) = series::labels_of_key(&key).expect("canonical");
+        assert_eq!(in_sql, expected[&key], "series_labels of {key}");
+        assert_eq!(in_rust, expected[&key], "labels_of_key of {key}");
+    }
+}
+
+#[tokio::test]
+async fn a_series_whose_key_does_not_give_back_its_labels_keeps_the_column() {
+    let db = TestDb::create().await;
+    let mut client = migrated_before(&db, 17).await;
+    client
+        .batch_execute(
+            "INSERT INTO series (metric, labels, series_key, project) VALUES
+             ('m', '{\"project_name\": \"p\"}', 'm{project_name=\"p\"}', 'p'),
+             ('m', '{\"project_name\": \"q\", \"site\": \"x\"}', 'm{project_name=\"q\"}', 'q')",
+        )
+        .await
+        .expect("old series");
+    let error = migrations::run(&mut client).await.expect_err("refused");
+    assert!(
+        format!("{error:#}").contains("1 series have labels their key does not give back"),
+        "{error:#}"
+    );
+    let labels: Vec<serde_json::Value> = client
+        .query("SELECT labels FROM series ORDER BY id", &[])
+        .await
+        .expect("the column is kept")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(labels.len(), 2);
 }

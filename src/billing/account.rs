@@ -344,7 +344,7 @@ pub async fn detail(
         async {
             client
                 .query(
-                    "SELECT s.metric, s.labels, d.time, d.from_value, d.to_value, d.policy
+                    "SELECT s.metric, s.series_key, d.time, d.from_value, d.to_value, d.policy
                      FROM counter_decreases d JOIN series s ON s.id = d.series_id
                      WHERE s.project = $1
                      ORDER BY d.time DESC, d.series_id LIMIT $2",
@@ -356,7 +356,7 @@ pub async fn detail(
         async {
             client
                 .query(
-                    "SELECT s.metric, s.labels, g.from_time, g.to_time
+                    "SELECT s.metric, s.series_key, g.from_time, g.to_time
                      FROM unbilled_gaps g JOIN series s ON s.id = g.series_id
                      WHERE s.project = $1
                      ORDER BY g.from_time DESC, g.series_id LIMIT $2",
@@ -393,7 +393,7 @@ pub async fn detail(
             .map(|r| {
                 Ok(Decrease {
                     metric: col(r, "metric")?,
-                    labels: col(r, "labels")?,
+                    labels: crate::store::series::labels_json(Some(col(r, "series_key")?))?,
                     time: col(r, "time")?,
                     from_value: col(r, "from_value")?,
                     to_value: col(r, "to_value")?,
@@ -406,7 +406,7 @@ pub async fn detail(
             .map(|r| {
                 Ok(Gap {
                     metric: col(r, "metric")?,
-                    labels: col(r, "labels")?,
+                    labels: crate::store::series::labels_json(Some(col(r, "series_key")?))?,
                     from_time: col(r, "from_time")?,
                     to_time: col(r, "to_time")?,
                 })

@@ -296,7 +296,7 @@ async fn bill_pass(
     let series = tx
         .query(
             &tx.prepare_cached(
-                "SELECT s.id, s.metric, s.labels, c.last_time, c.last_value, s.project
+                "SELECT s.id, s.metric, s.series_key, c.last_time, c.last_value, s.project
                  FROM series s LEFT JOIN billing_cursors c ON c.series_id = s.id
                  WHERE s.project = ANY($1::text[]) AND s.metric = ANY($2::text[])
                  ORDER BY s.id",
@@ -407,8 +407,7 @@ fn charge_into(
         .iter()
         .map(|s| Ok((col(s, "time")?, col(s, "value")?)))
         .collect::<anyhow::Result<_>>()?;
-    let labels: BTreeMap<String, String> =
-        serde_json::from_value(col(series, "labels")?).context("series labels")?;
+    let (_, labels) = crate::store::series::labels_of_key(col(series, "series_key")?)?;
     let cursor = match (
         col::<Option<DateTime<Utc>>>(series, "last_time")?,
         col::<Option<Decimal>>(series, "last_value")?,

@@ -317,7 +317,8 @@ pub struct HeldCharge {
     pub ledger_id: Option<i64>,
 }
 
-const COLUMNS: &str = "h.id, h.project, h.metric, s.labels, h.from_time, h.to_time, h.from_value,
+const COLUMNS: &str =
+    "h.id, h.project, h.metric, s.series_key, h.from_time, h.to_time, h.from_value,
      h.to_value, h.quantity, h.price, h.credits, h.reason, h.held_at, h.status, h.decided_at,
      h.decided_by, h.decision_reason, h.ledger_id";
 
@@ -326,7 +327,7 @@ fn from_row(r: &Row) -> anyhow::Result<HeldCharge> {
         id: col(r, "id")?,
         project: col(r, "project")?,
         metric: col(r, "metric")?,
-        labels: col::<Option<serde_json::Value>>(r, "labels")?.unwrap_or(serde_json::Value::Null),
+        labels: crate::store::series::labels_json(col(r, "series_key")?)?,
         from: col(r, "from_time")?,
         to: col(r, "to_time")?,
         from_value: col(r, "from_value")?,

@@ -186,7 +186,7 @@ pub async fn latest(
     use anyhow::Context;
     let rows = client
         .query(
-            "SELECT s.metric, s.labels, q.time, q.value, q.reason, q.recorded_at
+            "SELECT s.metric, s.series_key, q.time, q.value, q.reason, q.recorded_at
              FROM quarantined_samples q JOIN series s ON s.id = q.series_id
              WHERE s.project = $1 ORDER BY q.time DESC, s.id LIMIT $2",
             &[&project, &limit],
@@ -198,7 +198,7 @@ pub async fn latest(
         .map(|row| {
             Ok(QuarantinedView {
                 metric: col(row, "metric")?,
-                labels: col(row, "labels")?,
+                labels: crate::store::series::labels_json(Some(col(row, "series_key")?))?,
                 time: col(row, "time")?,
                 value: format!("{:e}", col::<f64>(row, "value")?),
                 reason: col(row, "reason")?,

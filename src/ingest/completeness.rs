@@ -178,7 +178,7 @@ pub async fn of_project(
 ) -> anyhow::Result<Vec<StaleSeries>> {
     let rows = client
         .query(
-            "SELECT s.metric, s.labels, x.target, x.last_seen_at, x.missing_since
+            "SELECT s.metric, s.series_key, x.target, x.last_seen_at, x.missing_since
              FROM stale_series x JOIN series s ON s.id = x.series_id
              WHERE s.project = $1 ORDER BY x.missing_since, s.metric, s.id LIMIT 1000",
             &[&project],
@@ -189,7 +189,7 @@ pub async fn of_project(
         .map(|r| {
             Ok(StaleSeries {
                 metric: col(r, "metric")?,
-                labels: col(r, "labels")?,
+                labels: crate::store::series::labels_json(Some(col(r, "series_key")?))?,
                 target: col(r, "target")?,
                 last_seen_at: col(r, "last_seen_at")?,
                 missing_since: col(r, "missing_since")?,

@@ -338,9 +338,6 @@ pub(crate) fn sort_sample(
         prepared.new_series.push(NewSeries {
             key: key.clone(),
             metric: sample.name.to_owned(),
-            labels: merged(&sample.labels, &ctx.target_labels)
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect(),
             project: project.to_owned(),
         });
         prepared.new_series.len() - 1

@@ -80,6 +80,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0016_series_by_project_hash.sql",
         sql: include_str!("../../sql/0016_series_by_project_hash.sql"),
     },
+    Migration {
+        version: 17,
+        name: "0017_labels_from_the_key.sql",
+        sql: include_str!("../../sql/0017_labels_from_the_key.sql"),
+    },
 ];
 
 /// Arbitrary but fixed key of the advisory lock that serialises migrations.

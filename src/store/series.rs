@@ -12,8 +12,6 @@ pub struct NewSeries {
     pub key: String,
     /// Metric name.
     pub metric: String,
-    /// Every label, target labels included.
-    pub labels: BTreeMap<String, String>,
     /// Value of the project label.
     pub project: String,
 }
@@ -68,6 +66,80 @@ pub fn push_escaped_label_value(out: &mut String, value: &str) {
             c => out.push(c),
         }
     }
+}
+
+/// The metric and the labels of a series read back from its canonical key (see
+/// [`write_series_key`]): the key holds every label, so it is the only place a
+/// series' labels are stored. Fails on text [`write_series_key`] cannot have written.
+pub fn labels_of_key(key: &str) -> anyhow::Result<(&str, BTreeMap<String, String>)> {
+    let bad = |why: &str| anyhow::anyhow!("series key {key:?} is not canonical: {why}");
+    let (metric, rest) = key.split_once('{').ok_or_else(|| bad("no '{'"))?;
+    let mut rest = rest.strip_suffix('}').ok_or_else(|| bad("no final '}'"))?;
+    let mut labels = BTreeMap::new();
+    while !rest.is_empty() {
+        let name;
+        if let Some(quoted) = rest.strip_prefix('"') {
+            let (n, after) = unescape_until_quote(quoted).ok_or_else(|| bad("open name"))?;
+            rest = after
+                .strip_prefix('=')
+                .ok_or_else(|| bad("no '=' after a name"))?;
+            name = n;
+        } else {
+            let end = rest
+                .find("=\"")
+                .ok_or_else(|| bad("a name without a value"))?;
+            name = rest[..end].to_owned();
+            rest = &rest[end + 1..];
+        }
+        let quoted = rest
+            .strip_prefix('"')
+            .ok_or_else(|| bad("a value without '\"'"))?;
+        let (value, after) = unescape_until_quote(quoted).ok_or_else(|| bad("open value"))?;
+        labels.insert(name, value);
+        rest = match after.strip_prefix(',') {
+            Some(next) if !next.is_empty() => next,
+            Some(_) => return Err(bad("',' before '}'")),
+            None if after.is_empty() => after,
+            None => return Err(bad("no ',' between labels")),
+        };
+    }
+    Ok((metric, labels))
+}
+
+/// The labels of the series with key `key` as a JSON object (as the `labels` column
+/// held them before migration 0017); `null` for no series.
+pub fn labels_json(key: Option<&str>) -> anyhow::Result<serde_json::Value> {
+    let Some(key) = key else {
+        return Ok(serde_json::Value::Null);
+    };
+    let (_, labels) = labels_of_key(key)?;
+    Ok(serde_json::Value::Object(
+        labels
+            .into_iter()
+            .map(|(name, value)| (name, serde_json::Value::String(value)))
+            .collect(),
+    ))
+}
+
+/// The escaped text before the first unescaped `"` of `text`, unescaped, and what
+/// follows that quote; `None` when no quote ends it or an escape is not one
+/// [`push_escaped_label_value`] writes.
+fn unescape_until_quote(text: &str) -> Option<(String, &str)> {
+    let mut out = String::new();
+    let mut chars = text.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => return Some((out, &text[i + 1..])),
+            '\\' => match chars.next()?.1 {
+                '\\' => out.push('\\'),
+                '"' => out.push('"'),
+                'n' => out.push('\n'),
+                _ => return None,
+            },
+            c => out.push(c),
+        }
+    }
+    None
 }
 
 /// What the ingest path knows about series: ids by key and the newest stored sample
@@ -253,8 +325,8 @@ async fn copy_series(
 ) -> anyhow::Result<()> {
     let with_ids = series.first().is_some_and(|(_, id)| id.is_some());
     let columns = match with_ids {
-        true => "id, metric, labels, series_key, project",
-        false => "metric, labels, series_key, project",
+        true => "id, metric, series_key, project",
+        false => "metric, series_key, project",
     };
     let sink = tx
         .copy_in(&format!(
@@ -264,7 +336,7 @@ async fn copy_series(
         .context("copying new series")?;
     let mut writer = CopyWriter::new(sink);
     for &(s, id) in series {
-        writer.row(4 + i16::from(with_ids));
+        writer.row(3 + i16::from(with_ids));
         match (with_ids, id) {
             (true, Some(id)) => {
                 writer.int8(id);
@@ -272,11 +344,7 @@ async fn copy_series(
             (false, None) => {}
             _ => anyhow::bail!("series rows given both with and without ids"),
         }
-        writer
-            .text(&s.metric)?
-            .jsonb(&s.labels)?
-            .text(&s.key)?
-            .text(&s.project)?;
+        writer.text(&s.metric)?.text(&s.key)?.text(&s.project)?;
         writer.end_row().await.context("copying new series")?;
     }
     writer.finish().await.context("copying new series")?;
@@ -311,7 +379,7 @@ pub async fn create_or_find(
     // Emptied at every commit; the DELETE is for a second call in one transaction.
     tx.batch_execute(
         "CREATE TEMP TABLE IF NOT EXISTS series_staging (
-            metric text NOT NULL, labels jsonb NOT NULL,
+            metric text NOT NULL,
             series_key text COLLATE \"C\" NOT NULL, project text NOT NULL
          ) ON COMMIT DELETE ROWS;
          DELETE FROM series_staging",
@@ -323,8 +391,8 @@ pub async fn create_or_find(
     // Key order is byte order (COLLATE "C"), the order of the unique index.
     let created = tx
         .query(
-            "INSERT INTO series (metric, labels, series_key, project)
-             SELECT n.metric, n.labels, n.series_key, n.project
+            "INSERT INTO series (metric, series_key, project)
+             SELECT n.metric, n.series_key, n.project
              FROM series_staging n
              ORDER BY n.series_key
              ON CONFLICT (series_key) DO NOTHING
@@ -407,6 +475,48 @@ mod tests {
         assert_eq!(key(&[("a,b", "v")]), r#"m{a,b="v"}"#);
         assert_eq!(key(&[("\"", "v")]), r#"m{"\""="v"}"#);
         assert_eq!(key(&[("a\\\"\n", "v")]), r#"m{"a\\\"\n"="v"}"#);
+    }
+
+    #[test]
+    fn every_key_reads_back_as_the_labels_it_was_written_from() {
+        let cases: Vec<Vec<(&str, &str)>> = vec![
+            vec![],
+            vec![("project_name", "p"), ("domain_id", "default")],
+            vec![("a", "x\",b=\"y")],
+            vec![("a", "line\nbreak\\"), ("b", "")],
+            vec![("a=\"1\",b", "2"), ("project_name", "p")],
+            vec![
+                ("my.label", "v"),
+                ("ü", "w"),
+                ("a,b", "v,}{"),
+                ("a=", "=\""),
+            ],
+            vec![("\"", "v"), ("a\\\"\n", "\\n"), ("", "empty name")],
+        ];
+        for mut labels in cases {
+            labels.sort();
+            let mut key = String::new();
+            write_series_key(&mut key, "project_vcpu_usage", labels.iter().copied());
+            let (metric, read) = labels_of_key(&key).unwrap();
+            assert_eq!(metric, "project_vcpu_usage", "{key}");
+            let written: BTreeMap<String, String> = labels
+                .iter()
+                .map(|&(n, v)| (n.to_owned(), v.to_owned()))
+                .collect();
+            assert_eq!(read, written, "{key}");
+        }
+        for bad in [
+            "m",
+            "m{",
+            "m{a}",
+            "m{a=\"x}",
+            "m{a=\"x\",}",
+            "m{a=\"x\"b=\"y\"}",
+            "m{a=\"\\t\"}",
+            "m{a=x}",
+        ] {
+            assert!(labels_of_key(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

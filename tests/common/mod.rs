@@ -292,7 +292,7 @@ impl TestApp {
             .connect()
             .await
             .query(
-                "SELECT s.metric, s.project, s.labels, u.time, u.value
+                "SELECT s.metric, s.project, series_labels(s.series_key) AS labels, u.time, u.value
                  FROM usage_samples u JOIN series s ON s.id = u.series_id
                  ORDER BY s.metric, s.project, s.series_key, u.time",
                 &[],
@@ -382,7 +382,6 @@ where
             NewSeries {
                 key,
                 metric: metric.to_owned(),
-                labels: sorted.into_iter().collect(),
                 project: project.as_ref().to_owned(),
             }
         })
