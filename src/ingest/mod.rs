@@ -147,6 +147,10 @@ pub struct Prepared {
     pub skipped: Skipped,
     /// Parser statistics.
     pub stats: parse::ParseStats,
+    /// Bytes of the body this chunk was parsed from, and bytes of the body still to
+    /// come after it (both 0 where a source does not know: then nothing is
+    /// guessed about later chunks).
+    pub share: (usize, usize),
 }
 
 /// What one ingest did.

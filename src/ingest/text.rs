@@ -236,6 +236,10 @@ fn parse_chunks(
         rest = tail;
         let result = cache
             .read(|state| prepare_matching(chunk, ctx, state, scrape_time, matching.as_mut()))
+            .map(|mut prepared| {
+                prepared.share = (chunk.len(), rest.len());
+                prepared
+            })
             .map_err(|mut e| {
                 e.line += lines_before;
                 e
