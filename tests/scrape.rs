@@ -393,6 +393,16 @@ async fn a_malformed_line_after_the_first_megabyte_stores_nothing_not_even_serie
         series, 0,
         "series created for the body were rolled back too"
     );
+    // (their projects were being registered on a second connection meanwhile)
+    let projects: i64 = app
+        .db
+        .connect()
+        .await
+        .query_one("SELECT count(*) FROM projects", &[])
+        .await
+        .expect("q")
+        .get(0);
+    assert_eq!(projects, 0, "and so were their projects");
 }
 
 #[tokio::test]
