@@ -67,12 +67,6 @@ impl CopyWriter {
         Ok(self)
     }
 
-    /// A `jsonb` holding `value` serialized.
-    pub fn jsonb<T: serde::Serialize + ?Sized>(&mut self, value: &T) -> anyhow::Result<&mut Self> {
-        put_jsonb(&mut self.buf, value)?;
-        Ok(self)
-    }
-
     /// Ends a row: sends what is encoded once it fills a message.
     pub async fn end_row(&mut self) -> anyhow::Result<()> {
         if self.buf.len() >= MESSAGE_BYTES {
@@ -123,17 +117,6 @@ fn put_timestamptz(buf: &mut BytesMut, value: DateTime<Utc>) -> anyhow::Result<(
     Ok(())
 }
 
-/// The version byte 1, then the JSON text.
-fn put_jsonb<T: serde::Serialize + ?Sized>(buf: &mut BytesMut, value: &T) -> anyhow::Result<()> {
-    let at = buf.len();
-    buf.put_i32(0);
-    buf.put_u8(1);
-    serde_json::to_writer(buf.writer(), value).context("encoding jsonb")?;
-    let len = i32::try_from(buf.len() - at - 4).context("jsonb too long for COPY")?;
-    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
-    Ok(())
-}
-
 /// PostgreSQL's epoch for timestamps (evaluated at compile time: a bad date would
 /// fail the build, never a run).
 const PG_EPOCH: chrono::NaiveDateTime = match NaiveDate::from_ymd_opt(2000, 1, 1) {
@@ -147,8 +130,7 @@ const PG_EPOCH: chrono::NaiveDateTime = match NaiveDate::from_ymd_opt(2000, 1, 1
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
-    use tokio_postgres::types::{IsNull, Json, ToSql, Type};
+    use tokio_postgres::types::{IsNull, ToSql, Type};
 
     /// A field as tokio-postgres' `BinaryCopyInWriter` writes it.
     fn reference(value: &(dyn ToSql + Sync), ty: &Type) -> Vec<u8> {
@@ -202,17 +184,5 @@ mod tests {
                 "{text}"
             );
         }
-        let labels: BTreeMap<String, String> = [
-            ("__name__", "project_vcpu_usage"),
-            ("project_name", "a \"b\" \\ c\nd"),
-            ("ünï", "cødé"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect();
-        assert_eq!(
-            ours(|b| put_jsonb(b, &labels).expect("encodes")),
-            reference(&Json(&labels), &Type::JSONB)
-        );
     }
 }
