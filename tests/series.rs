@@ -398,22 +398,29 @@ async fn a_body_of_many_chunks_creates_each_new_series_once() {
     assert_eq!(row_count(&client, "series").await, i64::from(series) + 1);
 }
 
+/// A query's `site` column against its second column, one row per site.
+async fn by_site<T: for<'a> tokio_postgres::types::FromSql<'a>>(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> HashMap<String, T> {
+    client
+        .query(sql, params)
+        .await
+        .expect(sql)
+        .iter()
+        .map(|r| (r.get("site"), r.get(1)))
+        .collect()
+}
+
 /// The values stored at `time`, by the `site` label of their series.
 async fn values_at(
     client: &tokio_postgres::Client,
     time: chrono::DateTime<chrono::Utc>,
 ) -> HashMap<String, f64> {
-    client
-        .query(
-            "SELECT series_labels(s.series_key)->>'site' AS site, u.value FROM usage_samples u
-             JOIN series s ON s.id = u.series_id WHERE u.time = $1",
-            &[&time],
-        )
-        .await
-        .expect("samples")
-        .iter()
-        .map(|r| (r.get("site"), r.get("value")))
-        .collect()
+    let sql = "SELECT series_labels(s.series_key)->>'site' AS site, u.value FROM usage_samples u
+               JOIN series s ON s.id = u.series_id WHERE u.time = $1";
+    by_site(client, sql, &[&time]).await
 }
 
 /// A body written as the target's last one is matched line by line against that
@@ -561,16 +568,8 @@ async fn a_body_written_as_the_last_one_is_matched_line_by_line_and_lands_the_sa
 
 /// Id of each series by its `site` label.
 async fn site_ids(client: &tokio_postgres::Client) -> HashMap<String, i64> {
-    client
-        .query(
-            "SELECT series_labels(series_key)->>'site' AS site, id FROM series",
-            &[],
-        )
-        .await
-        .expect("series")
-        .iter()
-        .map(|r| (r.get("site"), r.get("id")))
-        .collect()
+    let sql = "SELECT series_labels(series_key)->>'site' AS site, id FROM series";
+    by_site(client, sql, &[]).await
 }
 
 /// A replica restarted with an empty cache gets a body of several chunks, half of
