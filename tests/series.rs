@@ -773,6 +773,131 @@ async fn a_grant_creating_a_project_while_a_first_scrape_registers_it_is_no_fail
     assert_eq!(projects, expected);
 }
 
+/// A body of `projects` projects, one new series each, as a first scrape sees it.
+fn one_series_per_project(projects: u32) -> String {
+    (0..projects)
+        .map(|i| format!("project_vcpu_usage{{project_name=\"p{i}\",site=\"s{i}\"}} {i}\n"))
+        .collect()
+}
+
+/// Projects and series rows visible to another session.
+async fn projects_and_series(client: &tokio_postgres::Client) -> (i64, i64) {
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM projects), (SELECT count(*) FROM series)",
+            &[],
+        )
+        .await
+        .expect("counts");
+    (row.get(0), row.get(1))
+}
+
+/// A first scrape bringing many projects registers them on a second connection,
+/// committed while its own transaction writes the series rows: with those held at a
+/// gate, the projects are there for everyone and the series not yet; let go,
+/// everything is stored once.
+#[tokio::test]
+async fn the_projects_of_a_first_scrape_are_registered_apart_while_its_series_are_written() {
+    const GATE: i64 = 0x05c_5e71;
+    let db = TestDb::create().await;
+    let client = migrated(&db).await;
+    client
+        .batch_execute(&format!(
+            "CREATE FUNCTION osc_test_series_gate() RETURNS trigger LANGUAGE plpgsql AS $f$
+             BEGIN PERFORM pg_advisory_xact_lock({GATE}); RETURN NULL; END $f$;
+             CREATE TRIGGER osc_test_series_gate BEFORE INSERT ON series
+                 FOR EACH STATEMENT EXECUTE FUNCTION osc_test_series_gate();
+             SELECT pg_advisory_lock({GATE});"
+        ))
+        .await
+        .expect("gate");
+    let (settings, ctx) = ingest_setup(&db);
+    let pool = os_credits::store::pool(&settings.database).expect("pool");
+    let now: chrono::DateTime<chrono::Utc> = "2026-06-01T00:00:00Z".parse().expect("time");
+    let scrape = tokio::spawn(async move {
+        let cache = SeriesCache::default();
+        ingest::ingest_text(&pool, &cache, ctx, one_series_per_project(300), now).await
+    });
+    let held = common::eventually(
+        std::time::Duration::from_secs(60),
+        "the series rows held at the gate",
+        || async {
+            let waiting: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                     WHERE l.locktype = 'advisory' AND NOT l.granted AND l.objid::bigint = $1
+                       AND a.datname = current_database()",
+                    &[&GATE],
+                )
+                .await
+                .expect("pg_locks")
+                .get(0);
+            (waiting > 0).then_some(())
+        },
+    );
+    held.await;
+    // (the registration apart may still be on its way when the gate is reached)
+    let seen = common::eventually(
+        std::time::Duration::from_secs(20),
+        "the projects committed apart",
+        || async {
+            let seen = projects_and_series(&client).await;
+            (seen.0 == 300).then_some(seen)
+        },
+    )
+    .await;
+    assert_eq!(seen, (300, 0), "projects committed, series not yet");
+    client
+        .batch_execute(&format!("SELECT pg_advisory_unlock({GATE})"))
+        .await
+        .expect("open the gate");
+    let outcome = scrape.await.expect("task").expect("the scrape is stored");
+    assert_eq!((outcome.stored, outcome.merged), (300, false));
+    assert_eq!(projects_and_series(&client).await, (300, 300));
+}
+
+/// A project another transaction is creating while a first scrape registers its
+/// projects apart: the registration apart gives up after a short wait (the other
+/// transaction might wait for the scrape's series) and the scrape's own transaction
+/// registers them, meets the other's project once it commits, and stores everything
+/// through the merging retry. Every project exists once and the grant keeps its
+/// credits.
+#[tokio::test]
+async fn a_project_created_elsewhere_meanwhile_is_no_failure_when_projects_are_registered_apart() {
+    let db = TestDb::create().await;
+    let client = migrated(&db).await;
+    let (settings, ctx) = ingest_setup(&db);
+    let pool = os_credits::store::pool(&settings.database).expect("pool");
+    let mut granting = db.connect().await;
+    let grant = granting.transaction().await.expect("begin");
+    grant
+        .batch_execute("INSERT INTO projects (name, granted_credits) VALUES ('p3', 5)")
+        .await
+        .expect("grant");
+    let now: chrono::DateTime<chrono::Utc> = "2026-06-01T00:00:00Z".parse().expect("time");
+    let cache = SeriesCache::default();
+    let body = one_series_per_project(300);
+    let (outcome, ()) = tokio::join!(ingest::ingest_text(&pool, &cache, ctx, body, now), async {
+        // (longer than the registration apart waits, shorter than the lock timeout)
+        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+        grant.commit().await.expect("commit the grant");
+    });
+    let outcome = outcome.expect("the scrape is stored, not failed");
+    assert_eq!((outcome.stored, outcome.duplicates), (300, 0));
+    assert_eq!(projects_and_series(&client).await, (300, 300));
+    let granted: Vec<(String, String)> = client
+        .query(
+            "SELECT name, granted_credits::text FROM projects WHERE granted_credits <> 0",
+            &[],
+        )
+        .await
+        .expect("grants")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(granted, [("p3".to_owned(), "5".to_owned())]);
+}
+
 /// What the database refuses on its own (migration 0014), so a bug or a hand-written
 /// statement fails loudly: rows naming a series that does not exist, NaN counter
 /// decreases, and ledger rows whose columns do not fit their kind. The rows billing

@@ -5,8 +5,9 @@ use super::{IngestError, IngestOutcome, Prepared, Skipped};
 use crate::store::samples::{self, SampleBatch, SampleRow};
 use crate::store::series::{self, NewSeries, Resolved, SeriesCache};
 use chrono::{DateTime, Utc};
-use deadpool_postgres::Pool;
+use deadpool_postgres::{Pool, Timeouts};
 use std::collections::HashMap;
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_postgres::error::SqlState;
 
@@ -126,6 +127,11 @@ fn expected_later(new: usize, chunk_bytes: usize, bytes_after: usize) -> usize {
     dense.saturating_add(dense / 8).min(bytes_after / 16)
 }
 
+/// New projects in one body from which [`Creating::create`] registers them on a
+/// second connection: fewer are cheaper in the body's transaction than the second
+/// connection's round trips.
+const APART_FROM: usize = 100;
+
 /// How the first try creates the body's new series: each chunk's new series get
 /// their ids and have their rows written while later chunks are parsed; the series
 /// rows themselves and their projects are written at the end (see [`Creating::create`]).
@@ -178,9 +184,14 @@ impl Creating {
     }
 
     /// Registers the projects of the body's new series and writes the series rows,
-    /// in key order (see [`series::copy_created`]).
+    /// in key order (see [`series::copy_created`]). From [`APART_FROM`] new
+    /// projects on, they are registered on a second pooled connection while the
+    /// rows are written, when one is free at once (see
+    /// [`series::register_projects_apart`]); otherwise, or when that fails, in the
+    /// body's transaction.
     async fn create(
         &self,
+        pool: &Pool,
         batch: &mut SampleBatch<'_>,
         collected: &Collected,
     ) -> anyhow::Result<()> {
@@ -203,9 +214,31 @@ impl Creating {
             .zip(self.ids.iter().copied())
             .collect();
         sorted.sort_unstable_by(|a, b| a.0.key.cmp(&b.0.key));
+        let spare = match projects.len() >= APART_FROM {
+            true => pool
+                .timeout_get(&Timeouts {
+                    wait: Some(Duration::ZERO),
+                    ..pool.timeouts()
+                })
+                .await
+                .ok(),
+            false => None,
+        };
         let tx = batch.transaction().await?;
-        series::register_projects(tx, &projects).await?;
-        series::copy_created(tx, &sorted).await
+        let Some(mut spare) = spare else {
+            series::register_projects(tx, &projects).await?;
+            return series::copy_created(tx, &sorted).await;
+        };
+        let (apart, copied) = tokio::join!(
+            series::register_projects_apart(&mut spare, &projects),
+            series::copy_created(tx, &sorted)
+        );
+        copied?;
+        if let Err(e) = apart {
+            tracing::debug!(error = %format!("{e:#}"), "registering projects apart failed; registering them with the series");
+            series::register_projects(tx, &projects).await?;
+        }
+        Ok(())
     }
 }
 
@@ -241,7 +274,7 @@ pub(crate) async fn store_stream(
             drop(batch); // rolls back
             Err(e)
         }
-        None => finish(batch, &mut collected, Attempt::First(creating)).await,
+        None => finish(pool, batch, &mut collected, Attempt::First(creating)).await,
     };
     let merged = attempt.as_ref().is_err();
     let (stored, resolved, new_rows) = match attempt {
@@ -252,7 +285,7 @@ pub(crate) async fn store_stream(
             let batch = SampleBatch::begin(&mut client)
                 .await
                 .map_err(IngestError::Store)?;
-            finish(batch, &mut collected, Attempt::Merging)
+            finish(pool, batch, &mut collected, Attempt::Merging)
                 .await
                 .map_err(IngestError::Store)?
         }
@@ -303,13 +336,14 @@ enum Attempt {
 /// and commits; returns the rows stored, the new series' ids and their rows. After a
 /// commit of the first try the new series' keys are moved into the ids returned.
 async fn finish(
+    pool: &Pool,
     mut batch: SampleBatch<'_>,
     collected: &mut Collected,
     attempt: Attempt,
 ) -> anyhow::Result<(u64, Resolved, Vec<SampleRow>)> {
     match attempt {
         Attempt::First(creating) => {
-            creating.create(&mut batch, collected).await?;
+            creating.create(pool, &mut batch, collected).await?;
             let stored = batch.commit().await?;
             let mut resolved = Resolved::default();
             resolved.ids.reserve(creating.ids.len());

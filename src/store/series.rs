@@ -304,6 +304,40 @@ pub async fn register_projects(
     Ok(())
 }
 
+/// The longest [`register_projects_apart`] waits for a project another transaction
+/// is creating before it gives up.
+const APART_LOCK_TIMEOUT: &str = "100ms";
+
+/// Registers `projects` as [`register_projects`] does, but in a short transaction of
+/// their own on `client`, committed at once, so that a second connection can do it
+/// while the body's transaction writes the series rows (a first scrape of 100,000
+/// series: 50,000 projects, about 0.1 s less in all here). A project without
+/// samples is harmless (a grant creates one too), so a body that fails afterwards
+/// leaves nothing wrong behind. It waits at most [`APART_LOCK_TIMEOUT`] for a
+/// project another transaction is creating: that transaction may itself wait for
+/// the body's series rows, which commit only after this returns, a cycle PostgreSQL
+/// cannot see. On any error nothing is registered, and the caller registers the
+/// projects in the body's transaction instead.
+pub async fn register_projects_apart(
+    client: &mut deadpool_postgres::Client,
+    projects: &[&str],
+) -> anyhow::Result<()> {
+    if projects.is_empty() {
+        return Ok(());
+    }
+    let tx = client
+        .transaction()
+        .await
+        .context("registering projects apart")?;
+    tx.batch_execute(&format!("SET LOCAL lock_timeout = '{APART_LOCK_TIMEOUT}'"))
+        .await
+        .context("registering projects apart")?;
+    register_projects(&tx, projects).await?;
+    tx.commit()
+        .await
+        .context("committing the projects registered apart")
+}
+
 /// Creates series believed not to be stored yet straight into `series` by one binary
 /// `COPY`, each with the id taken for it by [`take_ids`]: no statement per series, no
 /// staging table, no ids to read back. Give them in key order: the unique index is
