@@ -722,12 +722,18 @@ async fn the_projects_of_new_series_are_registered_once_and_a_grant_is_kept() {
     assert_eq!(granted, "5", "the grant's row is kept");
 }
 
-/// A grant creating a project at the very moment a first scrape registers the same
-/// project: the scrape's plain insert waits for the grant, meets its project, and the
-/// scrape is stored through the merging retry instead of failing. Every sample is
-/// stored once, every project exists once, and the grant keeps its credits.
-#[tokio::test]
-async fn a_grant_creating_a_project_while_a_first_scrape_registers_it_is_no_failure() {
+/// Scrapes `body` into a fresh database while a grant's transaction holds the
+/// uncommitted project `p3` (5 credits), committed `commit_after_ms` after the
+/// scrape began; returns the scrape's outcome, the database (dropped with it) and a
+/// client of it.
+async fn scraped_while_a_grant_creates_p3(
+    body: String,
+    commit_after_ms: u64,
+) -> (
+    Result<ingest::IngestOutcome, ingest::IngestError>,
+    TestDb,
+    tokio_postgres::Client,
+) {
     let db = TestDb::create().await;
     let client = migrated(&db).await;
     let (settings, ctx) = ingest_setup(&db);
@@ -738,6 +744,21 @@ async fn a_grant_creating_a_project_while_a_first_scrape_registers_it_is_no_fail
         .batch_execute("INSERT INTO projects (name, granted_credits) VALUES ('p3', 5)")
         .await
         .expect("grant");
+    let now: chrono::DateTime<chrono::Utc> = "2026-06-01T00:00:00Z".parse().expect("time");
+    let cache = SeriesCache::default();
+    let (outcome, ()) = tokio::join!(ingest::ingest_text(&pool, &cache, ctx, body, now), async {
+        tokio::time::sleep(std::time::Duration::from_millis(commit_after_ms)).await;
+        grant.commit().await.expect("commit the grant");
+    });
+    (outcome, db, client)
+}
+
+/// A grant creating a project at the very moment a first scrape registers the same
+/// project: the scrape's plain insert waits for the grant, meets its project, and the
+/// scrape is stored through the merging retry instead of failing. Every sample is
+/// stored once, every project exists once, and the grant keeps its credits.
+#[tokio::test]
+async fn a_grant_creating_a_project_while_a_first_scrape_registers_it_is_no_failure() {
     let body: String = (0..700u32)
         .map(|i| {
             format!(
@@ -746,13 +767,8 @@ async fn a_grant_creating_a_project_while_a_first_scrape_registers_it_is_no_fail
             )
         })
         .collect();
-    let now: chrono::DateTime<chrono::Utc> = "2026-06-01T00:00:00Z".parse().expect("time");
-    let cache = SeriesCache::default();
-    let (outcome, ()) = tokio::join!(ingest::ingest_text(&pool, &cache, ctx, body, now), async {
-        // (the scrape waits for the grant's uncommitted project meanwhile)
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        grant.commit().await.expect("commit the grant");
-    });
+    // (the scrape waits for the grant's uncommitted project meanwhile)
+    let (outcome, _db, client) = scraped_while_a_grant_creates_p3(body, 300).await;
     let outcome = outcome.expect("the scrape is stored, not failed");
     assert_eq!((outcome.stored, outcome.duplicates), (700, 0));
     assert_eq!(row_count(&client, "series").await, 700);
@@ -818,24 +834,7 @@ async fn the_projects_of_a_first_scrape_are_registered_apart_while_its_series_ar
         let cache = SeriesCache::default();
         ingest::ingest_text(&pool, &cache, ctx, one_series_per_project(300), now).await
     });
-    let held = common::eventually(
-        std::time::Duration::from_secs(60),
-        "the series rows held at the gate",
-        || async {
-            let waiting: i64 = client
-                .query_one(
-                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-                     WHERE l.locktype = 'advisory' AND NOT l.granted AND l.objid::bigint = $1
-                       AND a.datname = current_database()",
-                    &[&GATE],
-                )
-                .await
-                .expect("pg_locks")
-                .get(0);
-            (waiting > 0).then_some(())
-        },
-    );
-    held.await;
+    common::until_someone_waits_for_advisory_lock(&client, GATE).await;
     // (the registration apart may still be on its way when the gate is reached)
     let seen = common::eventually(
         std::time::Duration::from_secs(20),
@@ -864,24 +863,8 @@ async fn the_projects_of_a_first_scrape_are_registered_apart_while_its_series_ar
 /// credits.
 #[tokio::test]
 async fn a_project_created_elsewhere_meanwhile_is_no_failure_when_projects_are_registered_apart() {
-    let db = TestDb::create().await;
-    let client = migrated(&db).await;
-    let (settings, ctx) = ingest_setup(&db);
-    let pool = os_credits::store::pool(&settings.database).expect("pool");
-    let mut granting = db.connect().await;
-    let grant = granting.transaction().await.expect("begin");
-    grant
-        .batch_execute("INSERT INTO projects (name, granted_credits) VALUES ('p3', 5)")
-        .await
-        .expect("grant");
-    let now: chrono::DateTime<chrono::Utc> = "2026-06-01T00:00:00Z".parse().expect("time");
-    let cache = SeriesCache::default();
-    let body = one_series_per_project(300);
-    let (outcome, ()) = tokio::join!(ingest::ingest_text(&pool, &cache, ctx, body, now), async {
-        // (longer than the registration apart waits, shorter than the lock timeout)
-        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
-        grant.commit().await.expect("commit the grant");
-    });
+    // (longer than the registration apart waits, shorter than the lock timeout)
+    let (outcome, _db, client) = scraped_while_a_grant_creates_p3(one_series_per_project(300), 600).await;
     let outcome = outcome.expect("the scrape is stored, not failed");
     assert_eq!((outcome.stored, outcome.duplicates), (300, 0));
     assert_eq!(projects_and_series(&client).await, (300, 300));

@@ -496,6 +496,28 @@ pub async fn needs_timescaledb(test: &str) -> bool {
     false
 }
 
+/// Waits until a session of this test's database waits for the advisory lock `key`.
+pub async fn until_someone_waits_for_advisory_lock(client: &tokio_postgres::Client, key: i64) {
+    eventually(
+        Duration::from_secs(60),
+        "a session waiting for the advisory lock",
+        || async {
+            let waiting: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                     WHERE l.locktype = 'advisory' AND NOT l.granted AND l.objid::bigint = $1
+                       AND a.datname = current_database()",
+                    &[&key],
+                )
+                .await
+                .expect("pg_locks")
+                .get(0);
+            (waiting > 0).then_some(())
+        },
+    )
+    .await
+}
+
 /// Holds back every transaction that updates the `projects` row named `project`
 /// (billing does, when it commits a batch holding it) until [`ProjectGate::open`]:
 /// a trigger takes an advisory lock this gate's own session holds. Lets a test stop
@@ -531,25 +553,7 @@ impl ProjectGate {
 
     /// Waits until a transaction is held at the gate.
     pub async fn until_someone_waits(&self) {
-        eventually(
-            Duration::from_secs(60),
-            "a transaction at the gate",
-            || async {
-                let waiting: i64 = self
-                    .client
-                    .query_one(
-                        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-                     WHERE l.locktype = 'advisory' AND NOT l.granted AND l.objid::bigint = $1
-                       AND a.datname = current_database()",
-                        &[&GATE_LOCK],
-                    )
-                    .await
-                    .expect("pg_locks")
-                    .get(0);
-                (waiting > 0).then_some(())
-            },
-        )
-        .await
+        until_someone_waits_for_advisory_lock(&self.client, GATE_LOCK).await
     }
 
     /// Lets the held transactions go on and removes the trigger.
