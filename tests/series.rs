@@ -864,7 +864,8 @@ async fn the_projects_of_a_first_scrape_are_registered_apart_while_its_series_ar
 #[tokio::test]
 async fn a_project_created_elsewhere_meanwhile_is_no_failure_when_projects_are_registered_apart() {
     // (longer than the registration apart waits, shorter than the lock timeout)
-    let (outcome, _db, client) = scraped_while_a_grant_creates_p3(one_series_per_project(300), 600).await;
+    let (outcome, _db, client) =
+        scraped_while_a_grant_creates_p3(one_series_per_project(300), 600).await;
     let outcome = outcome.expect("the scrape is stored, not failed");
     assert_eq!((outcome.stored, outcome.duplicates), (300, 0));
     assert_eq!(projects_and_series(&client).await, (300, 300));
