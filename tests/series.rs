@@ -796,6 +796,10 @@ fn one_series_per_project(projects: u32) -> String {
         .collect()
 }
 
+/// New projects of one body from which they are registered apart (the service's
+/// `APART_FROM`).
+const PROJECTS: u32 = 5_000;
+
 /// Projects and series rows visible to another session.
 async fn projects_and_series(client: &tokio_postgres::Client) -> (i64, i64) {
     let row = client
@@ -832,7 +836,7 @@ async fn the_projects_of_a_first_scrape_are_registered_apart_while_its_series_ar
     let now: chrono::DateTime<chrono::Utc> = "2026-06-01T00:00:00Z".parse().expect("time");
     let scrape = tokio::spawn(async move {
         let cache = SeriesCache::default();
-        ingest::ingest_text(&pool, &cache, ctx, one_series_per_project(300), now).await
+        ingest::ingest_text(&pool, &cache, ctx, one_series_per_project(PROJECTS), now).await
     });
     common::until_someone_waits_for_advisory_lock(&client, GATE).await;
     // (the registration apart may still be on its way when the gate is reached)
@@ -841,18 +845,28 @@ async fn the_projects_of_a_first_scrape_are_registered_apart_while_its_series_ar
         "the projects committed apart",
         || async {
             let seen = projects_and_series(&client).await;
-            (seen.0 == 300).then_some(seen)
+            (seen.0 == i64::from(PROJECTS)).then_some(seen)
         },
     )
     .await;
-    assert_eq!(seen, (300, 0), "projects committed, series not yet");
+    assert_eq!(
+        seen,
+        (i64::from(PROJECTS), 0),
+        "projects committed, series not yet"
+    );
     client
         .batch_execute(&format!("SELECT pg_advisory_unlock({GATE})"))
         .await
         .expect("open the gate");
     let outcome = scrape.await.expect("task").expect("the scrape is stored");
-    assert_eq!((outcome.stored, outcome.merged), (300, false));
-    assert_eq!(projects_and_series(&client).await, (300, 300));
+    assert_eq!(
+        (outcome.stored, outcome.merged),
+        (u64::from(PROJECTS), false)
+    );
+    assert_eq!(
+        projects_and_series(&client).await,
+        (i64::from(PROJECTS), i64::from(PROJECTS))
+    );
 }
 
 /// A project another transaction is creating while a first scrape registers its
@@ -865,10 +879,16 @@ async fn the_projects_of_a_first_scrape_are_registered_apart_while_its_series_ar
 async fn a_project_created_elsewhere_meanwhile_is_no_failure_when_projects_are_registered_apart() {
     // (longer than the registration apart waits, shorter than the lock timeout)
     let (outcome, _db, client) =
-        scraped_while_a_grant_creates_p3(one_series_per_project(300), 600).await;
+        scraped_while_a_grant_creates_p3(one_series_per_project(PROJECTS), 600).await;
     let outcome = outcome.expect("the scrape is stored, not failed");
-    assert_eq!((outcome.stored, outcome.duplicates), (300, 0));
-    assert_eq!(projects_and_series(&client).await, (300, 300));
+    assert_eq!(
+        (outcome.stored, outcome.duplicates),
+        (u64::from(PROJECTS), 0)
+    );
+    assert_eq!(
+        projects_and_series(&client).await,
+        (i64::from(PROJECTS), i64::from(PROJECTS))
+    );
     let granted: Vec<(String, String)> = client
         .query(
             "SELECT name, granted_credits::text FROM projects WHERE granted_credits <> 0",
