@@ -359,23 +359,7 @@ async fn migrate_waits_for_the_advisory_lock_then_applies_every_migration_once()
     };
 
     let waiting = migrate(&db);
-    eventually(
-        Duration::from_secs(60),
-        "migrate to wait for the lock",
-        || async {
-            let waiters: i64 = holder
-                .query_one(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
-                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-                    &[],
-                )
-                .await
-                .expect("pg_locks")
-                .get(0);
-            (waiters > 0).then_some(())
-        },
-    )
-    .await;
+    common::until_someone_waits_for_advisory_lock(&holder, MIGRATION_LOCK_KEY).await;
     let while_held = applied().await;
     let table_while_held: bool = holder
         .query_one(

@@ -496,7 +496,8 @@ pub async fn needs_timescaledb(test: &str) -> bool {
     false
 }
 
-/// Waits until a session of this test's database waits for the advisory lock `key`.
+/// Waits until a session of this test's database waits for the advisory lock `key`
+/// (any bigint: PostgreSQL shows its high half as `classid`, its low half as `objid`).
 pub async fn until_someone_waits_for_advisory_lock(client: &tokio_postgres::Client, key: i64) {
     eventually(
         Duration::from_secs(60),
@@ -505,7 +506,8 @@ pub async fn until_someone_waits_for_advisory_lock(client: &tokio_postgres::Clie
             let waiting: i64 = client
                 .query_one(
                     "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-                     WHERE l.locktype = 'advisory' AND NOT l.granted AND l.objid::bigint = $1
+                     WHERE l.locktype = 'advisory' AND NOT l.granted AND l.objsubid = 1
+                       AND (l.classid::bigint << 32) | l.objid::bigint = $1
                        AND a.datname = current_database()",
                     &[&key],
                 )
