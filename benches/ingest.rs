@@ -146,8 +146,16 @@ async fn main() -> anyhow::Result<()> {
         steady_samples / raw_steady,
         raw_steady / steady
     );
+    // Issue #12 asks 0.6 with the first scrape (which creates every series) counted;
+    // issue #2's earlier 0.70 for the same figure is printed beside it.
     summary.at_least(
-        "ingest / raw COPY, all scrapes (samples/s ratio)",
+        "ingest / raw COPY, all scrapes (#12)",
+        ours_rate / raw_rate,
+        "",
+        0.60,
+    );
+    summary.at_least(
+        "ingest / raw COPY, all scrapes (#2)",
         ours_rate / raw_rate,
         "",
         0.70,
