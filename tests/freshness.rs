@@ -14,8 +14,17 @@ const KEY: &str = "test-key-4711";
 
 /// A second replica on the first one's database; stops with the handle.
 async fn second_replica(first: &TestApp) -> (String, StopHandle, tokio::task::JoinHandle<()>) {
+    second_replica_with(first, &[]).await
+}
+
+/// [`second_replica`] with settings of its own on top of the first one's.
+async fn second_replica_with(
+    first: &TestApp,
+    own: &[(&str, &str)],
+) -> (String, StopHandle, tokio::task::JoinHandle<()>) {
     let mut vars = first.db.vars();
     vars.push(("API_KEY".into(), KEY.into()));
+    vars.extend(own.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let settings = Settings::from_vars(vars).expect("settings");
     let app = Application::build(settings, None)
         .await
@@ -286,6 +295,64 @@ async fn a_change_whose_notification_is_late_is_not_answered_around() {
     drop(paused);
     grant(&a, "Alpha", 3).await;
     assert_eq!(credits().await.1["granted_credits"], json!(3.0));
+
+    b_stop.stop().await;
+    b_task.await.expect("second replica stops");
+}
+
+#[tokio::test]
+async fn a_replica_reaching_the_database_through_a_unix_socket_listens_and_answers_fresh() {
+    let a = spawn_app(&[("API_KEY", KEY)]).await;
+    let directories: String =
+        a.db.connect()
+            .await
+            .query_one("SHOW unix_socket_directories", &[])
+            .await
+            .expect("unix_socket_directories")
+            .get(0);
+    let directory = directories
+        .split(',')
+        .map(str::trim)
+        .find(|d| d.starts_with('/'))
+        .unwrap_or_else(|| {
+            panic!(
+                "the test server listens on no Unix socket directory ({directories:?}): \
+                 this test needs one (scripts/pg.sh gives its clusters one)"
+            )
+        })
+        .to_owned();
+    // POSTGRES_HOST names the socket's directory, as the README says it may.
+    let (b, b_stop, b_task) = second_replica_with(&a, &[("POSTGRES_HOST", &directory)]).await;
+    let credits = || get_json(&a.http, format!("{b}/api/current_credits/Alpha"));
+    grant(&a, "Alpha", 1).await;
+    assert_eq!(credits().await.1["granted_credits"], json!(1.0));
+    // B's listening connection came through the socket (no client port), and B
+    // answers from memory, fresh right after each write on A.
+    let listeners: Vec<i32> =
+        a.db.connect()
+            .await
+            .query(
+                "SELECT client_port FROM pg_stat_activity
+                 WHERE application_name = 'os-credits-listener' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .expect("listening backends")
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+    assert!(
+        listeners.contains(&-1),
+        "B listens through the Unix socket (client_port -1): {listeners:?}"
+    );
+    for credits_now in [2, 3, 4] {
+        grant(&a, "Alpha", credits_now).await;
+        assert_eq!(
+            credits().await.1["granted_credits"],
+            json!(f64::from(credits_now)),
+            "B's read right after grant {credits_now} on A"
+        );
+    }
 
     b_stop.stop().await;
     b_task.await.expect("second replica stops");
