@@ -58,6 +58,24 @@ async fn grant(app: &TestApp, project: &str, credits: u32) {
     assert_eq!(response.status().as_u16(), 200, "grant {credits}");
 }
 
+/// The listening backends of the app's database (every replica's): process id and
+/// client port (-1 for a Unix socket).
+async fn listening_backends(app: &TestApp) -> Vec<(i32, i32)> {
+    app.db
+        .connect()
+        .await
+        .query(
+            "SELECT pid, client_port FROM pg_stat_activity
+             WHERE application_name = 'os-credits-listener' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .expect("listening backends")
+        .iter()
+        .map(|row| (row.get("pid"), row.get("client_port")))
+        .collect()
+}
+
 async fn sql(app: &TestApp, statements: &str) {
     app.db
         .connect()
@@ -263,19 +281,11 @@ async fn a_change_whose_notification_is_late_is_not_answered_around() {
 
     // Every listening backend of this database is paused: the grant below commits,
     // but its notification reaches no replica until they go on.
-    let pids: Vec<i32> =
-        a.db.connect()
-            .await
-            .query(
-                "SELECT pid FROM pg_stat_activity
-             WHERE application_name = 'os-credits-listener' AND datname = current_database()",
-                &[],
-            )
-            .await
-            .expect("listening backends")
-            .iter()
-            .map(|row| row.get("pid"))
-            .collect();
+    let pids: Vec<i32> = listening_backends(&a)
+        .await
+        .iter()
+        .map(|&(pid, _)| pid)
+        .collect();
     assert!(pids.len() >= 2, "both replicas listen: {pids:?}");
     assert!(
         Paused::signal(&pids, "-STOP"),
@@ -328,19 +338,11 @@ async fn a_replica_reaching_the_database_through_a_unix_socket_listens_and_answe
     assert_eq!(credits().await.1["granted_credits"], json!(1.0));
     // B's listening connection came through the socket (no client port), and B
     // answers from memory, fresh right after each write on A.
-    let listeners: Vec<i32> =
-        a.db.connect()
-            .await
-            .query(
-                "SELECT client_port FROM pg_stat_activity
-                 WHERE application_name = 'os-credits-listener' AND datname = current_database()",
-                &[],
-            )
-            .await
-            .expect("listening backends")
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
+    let listeners: Vec<i32> = listening_backends(&a)
+        .await
+        .iter()
+        .map(|&(_, client_port)| client_port)
+        .collect();
     assert!(
         listeners.contains(&-1),
         "B listens through the Unix socket (client_port -1): {listeners:?}"
