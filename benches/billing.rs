@@ -8,8 +8,9 @@
 //!   `GET /ping` under 32 concurrent connections on loopback, among the 10,000 billed
 //!   projects; then the same two while a billing run writes all 10,000 projects' rows
 //!   (its backlog sized from the billing rate measured first, so that it outlasts the
-//!   loads; the summary shows the billing run's duration over the loads'). The three loads take 1 s turns (BENCH_HTTP_SECONDS turns each), so a ratio
-//!   compares loads measured over the same stretch of time.
+//!   loads; the summary shows the billing run's duration over the loads'). The three
+//!   loads take 1 s turns (BENCH_HTTP_SECONDS turns each), so a ratio compares loads
+//!   measured over the same stretch of time.
 //!
 //! Every latency percentile comes from at least 1,000 requests after a warm-up.
 //!
