@@ -262,13 +262,14 @@ async fn main() -> anyhow::Result<()> {
     let loads_took = clock.elapsed();
     report_http(&mut report, &quiet, "");
     // A second backlog, billed while the same loads run. It is sized from the billing
-    // rate measured above so that the run would last 1.5 times as long as the quiet
-    // loads took (billing beside the loads is slower still, and a small first backlog
-    // understates the rate): whole hours of 30-second samples for every series, at
-    // least one. A fixed hour ended half-way through the loads on a faster machine,
-    // and the rest measured a quiet service.
+    // rate measured above so that the run would last twice as long as the quiet
+    // loads took: whole hours of 30-second samples for every series, at least one.
+    // The margin is for a small first backlog (a quick run's), which understates the
+    // rate: with 1.5 times, quick runs' billing ended at 0.94-1.11 of the loads (at
+    // default sizes, 1.6). A fixed hour ended half-way through the loads on a faster
+    // machine, and the rest measured a quiet service.
     let series = 2 * projects;
-    let hours = (1.5 * bill_rate * loads_took.as_secs_f64() / (series * 120) as f64)
+    let hours = (2.0 * bill_rate * loads_took.as_secs_f64() / (series * 120) as f64)
         .ceil()
         .max(1.0) as u64;
     let busy_samples = hours * 120;
