@@ -1,12 +1,15 @@
-//! Balances answered from memory on several replicas, never stale after a commit:
-//! two real replicas of the service on one database, writes on one, reads on the
-//! other.
+//! Balances answered from memory on several replicas, never stale after a write
+//! returned: two real replicas of the service on one database, writes on one, reads
+//! on the other. Writes made here by SQL send a commit fence afterwards, as the
+//! service's writers do (src/store/changes.rs); one write shows how an unfenced one
+//! is seen.
 
 mod common;
 
 use common::{eventually, spawn_app, TestApp};
 use os_credits::config::Settings;
 use os_credits::startup::{Application, StopHandle};
+use os_credits::store::changes::{self, Fenced};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -76,7 +79,23 @@ async fn listening_backends(app: &TestApp) -> Vec<(i32, i32)> {
         .collect()
 }
 
+/// Runs SQL and then a commit fence, as a writer of the service would: every
+/// replica answers the write once this returns.
 async fn sql(app: &TestApp, statements: &str) {
+    let client = app.db.connect().await;
+    client
+        .batch_execute(statements)
+        .await
+        .unwrap_or_else(|e| panic!("{statements}: {e}"));
+    let fenced = changes::fence(&client).await;
+    assert!(
+        matches!(fenced, Fenced::Answered { listeners } if listeners >= 2),
+        "every replica's listener answers the fence: {fenced:?}"
+    );
+}
+
+/// Runs SQL without a fence.
+async fn sql_unfenced(app: &TestApp, statements: &str) {
     app.db
         .connect()
         .await
@@ -130,6 +149,18 @@ async fn a_grant_put_on_one_replica_is_seen_by_the_very_next_read_on_the_other()
     )
     .await;
     assert_eq!(history("Alpha").await.1["credits"], json!([2.5]));
+    // Without a fence a write is seen once its notification arrives (within the
+    // lease at the latest).
+    sql_unfenced(
+        &a,
+        "INSERT INTO ledger (project, time, kind, metric, used_delta, used_after, granted_after, usage_from, quantity, price)
+         VALUES ('Alpha', now(), 'usage', 'project_vcpu_usage', 1.5, 4, 39, now(), 1.5, 1)",
+    )
+    .await;
+    eventually(changes::LEASE * 2, "B to see an unfenced write", || async {
+        (history("Alpha").await.1["credits"] == json!([2.5, 1.5])).then_some(())
+    })
+    .await;
 
     // B answers from memory: a change that notifies nobody stays unseen there...
     assert_eq!(credits("Alpha").await.1["granted_credits"], json!(39.0));
@@ -147,7 +178,7 @@ async fn a_grant_put_on_one_replica_is_seen_by_the_very_next_read_on_the_other()
     );
     // ...until B's listening connection is lost: B refetches before answering from
     // memory again.
-    sql(
+    sql_unfenced(
         &a,
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
          WHERE application_name = 'os-credits-listener' AND datname = current_database()",
@@ -358,4 +389,156 @@ async fn a_replica_reaching_the_database_through_a_unix_socket_listens_and_answe
 
     b_stop.stop().await;
     b_task.await.expect("second replica stops");
+}
+
+/// The process ids of the app's database's listening backends.
+async fn listening_pids(app: &TestApp) -> Vec<i32> {
+    listening_backends(app)
+        .await
+        .iter()
+        .map(|&(pid, _)| pid)
+        .collect()
+}
+
+#[tokio::test]
+async fn within_its_lease_a_replica_answers_from_memory_without_the_database_and_after_it_asks_again(
+) {
+    let a = spawn_app(&[("API_KEY", KEY)]).await;
+    let (b, b_stop, b_task) = second_replica(&a).await;
+    let credits = || get_json(&a.http, format!("{b}/api/current_credits/Alpha"));
+    grant(&a, "Alpha", 1).await;
+    for _ in 0..3 {
+        assert_eq!(credits().await.1["granted_credits"], json!(1.0));
+    }
+    // A change that notifies nobody, so only the database knows it.
+    sql(
+        &a,
+        "ALTER TABLE projects DISABLE TRIGGER project_changed;
+         UPDATE projects SET granted_credits = 777 WHERE name = 'Alpha';
+         ALTER TABLE projects ENABLE TRIGGER project_changed",
+    )
+    .await;
+    // With every listening backend paused no read barrier can pass: B answers
+    // from memory while its lease holds, without waiting on the database...
+    let pids = listening_pids(&a).await;
+    assert!(pids.len() >= 2, "both replicas listen: {pids:?}");
+    assert!(
+        Paused::signal(&pids, "-STOP"),
+        "pausing backends {pids:?} with kill -STOP failed: this test must run as root or as the PostgreSQL server's user"
+    );
+    let paused = Paused(pids);
+    assert_eq!(
+        credits().await.1["granted_credits"],
+        json!(1.0),
+        "answered from memory within the lease"
+    );
+    // ...and once it ran out, its barrier cannot pass, so B reads the database.
+    eventually(
+        changes::LEASE * 4,
+        "B's lease to run out and B to read the database",
+        || async { (credits().await.1["granted_credits"] == json!(777.0)).then_some(()) },
+    )
+    .await;
+    drop(paused);
+
+    b_stop.stop().await;
+    b_task.await.expect("second replica stops");
+}
+
+#[tokio::test]
+async fn a_fence_waits_for_every_registered_listener_and_no_longer_than_its_bound() {
+    let a = spawn_app(&[("API_KEY", KEY)]).await;
+    let (_b, b_stop, b_task) = second_replica(&a).await;
+    grant(&a, "Alpha", 1).await;
+    let writer = a.db.connect().await;
+    let listening = listening_pids(&a).await.len();
+    assert!(listening >= 2, "both replicas listen");
+    assert_eq!(
+        changes::fence(&writer).await,
+        Fenced::Answered {
+            listeners: listening
+        },
+        "every listening backend is registered and answers"
+    );
+
+    // A registered listener that never answers (it listens on nothing): the fence
+    // names it after its bound, and the write has still returned.
+    let silent = a.db.connect().await;
+    let key: i32 = silent
+        .query_one("SELECT register_change_listener(0)", &[])
+        .await
+        .expect("register")
+        .get(0);
+    assert_eq!(
+        changes::fence(&writer).await,
+        Fenced::TimedOut { missing: vec![key] }
+    );
+
+    // Gone without unregistering: the next fence waits its lease out (hold_ms),
+    // and once that passed the registration is dropped.
+    drop(silent);
+    let gone = || async {
+        writer
+            .query_one(
+                "SELECT gone_since IS NOT NULL AS gone FROM change_listeners WHERE key = $1",
+                &[&key],
+            )
+            .await
+            .map(|row| row.get::<_, bool>("gone"))
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the silent session to end",
+        || async {
+            let live: Vec<i32> = writer
+                .query_one("SELECT live FROM change_fence('probe', 60000)", &[])
+                .await
+                .expect("fence")
+                .get("live");
+            (!live.contains(&key)).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(gone().await.ok(), Some(true), "marked gone, kept");
+    let wait_ms: i64 = writer
+        .query_one("SELECT wait_ms FROM change_fence('probe', 60000)", &[])
+        .await
+        .expect("fence")
+        .get("wait_ms");
+    assert!(
+        wait_ms > 0,
+        "a fence waits for the lease of a listener gone without unregistering"
+    );
+    let row = writer
+        .query_one("SELECT live, wait_ms FROM change_fence('probe', 0)", &[])
+        .await
+        .expect("fence");
+    assert_eq!(row.get::<_, i64>("wait_ms"), 0, "its lease is over");
+    assert!(gone().await.is_err(), "and its registration is dropped");
+    assert_eq!(row.get::<_, Vec<i32>>("live").len(), listening);
+
+    b_stop.stop().await;
+    b_task.await.expect("second replica stops");
+    // A stopped replica unregisters (or is waited out as gone): fences then answer
+    // with the remaining replica's listeners alone.
+    eventually(
+        Duration::from_secs(15),
+        "B's registration to go",
+        || async {
+            let registered: i64 = writer
+                .query_one("SELECT count(*) FROM change_listeners", &[])
+                .await
+                .expect("registrations")
+                .get(0);
+            let fenced = changes::fence(&writer).await;
+            let listening = listening_pids(&a).await.len();
+            (usize::try_from(registered) == Ok(listening)
+                && fenced
+                    == Fenced::Answered {
+                        listeners: listening,
+                    })
+            .then_some(())
+        },
+    )
+    .await;
 }

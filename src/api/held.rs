@@ -210,6 +210,7 @@ async fn decide(
             DecideError::Unexpected(e) => ApiError::Unexpected(e),
         })?;
     tx.commit().await.context("committing the decision")?;
+    crate::store::changes::fence(&client).await;
     let word = match decision {
         Decision::Approve => "approved",
         Decision::Reject => "rejected",

@@ -217,7 +217,8 @@ impl Memo {
         let stripe = stripe_of(project);
         let seen = self.counters(stripe);
         let fresh = match self.listen_here() {
-            Some(listener) => listener.sync(SYNC_DEADLINE).await,
+            // Within the lease memory answers at once; otherwise a barrier first.
+            Some(listener) => listener.leased() || listener.sync(SYNC_DEADLINE).await,
             None => false,
         };
         Read {

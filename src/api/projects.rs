@@ -328,6 +328,8 @@ pub async fn grant(
     )
     .await?;
     tx.commit().await.context("committing the grant")?;
+    // Returns once every replica answers the new grant.
+    crate::store::changes::fence(&client).await;
     tracing::info!(
         project = project.as_str(),
         granted = %granted,
@@ -417,6 +419,7 @@ pub async fn adjust(
         AdjustError::Unexpected(e) => ApiError::from(e),
     })?;
     tx.commit().await.context("committing the adjustment")?;
+    crate::store::changes::fence(&client).await;
     tracing::info!(project = project.as_str(), credits = %credits, reason, "credits adjusted");
     Ok(HttpResponse::Created().json(AdjustmentView {
         id: adjustment.id,

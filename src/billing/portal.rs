@@ -148,6 +148,9 @@ async fn sync_one(
     )
     .await?;
     tx.commit().await?;
+    if outcome.changed {
+        crate::store::changes::fence(&client).await;
+    }
     Ok(outcome.changed)
 }
 

@@ -120,8 +120,10 @@ pub async fn record(
         )
         .await
         .context("recording the target's billed series")?;
+    // Rows written to stale_series change project details answered from memory.
+    let mut changed = 0;
     if !change.appeared.is_empty() {
-        client
+        changed += client
             .execute(
                 "DELETE FROM stale_series WHERE series_id = ANY($1::bigint[])",
                 &[&change.appeared],
@@ -130,7 +132,7 @@ pub async fn record(
             .context("clearing series that are back")?;
     }
     if let (false, Some(seen)) = (change.gone.is_empty(), change.last_seen_at) {
-        client
+        changed += client
             .execute(
                 "INSERT INTO stale_series (series_id, target, last_seen_at, missing_since)
                  SELECT id, $2, $3, $4 FROM unnest($1::bigint[]) AS id
@@ -144,6 +146,9 @@ pub async fn record(
             series = change.gone.len(),
             "billed series stopped appearing: billing for them has stopped"
         );
+    }
+    if changed > 0 {
+        crate::store::changes::fence(client).await;
     }
     let row = client
         .query_one(

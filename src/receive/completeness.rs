@@ -101,9 +101,11 @@ pub async fn record(
     now: DateTime<Utc>,
     check: &Check,
 ) -> anyhow::Result<i64> {
+    // Rows written here change project details answered from memory.
+    let mut changed = 0;
     if !check.gone.is_empty() {
         let (ids, seen): (Vec<i64>, Vec<DateTime<Utc>>) = check.gone.iter().copied().unzip();
-        client
+        changed += client
             .execute(
                 "INSERT INTO stale_series (series_id, target, last_seen_at, missing_since)
                  SELECT id, $3, seen, $4 FROM unnest($1::bigint[], $2::timestamptz[]) AS g(id, seen)
@@ -119,13 +121,16 @@ pub async fn record(
         );
     }
     if !check.current.is_empty() {
-        client
+        changed += client
             .execute(
                 "DELETE FROM stale_series WHERE series_id = ANY($1::bigint[])",
                 &[&check.current],
             )
             .await
             .context("clearing pushed series that are back")?;
+    }
+    if changed > 0 {
+        crate::store::changes::fence(client).await;
     }
     let row = client
         .query_one(

@@ -1,21 +1,39 @@
 //! Which projects changed: PostgreSQL `LISTEN` on the channel the `projects` and
 //! `ledger` triggers notify at commit, on dedicated connections (the memo runs one
-//! per HTTP worker thread, [`crate::api::memo`]).
+//! per HTTP worker thread, [`crate::api::memo`]), and the commit fences that let a
+//! replica answer from memory without asking the database first.
 //!
-//! [`Listener::sync`] is a read barrier: one empty query on the listening connection,
-//! shared by every request waiting when it is sent (several may be on their way);
-//! its answer wakes only them.
-//! PostgreSQL sends a listening session every notification committed before that
-//! query started ahead of the query's answer, and they are handed to the callback in
-//! the order they arrive, so when `sync` returns `true` every change committed before
-//! the call has been seen. A lost connection reports [`Change::Reset`] (changes may
-//! have been missed), reconnects with a backoff and reports `Reset` again once it
-//! listens.
+//! **Leases.** A listening connection registers itself in `change_listeners`
+//! (migration 0018) and holds an advisory lock for as long as its session lives.
+//! It renews a lease with a read barrier every [`RENEW_EVERY`]: one empty query,
+//! whose answer comes after every notification committed before it was sent. While
+//! the lease holds ([`LEASE`] after the send of the last barrier that passed, and
+//! only while registered and listening), [`Listener::leased`] says so and readers
+//! answer from memory at once.
+//!
+//! **Fences.** A writer, after its commit, calls [`fence`]: it tells every listener
+//! (`NOTIFY os_credits_fence`) and reads which ones are registered, in one
+//! statement; each listener answers (`os_credits_fence_ack`) once it has applied
+//! every notification before the fence (they arrive in commit order). The writer
+//! returns when every registered listener has answered, or after [`FENCE_WAIT`]
+//! (≥ [`LEASE`] and a margin): by then a listener that did not answer has seen its
+//! lease run out, so it asks the database again. A listener whose session ended
+//! without unregistering is waited out the same way. So once a write through any
+//! replica has returned, every replica answers it. A write made outside the service
+//! (psql) without a fence is seen as soon as its notification arrives, and never
+//! later than [`LEASE`] after its commit.
+//!
+//! [`Listener::sync`] is the read barrier a reader waits for when the lease does not
+//! hold: shared by every request waiting when it is sent (several may be on their
+//! way); its answer wakes only them. A lost connection reports [`Change::Reset`]
+//! (changes may have been missed), reconnects with a backoff and reports `Reset`
+//! again once it listens.
 
 use futures::StreamExt;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
@@ -23,13 +41,28 @@ use tokio_util::sync::CancellationToken;
 /// The channel the triggers of migration 0012 notify; the payload is the project.
 pub const CHANNEL: &str = "os_credits_project_changed";
 
+/// The channel a writer's fence is sent on; the payload is its token.
+pub const FENCE_CHANNEL: &str = "os_credits_fence";
+
+/// The channel listeners answer fences on; the payload is `<token> <key>`.
+pub const ACK_CHANNEL: &str = "os_credits_fence_ack";
+
+/// How long after a passed barrier was sent a listener answers from memory without
+/// asking the database.
+pub const LEASE: Duration = Duration::from_secs(2);
+
+/// How often a listener renews its lease.
+pub const RENEW_EVERY: Duration = Duration::from_millis(500);
+
+/// The longest a writer's fence waits for listeners' answers: a lease and a margin,
+/// so a listener that did not answer in time no longer answers from memory.
+pub const FENCE_WAIT: Duration = Duration::from_secs(3);
+
 /// `application_name` of the listening connection, so operators can tell it apart.
 pub const APPLICATION_NAME: &str = "os-credits-listener";
 
 /// Bound of every wait on the listening connection.
 const WAIT: Duration = Duration::from_secs(5);
-/// An idle listening connection is checked this often, so a dead one is noticed.
-const IDLE_CHECK: Duration = Duration::from_secs(30);
 /// Read barriers on their way at once (pipelined on the listening connection).
 const MAX_BARRIERS_IN_FLIGHT: usize = 8;
 
@@ -49,6 +82,11 @@ pub type OnChange = Arc<dyn Fn(Change<'_>) + Send + Sync>;
 /// thread).
 pub struct Listener {
     listening: AtomicBool,
+    /// Until when (nanoseconds after [`ORIGIN`]) memory may answer without a barrier;
+    /// 0 for not at all.
+    lease_until: AtomicU64,
+    /// This listener's key in `change_listeners` (0 before it first registered).
+    key: AtomicI32,
     /// The barrier requests wait for now; it is sent once it has a waiter, and a new
     /// one takes its place before it is sent.
     next: Mutex<Arc<Barrier>>,
@@ -130,6 +168,8 @@ impl Listener {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             listening: AtomicBool::new(false),
+            lease_until: AtomicU64::new(0),
+            key: AtomicI32::new(0),
             next: Mutex::new(Barrier::new()),
             wanted: Notify::new(),
         })
@@ -152,12 +192,28 @@ impl Listener {
     /// the way fail when their session drops them).
     fn stop(&self) {
         self.listening.store(false, Ordering::Release);
+        self.lease_until.store(0, Ordering::Release);
         drop(self.take_wanted());
     }
 
     /// Whether the connection listens now.
     pub fn is_listening(&self) -> bool {
         self.listening.load(Ordering::Acquire)
+    }
+
+    /// Whether memory may answer now without a barrier: listening, registered, and
+    /// within the lease of the last barrier that passed.
+    pub fn leased(&self) -> bool {
+        self.is_listening()
+            && since_origin(Instant::now()) < self.lease_until.load(Ordering::Acquire)
+    }
+
+    /// A barrier sent at `sent` passed: the lease runs until `sent` + [`LEASE`].
+    fn renew(&self, sent: Instant) {
+        if self.is_listening() {
+            self.lease_until
+                .fetch_max(since_origin(sent + LEASE), Ordering::AcqRel);
+        }
     }
 
     /// Waits until every change committed before this call has reached the callback;
@@ -208,7 +264,8 @@ impl Listener {
         Ok(())
     }
 
-    /// One connection: listen, then answer barriers until cancelled or broken.
+    /// One connection: listen and register, then answer barriers and fences and renew
+    /// the lease until cancelled or broken.
     async fn session(
         &self,
         config: &tokio_postgres::Config,
@@ -223,60 +280,135 @@ impl Listener {
                 .context("connecting to listen: timed out")?
                 .context("connecting to listen")?;
         let forward = on_change.clone();
+        let (fences, mut fenced) = tokio::sync::mpsc::unbounded_channel::<String>();
         // Notifications are handed over here, before the connection reads further, so
-        // they reach the callback before any later query answer reaches its caller.
+        // they reach the callback before any later query answer reaches its caller,
+        // and before a later fence is answered.
         let mut driver = tokio::spawn(async move {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(message) = messages.next().await {
                 if let AsyncMessage::Notification(n) = message? {
-                    forward(Change::Project(n.payload()));
+                    match n.channel() {
+                        FENCE_CHANNEL => {
+                            // The session is gone when nobody receives: the loop ends.
+                            let _ = fences.send(n.payload().to_owned());
+                        }
+                        ACK_CHANNEL => acknowledged(n.payload()),
+                        _ => forward(Change::Project(n.payload())),
+                    }
                 }
             }
             Ok::<(), tokio_postgres::Error>(())
         });
         let result = async {
-            tokio::time::timeout(WAIT, client.batch_execute(&format!("LISTEN {CHANNEL}")))
-                .await
-                .context("LISTEN timed out")?
-                .context("LISTEN")?;
+            tokio::time::timeout(
+                WAIT,
+                client.batch_execute(&format!(
+                    "LISTEN {CHANNEL}; LISTEN {FENCE_CHANNEL}; LISTEN {ACK_CHANNEL}"
+                )),
+            )
+            .await
+            .context("LISTEN timed out")?
+            .context("LISTEN")?;
+            // Registered only once it listens: a fence that finds it registered
+            // reaches it. Its previous registration (its lease ended with `stop`) goes.
+            let previous = self.key.load(Ordering::Acquire);
+            let key: i32 = tokio::time::timeout(
+                WAIT,
+                client.query_one("SELECT register_change_listener($1)", &[&previous]),
+            )
+            .await
+            .context("registering the listener timed out")?
+            .context("registering the listener")?
+            .try_get(0)
+            .context("registering the listener")?;
+            self.key.store(key, Ordering::Release);
+            let ack = tokio::time::timeout(
+                WAIT,
+                client.prepare(&format!(
+                    "SELECT pg_notify('{ACK_CHANNEL}', t || ' ' || $2::text) FROM unnest($1::text[]) t"
+                )),
+            )
+            .await
+            .context("preparing fence answers timed out")?
+            .context("preparing fence answers")?;
+            let key_text = key.to_string();
             // Anything remembered before may have missed changes.
             on_change(Change::Reset);
+            self.lease_until.store(0, Ordering::Release);
             self.listening.store(true, Ordering::Release);
             *delay = Duration::from_millis(100);
-            tracing::info!(channel = CHANNEL, "listening for project changes");
+            tracing::info!(channel = CHANNEL, key, "listening for project changes");
             // Barriers are pipelined: a request waits for the first barrier sent after
             // it joined the next one, not for one already on the way to finish first.
             // PostgreSQL hands a listening session its pending notifications before
-            // each query's ReadyForQuery, so pipelining keeps the guarantee.
+            // each query's ReadyForQuery, so pipelining keeps the guarantee. Each
+            // passed barrier renews the lease from the instant before it was sent.
             let mut in_flight = futures::stream::FuturesOrdered::new();
+            let mut renew = tokio::time::interval(RENEW_EVERY);
+            renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut renewal_due = false;
+            // Fence tokens to answer, and the one answer on its way.
+            let mut to_answer: Vec<String> = Vec::new();
+            let mut answering = futures::stream::FuturesUnordered::new();
             loop {
                 if in_flight.len() < MAX_BARRIERS_IN_FLIGHT {
-                    if let Some(sent) = self.take_wanted() {
+                    let sent = self.take_wanted().or_else(|| {
+                        std::mem::take(&mut renewal_due).then(|| Sent(Barrier::new()))
+                    });
+                    if let Some(sent) = sent {
+                        let at = Instant::now();
                         let barrier = tokio::time::timeout(WAIT, client.simple_query(""));
-                        in_flight.push_back(async move { (sent, barrier.await) });
+                        in_flight.push_back(async move { (sent, at, barrier.await) });
                         continue;
                     }
                 }
+                if answering.is_empty() && !to_answer.is_empty() {
+                    let tokens = std::mem::take(&mut to_answer);
+                    let (ack, key_text) = (&ack, &key_text);
+                    let client = &client;
+                    answering.push(async move {
+                        tokio::time::timeout(WAIT, client.execute(ack, &[&tokens, key_text])).await
+                    });
+                    continue;
+                }
                 tokio::select! {
-                    Some((sent, answer)) = in_flight.next(), if !in_flight.is_empty() => {
+                    Some((sent, at, answer)) = in_flight.next(), if !in_flight.is_empty() => {
                         answer
                             .context("read barrier timed out")?
                             .context("read barrier")?;
+                        self.renew(at);
                         sent.0.finish(true);
                     }
+                    Some(answered) = answering.next(), if !answering.is_empty() => {
+                        answered
+                            .context("answering a fence timed out")?
+                            .context("answering a fence")?;
+                    }
+                    Some(token) = fenced.recv() => {
+                        to_answer.push(token);
+                        while let Ok(token) = fenced.try_recv() {
+                            to_answer.push(token);
+                        }
+                    }
+                    _ = renew.tick() => renewal_due = true,
                     _ = self.wanted.notified() => {}
-                    _ = cancel.cancelled() => return Ok(()),
+                    _ = cancel.cancelled() => {
+                        // No longer answering from memory before the registration
+                        // goes, so no fence needs this listener any more.
+                        self.stop();
+                        let _ = tokio::time::timeout(
+                            WAIT,
+                            client.execute("SELECT unregister_change_listener($1)", &[&key]),
+                        )
+                        .await;
+                        return Ok(());
+                    }
                     ended = &mut driver => {
                         return match ended {
                             Ok(Err(e)) => Err(anyhow::Error::new(e).context("listening connection")),
                             _ => Err(anyhow::anyhow!("the listening connection closed")),
                         };
-                    }
-                    _ = tokio::time::sleep(IDLE_CHECK), if in_flight.is_empty() => {
-                        tokio::time::timeout(WAIT, client.simple_query(""))
-                            .await
-                            .context("idle check timed out")?
-                            .context("idle check")?;
                     }
                 }
             }
@@ -285,4 +417,162 @@ impl Listener {
         driver.abort();
         result
     }
+}
+
+/// Where [`Listener::lease_until`] counts from.
+static ORIGIN: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// Nanoseconds from [`ORIGIN`] to `at` (0 before it).
+fn since_origin(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(*ORIGIN).as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The fences of this process waiting for answers, by token.
+static AWAITED: LazyLock<Mutex<HashMap<String, Arc<Awaited>>>> = LazyLock::new(Mutex::default);
+
+/// The listener keys that answered one fence so far.
+#[derive(Default)]
+struct Awaited {
+    answered: Mutex<HashSet<i32>>,
+    arrived: Notify,
+}
+
+fn awaited() -> std::sync::MutexGuard<'static, HashMap<String, Arc<Awaited>>> {
+    // A poisoned lock only means a panic elsewhere while changing a plain map.
+    AWAITED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A listener answered a fence (`<token> <key>`); fences of other processes and
+/// malformed payloads are ignored.
+fn acknowledged(payload: &str) {
+    let Some((token, key)) = payload.split_once(' ') else {
+        return;
+    };
+    let Ok(key) = key.parse::<i32>() else {
+        return;
+    };
+    let Some(fence) = awaited().get(token).cloned() else {
+        return;
+    };
+    fence
+        .answered
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key);
+    fence.arrived.notify_waiters();
+}
+
+/// Removes a fence from [`AWAITED`] when it ends, however it ends.
+struct Waiting(String);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        awaited().remove(&self.0);
+    }
+}
+
+/// A token no other fence uses: this process's random part and a counter.
+fn token() -> String {
+    use std::hash::BuildHasher;
+    static PROCESS: LazyLock<u64> = LazyLock::new(|| {
+        std::collections::hash_map::RandomState::new()
+            .hash_one((std::process::id(), Instant::now()))
+    });
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{:016x}.{}", *PROCESS, NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// How a fence ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fenced {
+    /// Every registered listener answered: every replica has applied the write.
+    Answered {
+        /// How many listeners answered.
+        listeners: usize,
+    },
+    /// Some did not answer within [`FENCE_WAIT`]; their leases have run out.
+    TimedOut {
+        /// The keys of the listeners that did not answer.
+        missing: Vec<i32>,
+    },
+    /// The fence could not be sent; [`FENCE_WAIT`] was waited out instead.
+    Failed,
+}
+
+/// Called by a writer after its commit, on a connection outside any transaction:
+/// returns once every replica answers what was committed before (see the module
+/// comment). Never fails and never waits longer than [`FENCE_WAIT`] (plus the
+/// statement's own bound): a fence that could not be sent waits the leases out.
+pub async fn fence(client: &tokio_postgres::Client) -> Fenced {
+    let started = Instant::now();
+    let token = token();
+    let fence = Arc::new(Awaited::default());
+    awaited().insert(token.clone(), fence.clone());
+    let _waiting = Waiting(token.clone());
+    let hold = i32::try_from(FENCE_WAIT.as_millis()).unwrap_or(i32::MAX);
+    let sent = tokio::time::timeout(
+        WAIT,
+        client.query_one(
+            "SELECT live, wait_ms FROM change_fence($1, $2)",
+            &[&token, &hold],
+        ),
+    )
+    .await;
+    let row = match sent {
+        Ok(Ok(row)) => row,
+        failed => {
+            let error = match failed {
+                Ok(Err(e)) => format!("{e:#}"),
+                _ => "timed out".to_owned(),
+            };
+            crate::telemetry::metrics::fence("failed");
+            tracing::warn!(%error, wait = ?FENCE_WAIT, "sending a commit fence failed; waiting the replicas' leases out instead");
+            tokio::time::sleep_until((started + FENCE_WAIT).into()).await;
+            return Fenced::Failed;
+        }
+    };
+    let (live, wait_ms): (Vec<i32>, i64) = match (row.try_get("live"), row.try_get("wait_ms")) {
+        (Ok(live), Ok(wait_ms)) => (live, wait_ms),
+        _ => {
+            crate::telemetry::metrics::fence("failed");
+            tracing::warn!("a commit fence's answer could not be read; waiting the replicas' leases out instead");
+            tokio::time::sleep_until((started + FENCE_WAIT).into()).await;
+            return Fenced::Failed;
+        }
+    };
+    // Listeners gone without unregistering may answer from memory until then.
+    let gone_until = Instant::now() + Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0));
+    let deadline = started + FENCE_WAIT;
+    let outcome = loop {
+        let arrived = fence.arrived.notified();
+        tokio::pin!(arrived);
+        // Registered before the answers are read, so one arriving in between wakes it.
+        arrived.as_mut().enable();
+        let missing: Vec<i32> = {
+            let answered = fence.answered.lock().unwrap_or_else(|p| p.into_inner());
+            live.iter()
+                .copied()
+                .filter(|k| !answered.contains(k))
+                .collect()
+        };
+        if missing.is_empty() {
+            break Fenced::Answered {
+                listeners: live.len(),
+            };
+        }
+        if tokio::time::timeout_at(deadline.into(), arrived)
+            .await
+            .is_err()
+        {
+            crate::telemetry::metrics::fence("timed_out");
+            tracing::warn!(?missing, waited = ?FENCE_WAIT, "listeners did not answer a commit fence in time; their leases have run out, so their replicas read the database");
+            break Fenced::TimedOut { missing };
+        }
+    };
+    // At most FENCE_WAIT after the query, which first saw them gone.
+    tokio::time::sleep_until(gone_until.into()).await;
+    if matches!(outcome, Fenced::Answered { .. }) {
+        crate::telemetry::metrics::fence("answered");
+    }
+    outcome
 }

@@ -85,6 +85,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0017_labels_from_the_key.sql",
         sql: include_str!("../../sql/0017_labels_from_the_key.sql"),
     },
+    Migration {
+        version: 18,
+        name: "0018_change_fences.sql",
+        sql: include_str!("../../sql/0018_change_fences.sql"),
+    },
 ];
 
 /// Arbitrary but fixed key of the advisory lock that serialises migrations.

@@ -71,6 +71,10 @@ pub fn render() -> String {
 
 fn describe() {
     describe_counter!(
+        "os_credits_commit_fences_total",
+        "Commit fences of writers by outcome: answered (every replica applied the write), timed_out (a listener did not answer within 3 s, so its lease ran out), failed (not sent; the leases were waited out)."
+    );
+    describe_counter!(
         "os_credits_change_listener_failures_total",
         "Failures of the connection listening for project changes (balances are read from the database until it listens again)."
     );
@@ -312,6 +316,13 @@ pub fn held_charge_decided(decision: &'static str) {
 /// database until it listens again).
 pub fn listener_failed() {
     counter!("os_credits_change_listener_failures_total").increment(1);
+}
+
+/// A writer's commit fence ended: `answered` (every replica applied the write),
+/// `timed_out` (some listener did not answer; its lease ran out) or `failed` (not
+/// sent; the leases were waited out).
+pub fn fence(outcome: &'static str) {
+    counter!("os_credits_commit_fences_total", "outcome" => outcome).increment(1);
 }
 
 /// A target's stale series after its last scrape (see `crate::ingest::completeness`).
