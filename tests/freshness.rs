@@ -542,3 +542,125 @@ async fn a_fence_waits_for_every_registered_listener_and_no_longer_than_its_boun
     )
     .await;
 }
+
+/// B's answer for Alpha's balance, and the database's.
+async fn balance_on_b_and_in_the_database(a: &TestApp, b: &str) -> (Value, Value) {
+    let (_, on_b) = get_json(&a.http, format!("{b}/api/current_credits/Alpha")).await;
+    let row =
+        a.db.connect()
+            .await
+            .query_one(
+                "SELECT used_credits::float8 AS used, granted_credits::float8 AS granted
+             FROM projects WHERE name = 'Alpha'",
+                &[],
+            )
+            .await
+            .expect("balance");
+    (
+        on_b,
+        json!({"current_credits": row.get::<_, f64>("used"), "granted_credits": row.get::<_, f64>("granted")}),
+    )
+}
+
+#[tokio::test]
+async fn every_writer_returns_only_once_every_replica_answers_its_write() {
+    let a = spawn_app(&[("API_KEY", KEY)]).await;
+    let (b, b_stop, b_task) = second_replica(&a).await;
+    grant(&a, "Alpha", 10_000).await;
+    let mut client = a.db.connect().await;
+    let series = common::seed_series(
+        &mut client,
+        "project_vcpu_usage",
+        &[("project_name", "Alpha")],
+        "Alpha",
+    )
+    .await;
+    client
+        .execute(
+            "INSERT INTO usage_samples (series_id, time, value)
+             SELECT $1, now() - interval '2 hours' + m * interval '30 minutes', m * 2.5
+             FROM generate_series(0, 2) m",
+            &[&series],
+        )
+        .await
+        .expect("samples");
+    client
+        .batch_execute(&format!(
+            "INSERT INTO held_charges (project, series_id, metric, from_time, to_time, from_value,
+                                       to_value, quantity, credits, reason, held_at)
+             VALUES ('Alpha', {series}, 'project_vcpu_usage', now() - interval '1 hour', now(),
+                     1, 800, 799, 799, 'jump', now())"
+        ))
+        .await
+        .expect("held charge");
+    let held: i64 = client
+        .query_one("SELECT id FROM held_charges", &[])
+        .await
+        .expect("held id")
+        .get(0);
+    let post = |path: String, body: Value| {
+        a.http
+            .post(format!("{}{path}", a.address))
+            .header("X-API-KEY", KEY)
+            .body(body.to_string())
+            .send()
+    };
+
+    let writers: [(&str, String, Value); 3] = [
+        (
+            "an adjustment",
+            "/api/projects/Alpha/adjustments".into(),
+            json!({"credits": 12.5, "reason": "manual charge"}),
+        ),
+        ("a billing run", "/api/billing/run".into(), Value::Null),
+        (
+            "a held charge's approval",
+            format!("/api/held/{held}/approve"),
+            json!({"reason": "checked"}),
+        ),
+    ];
+    for (writer, path, body) in writers {
+        // B holds the balance (its barriers pass again after the last round).
+        eventually(Duration::from_secs(10), "B to hold the balance", || async {
+            let (on_b, in_database) = balance_on_b_and_in_the_database(&a, &b).await;
+            (on_b == in_database).then_some(())
+        })
+        .await;
+        let (before, _) = balance_on_b_and_in_the_database(&a, &b).await;
+        // Every notification is held back: B hears of the write only through the
+        // database, once its lease ran out, which the writer waits for.
+        let pids = listening_pids(&a).await;
+        assert!(
+            Paused::signal(&pids, "-STOP"),
+            "pausing backends {pids:?} with kill -STOP failed: this test must run as root or as the PostgreSQL server's user"
+        );
+        let paused = Paused(pids);
+        // B answers from memory under its lease: a change nobody hears of is unseen.
+        sql_unfenced(
+            &a,
+            "ALTER TABLE projects DISABLE TRIGGER project_changed;
+             UPDATE projects SET granted_credits = granted_credits + 1 WHERE name = 'Alpha';
+             ALTER TABLE projects ENABLE TRIGGER project_changed",
+        )
+        .await;
+        let (held, _) = balance_on_b_and_in_the_database(&a, &b).await;
+        assert_eq!(held, before, "B answers from memory before {writer}");
+        let response = post(path, body).await.expect(writer);
+        let status = response.status().as_u16();
+        assert!(
+            (200..300).contains(&status),
+            "{writer}: {status} {}",
+            response.text().await.unwrap_or_default()
+        );
+        let (after, in_database) = balance_on_b_and_in_the_database(&a, &b).await;
+        assert_ne!(
+            after["current_credits"], before["current_credits"],
+            "{writer} changed the balance"
+        );
+        assert_eq!(after, in_database, "B's read right after {writer} returned");
+        drop(paused);
+    }
+
+    b_stop.stop().await;
+    b_task.await.expect("second replica stops");
+}
