@@ -283,6 +283,17 @@ async fn the_project_detail_is_answered_from_memory_and_fresh_after_its_other_pa
 struct Paused(Vec<i32>);
 
 impl Paused {
+    /// Pauses every listening backend of the app's database (both replicas').
+    async fn listeners_of(app: &TestApp) -> Self {
+        let pids = listening_pids(app).await;
+        assert!(pids.len() >= 2, "both replicas listen: {pids:?}");
+        assert!(
+            Self::signal(&pids, "-STOP"),
+            "pausing backends {pids:?} with kill -STOP failed: this test must run as root or as the PostgreSQL server's user"
+        );
+        Self(pids)
+    }
+
     fn signal(pids: &[i32], signal: &str) -> bool {
         pids.iter().all(|pid| {
             std::process::Command::new("kill")
@@ -312,17 +323,7 @@ async fn a_change_whose_notification_is_late_is_not_answered_around() {
 
     // Every listening backend of this database is paused: the grant below commits,
     // but its notification reaches no replica until they go on.
-    let pids: Vec<i32> = listening_backends(&a)
-        .await
-        .iter()
-        .map(|&(pid, _)| pid)
-        .collect();
-    assert!(pids.len() >= 2, "both replicas listen: {pids:?}");
-    assert!(
-        Paused::signal(&pids, "-STOP"),
-        "pausing backends {pids:?} with kill -STOP failed: this test must run as root or as the PostgreSQL server's user"
-    );
-    let paused = Paused(pids);
+    let paused = Paused::listeners_of(&a).await;
     grant(&a, "Alpha", 2).await;
     // The write returned, so every read now sees it: B's read barrier cannot pass,
     // so B reads the database instead of answering from memory.
@@ -420,13 +421,7 @@ async fn within_its_lease_a_replica_answers_from_memory_without_the_database_and
     .await;
     // With every listening backend paused no read barrier can pass: B answers
     // from memory while its lease holds, without waiting on the database...
-    let pids = listening_pids(&a).await;
-    assert!(pids.len() >= 2, "both replicas listen: {pids:?}");
-    assert!(
-        Paused::signal(&pids, "-STOP"),
-        "pausing backends {pids:?} with kill -STOP failed: this test must run as root or as the PostgreSQL server's user"
-    );
-    let paused = Paused(pids);
+    let paused = Paused::listeners_of(&a).await;
     assert_eq!(
         credits().await.1["granted_credits"],
         json!(1.0),
@@ -629,12 +624,7 @@ async fn every_writer_returns_only_once_every_replica_answers_its_write() {
         let (before, _) = balance_on_b_and_in_the_database(&a, &b).await;
         // Every notification is held back: B hears of the write only through the
         // database, once its lease ran out, which the writer waits for.
-        let pids = listening_pids(&a).await;
-        assert!(
-            Paused::signal(&pids, "-STOP"),
-            "pausing backends {pids:?} with kill -STOP failed: this test must run as root or as the PostgreSQL server's user"
-        );
-        let paused = Paused(pids);
+        let paused = Paused::listeners_of(&a).await;
         // B answers from memory under its lease: a change nobody hears of is unseen.
         sql_unfenced(
             &a,

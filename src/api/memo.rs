@@ -2,17 +2,20 @@
 //! quarantined samples and stale series) and credits-history bodies, dropped per project when the database says it changed
 //! ([`crate::store::changes`]).
 //!
-//! Never stale: a request first passes the listener's read barrier (every change
-//! committed before it has been applied here), and a value read from the database is
-//! kept only if no change of its project arrived while it was read. Without a
-//! listening connection every request reads the database.
+//! Never stale: memory answers while the thread's listener holds its lease (every
+//! writer's fence waits until the listener applied its write, or until the lease ran
+//! out, see [`crate::store::changes`]); otherwise a request first passes the
+//! listener's read barrier (every change committed before it has been applied here).
+//! A value read from the database is kept only if no change of its project arrived
+//! while it was read. Without a listening connection every request reads the
+//! database.
 //!
 //! Each HTTP worker thread listens on a connection of its own (up to
-//! [`MAX_LISTENERS`]; further threads share one), so a request's barrier is sent,
-//! answered and woken on the thread that serves it, with no hand-over to another
-//! thread: on a busy machine each hand-over costs a scheduling delay, and they were
-//! most of a memory answer's time. Any listener's change is applied to the one
-//! memory, so a barrier passed on one thread covers what every thread reads.
+//! [`MAX_LISTENERS`]; further threads share one), so a request's barrier, when it
+//! needs one, is sent, answered and woken on the thread that serves it, with no
+//! hand-over to another thread. Any listener's change is applied to the one memory,
+//! and a fence waits for every listener, so one listener's lease covers what every
+//! thread reads.
 //!
 //! Bounded: at most [`MAX_PROJECTS`] balances and details (about 250 bytes per
 //! balance; 1–2 KiB per detail, at most ~5 KiB with the 10 held charges, quarantined
@@ -212,7 +215,8 @@ impl Memo {
         }
     }
 
-    /// Starts a read of `project`: waits for the read barrier.
+    /// Starts a read of `project`: at once within the lease, else after a read
+    /// barrier.
     pub async fn begin(&self, project: &str) -> Read {
         let stripe = stripe_of(project);
         let seen = self.counters(stripe);

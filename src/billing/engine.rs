@@ -140,7 +140,7 @@ pub async fn run(
     }
     if summary.projects_billed > 0 {
         // The run returns once every replica answers what it billed.
-        fence_pool(pool).await;
+        crate::store::changes::fence_pool(pool).await;
     }
     summary.duration_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
     tracing::info!(
@@ -153,22 +153,6 @@ pub async fn run(
     );
     crate::telemetry::metrics::billing_run_finished(&summary);
     Ok(summary)
-}
-
-/// A commit fence on a connection of the pool ([`crate::store::changes::fence`]);
-/// without a connection within the pool's bound, the replicas' leases are waited
-/// out instead.
-async fn fence_pool(pool: &Pool) {
-    match pool.get().await {
-        Ok(client) => {
-            crate::store::changes::fence(&client).await;
-        }
-        Err(e) => {
-            crate::telemetry::metrics::fence("failed");
-            tracing::warn!(error = %e, "no connection for a commit fence; waiting the replicas' leases out instead");
-            tokio::time::sleep(crate::store::changes::FENCE_WAIT).await;
-        }
-    }
 }
 
 /// Every project billing looks at, by name: all, or the whitelisted ones.
@@ -223,7 +207,7 @@ pub async fn bill_project(
     .await?;
     match outcomes.pop().map(|(_, outcome)| outcome) {
         Some(Outcome::Billed(billed)) => {
-            fence_pool(pool).await;
+            crate::store::changes::fence_pool(pool).await;
             Ok(Some(billed))
         }
         Some(Outcome::Failed(e)) => Err(e),

@@ -104,6 +104,10 @@ pub async fn sync_grants_from(
             }
         }
     }
+    if summary.changed > 0 {
+        // Once per round: every replica answers the new grants when it returns.
+        crate::store::changes::fence_pool(pool).await;
+    }
     Ok(summary)
 }
 
@@ -148,9 +152,6 @@ async fn sync_one(
     )
     .await?;
     tx.commit().await?;
-    if outcome.changed {
-        crate::store::changes::fence(&client).await;
-    }
     Ok(outcome.changed)
 }
 

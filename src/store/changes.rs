@@ -512,9 +512,13 @@ pub async fn fence(client: &tokio_postgres::Client) -> Fenced {
     let hold = i32::try_from(FENCE_WAIT.as_millis()).unwrap_or(i32::MAX);
     let sent = tokio::time::timeout(
         WAIT,
-        client.query_one(
+        // Typed parameters: one round trip, no statement to prepare first.
+        client.query_typed_one(
             "SELECT live, wait_ms FROM change_fence($1, $2)",
-            &[&token, &hold],
+            &[
+                (&token, tokio_postgres::types::Type::TEXT),
+                (&hold, tokio_postgres::types::Type::INT4),
+            ],
         ),
     )
     .await;
@@ -575,4 +579,18 @@ pub async fn fence(client: &tokio_postgres::Client) -> Fenced {
         crate::telemetry::metrics::fence("answered");
     }
     outcome
+}
+
+/// [`fence`] on a connection of the pool; without a connection within the pool's
+/// bound, the replicas' leases are waited out instead.
+pub async fn fence_pool(pool: &deadpool_postgres::Pool) -> Fenced {
+    match pool.get().await {
+        Ok(client) => fence(&client).await,
+        Err(e) => {
+            crate::telemetry::metrics::fence("failed");
+            tracing::warn!(error = %e, "no connection for a commit fence; waiting the replicas' leases out instead");
+            tokio::time::sleep(FENCE_WAIT).await;
+            Fenced::Failed
+        }
+    }
 }
