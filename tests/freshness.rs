@@ -601,20 +601,40 @@ async fn every_writer_returns_only_once_every_replica_answers_its_write() {
             .send()
     };
 
-    let writers: [(&str, String, Value); 3] = [
+    // The portal's grant sync writes through the app's pool, as its worker does.
+    let portal =
+        common::exporter::FixtureExporter::start(common::exporter::Answer::ok("20000\n")).await;
+    let mut vars = a.db.vars();
+    vars.push((
+        "API_CONTACT_BASE_URL".into(),
+        portal.url.trim_end_matches("/metrics").to_owned(),
+    ));
+    let settings = Settings::from_vars(vars).expect("settings");
+    let pool = os_credits::store::pool(&settings.database).expect("pool");
+    let portal_http = reqwest::Client::new();
+
+    let writers: [(&str, Option<(String, Value)>); 4] = [
         (
             "an adjustment",
-            "/api/projects/Alpha/adjustments".into(),
-            json!({"credits": 12.5, "reason": "manual charge"}),
+            Some((
+                "/api/projects/Alpha/adjustments".into(),
+                json!({"credits": 12.5, "reason": "manual charge"}),
+            )),
         ),
-        ("a billing run", "/api/billing/run".into(), Value::Null),
+        (
+            "a billing run",
+            Some(("/api/billing/run".into(), Value::Null)),
+        ),
         (
             "a held charge's approval",
-            format!("/api/held/{held}/approve"),
-            json!({"reason": "checked"}),
+            Some((
+                format!("/api/held/{held}/approve"),
+                json!({"reason": "checked"}),
+            )),
         ),
+        ("the portal's grant sync", None),
     ];
-    for (writer, path, body) in writers {
+    for (writer, request) in writers {
         // B holds the balance (its barriers pass again after the last round).
         eventually(Duration::from_secs(10), "B to hold the balance", || async {
             let (on_b, in_database) = balance_on_b_and_in_the_database(&a, &b).await;
@@ -635,17 +655,33 @@ async fn every_writer_returns_only_once_every_replica_answers_its_write() {
         .await;
         let (held, _) = balance_on_b_and_in_the_database(&a, &b).await;
         assert_eq!(held, before, "B answers from memory before {writer}");
-        let response = post(path, body).await.expect(writer);
-        let status = response.status().as_u16();
-        assert!(
-            (200..300).contains(&status),
-            "{writer}: {status} {}",
-            response.text().await.unwrap_or_default()
-        );
+        let changed = match request {
+            Some((path, body)) => {
+                let response = post(path, body).await.expect(writer);
+                let status = response.status().as_u16();
+                assert!(
+                    (200..300).contains(&status),
+                    "{writer}: {status} {}",
+                    response.text().await.unwrap_or_default()
+                );
+                "current_credits"
+            }
+            None => {
+                let synced = os_credits::billing::portal::sync_grants(
+                    &pool,
+                    settings.portal(),
+                    &portal_http,
+                )
+                .await
+                .expect("portal sync");
+                assert_eq!(synced.changed, 1, "{synced:?}");
+                "granted_credits"
+            }
+        };
         let (after, in_database) = balance_on_b_and_in_the_database(&a, &b).await;
         assert_ne!(
-            after["current_credits"], before["current_credits"],
-            "{writer} changed the balance"
+            after[changed], before[changed],
+            "{writer} changed {changed}"
         );
         assert_eq!(after, in_database, "B's read right after {writer} returned");
         drop(paused);
