@@ -15,16 +15,32 @@ use std::time::Duration;
 
 const KEY: &str = "test-key-4711";
 
-/// A second replica on the first one's database; stops with the handle.
-async fn second_replica(first: &TestApp) -> (String, StopHandle, tokio::task::JoinHandle<()>) {
+/// A second replica on the first one's database, shown as its address.
+struct Replica {
+    address: String,
+    stop: StopHandle,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Display for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.address)
+    }
+}
+
+impl Replica {
+    async fn stop(self) {
+        self.stop.stop().await;
+        self.task.await.expect("second replica stops");
+    }
+}
+
+async fn second_replica(first: &TestApp) -> Replica {
     second_replica_with(first, &[]).await
 }
 
 /// [`second_replica`] with settings of its own on top of the first one's.
-async fn second_replica_with(
-    first: &TestApp,
-    own: &[(&str, &str)],
-) -> (String, StopHandle, tokio::task::JoinHandle<()>) {
+async fn second_replica_with(first: &TestApp, own: &[(&str, &str)]) -> Replica {
     let mut vars = first.db.vars();
     vars.push(("API_KEY".into(), KEY.into()));
     vars.extend(own.iter().map(|(k, v)| (k.to_string(), v.to_string())));
@@ -39,7 +55,11 @@ async fn second_replica_with(
             .await
             .expect("second replica runs");
     });
-    (address, stop, task)
+    Replica {
+        address,
+        stop,
+        task,
+    }
 }
 
 async fn get_json(http: &reqwest::Client, url: String) -> (u16, Value) {
@@ -107,7 +127,7 @@ async fn sql_unfenced(app: &TestApp, statements: &str) {
 #[tokio::test]
 async fn a_grant_put_on_one_replica_is_seen_by_the_very_next_read_on_the_other() {
     let a = spawn_app(&[("API_KEY", KEY)]).await;
-    let (b, b_stop, b_task) = second_replica(&a).await;
+    let b = second_replica(&a).await;
     let http = &a.http;
     let credits = |project: &str| get_json(http, format!("{b}/api/current_credits/{project}"));
     let detail = |project: &str| get_json(http, format!("{b}/api/projects/{project}"));
@@ -197,14 +217,13 @@ async fn a_grant_put_on_one_replica_is_seen_by_the_very_next_read_on_the_other()
         "fresh right after the write once B listens again (or reads the database)"
     );
 
-    b_stop.stop().await;
-    b_task.await.expect("second replica stops");
+    b.stop().await;
 }
 
 #[tokio::test]
 async fn the_project_detail_is_answered_from_memory_and_fresh_after_its_other_parts_change() {
     let a = spawn_app(&[("API_KEY", KEY)]).await;
-    let (b, b_stop, b_task) = second_replica(&a).await;
+    let b = second_replica(&a).await;
     let http = &a.http;
     let detail = || async {
         let (status, body) = get_json(http, format!("{b}/api/projects/Alpha")).await;
@@ -275,8 +294,7 @@ async fn the_project_detail_is_answered_from_memory_and_fresh_after_its_other_pa
     sql(&a, "DELETE FROM stale_series").await;
     assert_eq!(detail().await["stale_series"], json!([]));
 
-    b_stop.stop().await;
-    b_task.await.expect("second replica stops");
+    b.stop().await;
 }
 
 /// Pauses (SIGSTOP) PostgreSQL backend processes until dropped (SIGCONT).
@@ -313,7 +331,7 @@ impl Drop for Paused {
 #[tokio::test]
 async fn a_change_whose_notification_is_late_is_not_answered_around() {
     let a = spawn_app(&[("API_KEY", KEY)]).await;
-    let (b, b_stop, b_task) = second_replica(&a).await;
+    let b = second_replica(&a).await;
     let credits = || get_json(&a.http, format!("{b}/api/current_credits/Alpha"));
     grant(&a, "Alpha", 1).await;
     // B holds the balance (the second read is answered from memory).
@@ -338,8 +356,7 @@ async fn a_change_whose_notification_is_late_is_not_answered_around() {
     grant(&a, "Alpha", 3).await;
     assert_eq!(credits().await.1["granted_credits"], json!(3.0));
 
-    b_stop.stop().await;
-    b_task.await.expect("second replica stops");
+    b.stop().await;
 }
 
 #[tokio::test]
@@ -364,7 +381,7 @@ async fn a_replica_reaching_the_database_through_a_unix_socket_listens_and_answe
         })
         .to_owned();
     // POSTGRES_HOST names the socket's directory, as the README says it may.
-    let (b, b_stop, b_task) = second_replica_with(&a, &[("POSTGRES_HOST", &directory)]).await;
+    let b = second_replica_with(&a, &[("POSTGRES_HOST", &directory)]).await;
     let credits = || get_json(&a.http, format!("{b}/api/current_credits/Alpha"));
     grant(&a, "Alpha", 1).await;
     assert_eq!(credits().await.1["granted_credits"], json!(1.0));
@@ -388,8 +405,7 @@ async fn a_replica_reaching_the_database_through_a_unix_socket_listens_and_answe
         );
     }
 
-    b_stop.stop().await;
-    b_task.await.expect("second replica stops");
+    b.stop().await;
 }
 
 /// The process ids of the app's database's listening backends.
@@ -405,7 +421,7 @@ async fn listening_pids(app: &TestApp) -> Vec<i32> {
 async fn within_its_lease_a_replica_answers_from_memory_without_the_database_and_after_it_asks_again(
 ) {
     let a = spawn_app(&[("API_KEY", KEY)]).await;
-    let (b, b_stop, b_task) = second_replica(&a).await;
+    let b = second_replica(&a).await;
     let credits = || get_json(&a.http, format!("{b}/api/current_credits/Alpha"));
     grant(&a, "Alpha", 1).await;
     for _ in 0..3 {
@@ -436,14 +452,13 @@ async fn within_its_lease_a_replica_answers_from_memory_without_the_database_and
     .await;
     drop(paused);
 
-    b_stop.stop().await;
-    b_task.await.expect("second replica stops");
+    b.stop().await;
 }
 
 #[tokio::test]
 async fn a_fence_waits_for_every_registered_listener_and_no_longer_than_its_bound() {
     let a = spawn_app(&[("API_KEY", KEY)]).await;
-    let (_b, b_stop, b_task) = second_replica(&a).await;
+    let b = second_replica(&a).await;
     grant(&a, "Alpha", 1).await;
     let writer = a.db.connect().await;
     let listening = listening_pids(&a).await.len();
@@ -512,8 +527,7 @@ async fn a_fence_waits_for_every_registered_listener_and_no_longer_than_its_boun
     assert!(gone().await.is_err(), "and its registration is dropped");
     assert_eq!(row.get::<_, Vec<i32>>("live").len(), listening);
 
-    b_stop.stop().await;
-    b_task.await.expect("second replica stops");
+    b.stop().await;
     // A stopped replica unregisters (or is waited out as gone): fences then answer
     // with the remaining replica's listeners alone.
     eventually(
@@ -539,7 +553,7 @@ async fn a_fence_waits_for_every_registered_listener_and_no_longer_than_its_boun
 }
 
 /// B's answer for Alpha's balance, and the database's.
-async fn balance_on_b_and_in_the_database(a: &TestApp, b: &str) -> (Value, Value) {
+async fn balance_on_b_and_in_the_database(a: &TestApp, b: &Replica) -> (Value, Value) {
     let (_, on_b) = get_json(&a.http, format!("{b}/api/current_credits/Alpha")).await;
     let row =
         a.db.connect()
@@ -560,7 +574,7 @@ async fn balance_on_b_and_in_the_database(a: &TestApp, b: &str) -> (Value, Value
 #[tokio::test]
 async fn every_writer_returns_only_once_every_replica_answers_its_write() {
     let a = spawn_app(&[("API_KEY", KEY)]).await;
-    let (b, b_stop, b_task) = second_replica(&a).await;
+    let b = second_replica(&a).await;
     grant(&a, "Alpha", 10_000).await;
     let mut client = a.db.connect().await;
     let series = common::seed_series(
@@ -687,6 +701,5 @@ async fn every_writer_returns_only_once_every_replica_answers_its_write() {
         drop(paused);
     }
 
-    b_stop.stop().await;
-    b_task.await.expect("second replica stops");
+    b.stop().await;
 }
