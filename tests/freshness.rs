@@ -703,3 +703,67 @@ async fn every_writer_returns_only_once_every_replica_answers_its_write() {
 
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_scrape_that_records_a_stale_series_returns_only_once_every_replica_lists_it() {
+    let series = |ids: &[&str]| {
+        ids.iter().fold(
+            String::from("# TYPE project_vcpu_usage gauge\n"),
+            |body, id| {
+                body + &format!(
+                    "project_vcpu_usage{{project_id=\"{id}\",project_name=\"Alpha\"}} 1\n"
+                )
+            },
+        )
+    };
+    let exporter =
+        common::exporter::FixtureExporter::start(common::exporter::Answer::ok(series(&[
+            "p1", "p2",
+        ])))
+        .await;
+    let targets = format!(r#"[{{"name": "site", "url": "{}"}}]"#, exporter.url);
+    let a = spawn_app(&[("API_KEY", KEY), ("SCRAPE_TARGETS", &targets)]).await;
+    let b = second_replica(&a).await;
+    let scrape = || async {
+        let attempts = a.scrape().await;
+        assert!(
+            attempts.iter().all(|(_, at)| at.result.is_ok()),
+            "{attempts:?}"
+        );
+    };
+    let detail = || async {
+        let (status, body) = get_json(&a.http, format!("{b}/api/projects/Alpha")).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    scrape().await;
+    grant(&a, "Alpha", 10).await;
+    assert_eq!(detail().await["stale_series"], json!([]));
+
+    let paused = Paused::listeners_of(&a).await;
+    // B answers from memory under its lease: a change nobody hears of is unseen.
+    sql_unfenced(
+        &a,
+        "ALTER TABLE projects DISABLE TRIGGER project_changed;
+         UPDATE projects SET granted_credits = 11 WHERE name = 'Alpha';
+         ALTER TABLE projects ENABLE TRIGGER project_changed",
+    )
+    .await;
+    assert_eq!(
+        detail().await["granted_credits"],
+        "10.00",
+        "answered from memory"
+    );
+    // One series stops appearing; the scrape records it and returns.
+    exporter.set(common::exporter::Answer::ok(series(&["p1"])));
+    scrape().await;
+    let now = detail().await;
+    assert_eq!(
+        now["stale_series"].as_array().map(Vec::len),
+        Some(1),
+        "B's read right after the scrape returned: {now}"
+    );
+    drop(paused);
+
+    b.stop().await;
+}
