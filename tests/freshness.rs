@@ -114,6 +114,20 @@ async fn sql(app: &TestApp, statements: &str) {
     );
 }
 
+/// Sets Alpha's grant to `expression` in the database without notifying anyone, so
+/// only a replica that reads the database sees it.
+async fn grant_unheard(app: &TestApp, expression: &str) {
+    sql_unfenced(
+        app,
+        &format!(
+            "ALTER TABLE projects DISABLE TRIGGER project_changed;
+             UPDATE projects SET granted_credits = {expression} WHERE name = 'Alpha';
+             ALTER TABLE projects ENABLE TRIGGER project_changed"
+        ),
+    )
+    .await;
+}
+
 /// Runs SQL without a fence.
 async fn sql_unfenced(app: &TestApp, statements: &str) {
     app.db
@@ -184,13 +198,7 @@ async fn a_grant_put_on_one_replica_is_seen_by_the_very_next_read_on_the_other()
 
     // B answers from memory: a change that notifies nobody stays unseen there...
     assert_eq!(credits("Alpha").await.1["granted_credits"], json!(39.0));
-    sql(
-        &a,
-        "ALTER TABLE projects DISABLE TRIGGER project_changed;
-         UPDATE projects SET granted_credits = 777 WHERE name = 'Alpha';
-         ALTER TABLE projects ENABLE TRIGGER project_changed",
-    )
-    .await;
+    grant_unheard(&a, "777").await;
     assert_eq!(
         credits("Alpha").await.1["granted_credits"],
         json!(39.0),
@@ -428,13 +436,7 @@ async fn within_its_lease_a_replica_answers_from_memory_without_the_database_and
         assert_eq!(credits().await.1["granted_credits"], json!(1.0));
     }
     // A change that notifies nobody, so only the database knows it.
-    sql(
-        &a,
-        "ALTER TABLE projects DISABLE TRIGGER project_changed;
-         UPDATE projects SET granted_credits = 777 WHERE name = 'Alpha';
-         ALTER TABLE projects ENABLE TRIGGER project_changed",
-    )
-    .await;
+    grant_unheard(&a, "777").await;
     // With every listening backend paused no read barrier can pass: B answers
     // from memory while its lease holds, without waiting on the database...
     let paused = Paused::listeners_of(&a).await;
@@ -660,13 +662,7 @@ async fn every_writer_returns_only_once_every_replica_answers_its_write() {
         // database, once its lease ran out, which the writer waits for.
         let paused = Paused::listeners_of(&a).await;
         // B answers from memory under its lease: a change nobody hears of is unseen.
-        sql_unfenced(
-            &a,
-            "ALTER TABLE projects DISABLE TRIGGER project_changed;
-             UPDATE projects SET granted_credits = granted_credits + 1 WHERE name = 'Alpha';
-             ALTER TABLE projects ENABLE TRIGGER project_changed",
-        )
-        .await;
+        grant_unheard(&a, "granted_credits + 1").await;
         let (held, _) = balance_on_b_and_in_the_database(&a, &b).await;
         assert_eq!(held, before, "B answers from memory before {writer}");
         let changed = match request {
@@ -742,13 +738,7 @@ async fn a_scrape_that_records_a_stale_series_returns_only_once_every_replica_li
 
     let paused = Paused::listeners_of(&a).await;
     // B answers from memory under its lease: a change nobody hears of is unseen.
-    sql_unfenced(
-        &a,
-        "ALTER TABLE projects DISABLE TRIGGER project_changed;
-         UPDATE projects SET granted_credits = 11 WHERE name = 'Alpha';
-         ALTER TABLE projects ENABLE TRIGGER project_changed",
-    )
-    .await;
+    grant_unheard(&a, "11").await;
     assert_eq!(
         detail().await["granted_credits"],
         "10.00",
