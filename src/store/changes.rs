@@ -333,9 +333,9 @@ impl Listener {
             .context("preparing fence answers timed out")?
             .context("preparing fence answers")?;
             let key_text = key.to_string();
-            // Anything remembered before may have missed changes.
+            // Anything remembered before may have missed changes. No lease yet:
+            // `stop` ended the last one, and the first barrier starts the next.
             on_change(Change::Reset);
-            self.lease_until.store(0, Ordering::Release);
             self.listening.store(true, Ordering::Release);
             *delay = Duration::from_millis(100);
             tracing::info!(channel = CHANNEL, key, "listening for project changes");
@@ -509,40 +509,9 @@ pub async fn fence(client: &tokio_postgres::Client) -> Fenced {
     let fence = Arc::new(Awaited::default());
     awaited().insert(token.clone(), fence.clone());
     let _waiting = Waiting(token.clone());
-    let hold = i32::try_from(FENCE_WAIT.as_millis()).unwrap_or(i32::MAX);
-    let sent = tokio::time::timeout(
-        WAIT,
-        // Typed parameters: one round trip, no statement to prepare first.
-        client.query_typed_one(
-            "SELECT live, wait_ms FROM change_fence($1, $2)",
-            &[
-                (&token, tokio_postgres::types::Type::TEXT),
-                (&hold, tokio_postgres::types::Type::INT4),
-            ],
-        ),
-    )
-    .await;
-    let row = match sent {
-        Ok(Ok(row)) => row,
-        failed => {
-            let error = match failed {
-                Ok(Err(e)) => format!("{e:#}"),
-                _ => "timed out".to_owned(),
-            };
-            crate::telemetry::metrics::fence("failed");
-            tracing::warn!(%error, wait = ?FENCE_WAIT, "sending a commit fence failed; waiting the replicas' leases out instead");
-            tokio::time::sleep_until((started + FENCE_WAIT).into()).await;
-            return Fenced::Failed;
-        }
-    };
-    let (live, wait_ms): (Vec<i32>, i64) = match (row.try_get("live"), row.try_get("wait_ms")) {
-        (Ok(live), Ok(wait_ms)) => (live, wait_ms),
-        _ => {
-            crate::telemetry::metrics::fence("failed");
-            tracing::warn!("a commit fence's answer could not be read; waiting the replicas' leases out instead");
-            tokio::time::sleep_until((started + FENCE_WAIT).into()).await;
-            return Fenced::Failed;
-        }
+    let (live, wait_ms) = match send(client, &token).await {
+        Ok(sent) => sent,
+        Err(e) => return leases_waited_out(started, &e).await,
     };
     // Listeners gone without unregistering may answer from memory until then.
     let gone_until = Instant::now() + Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0));
@@ -568,29 +537,64 @@ pub async fn fence(client: &tokio_postgres::Client) -> Fenced {
             .await
             .is_err()
         {
-            crate::telemetry::metrics::fence("timed_out");
             tracing::warn!(?missing, waited = ?FENCE_WAIT, "listeners did not answer a commit fence in time; their leases have run out, so their replicas read the database");
             break Fenced::TimedOut { missing };
         }
     };
     // At most FENCE_WAIT after the query, which first saw them gone.
     tokio::time::sleep_until(gone_until.into()).await;
-    if matches!(outcome, Fenced::Answered { .. }) {
-        crate::telemetry::metrics::fence("answered");
-    }
+    crate::telemetry::metrics::fence(match outcome {
+        Fenced::Answered { .. } => "answered",
+        Fenced::TimedOut { .. } => "timed_out",
+        Fenced::Failed => "failed",
+    });
     outcome
+}
+
+/// Sends the fence `token`: the registered listeners' keys and how long (ms) to
+/// wait at least for listeners gone without unregistering.
+async fn send(client: &tokio_postgres::Client, token: &str) -> anyhow::Result<(Vec<i32>, i64)> {
+    use anyhow::Context;
+    let hold = i32::try_from(FENCE_WAIT.as_millis()).unwrap_or(i32::MAX);
+    let row = tokio::time::timeout(
+        WAIT,
+        // Typed parameters: one round trip, no statement to prepare first.
+        client.query_typed_one(
+            "SELECT live, wait_ms FROM change_fence($1, $2)",
+            &[
+                (&token, tokio_postgres::types::Type::TEXT),
+                (&hold, tokio_postgres::types::Type::INT4),
+            ],
+        ),
+    )
+    .await
+    .context("sending a commit fence timed out")?
+    .context("sending a commit fence")?;
+    Ok((
+        row.try_get("live").context("the fence's live listeners")?,
+        row.try_get("wait_ms").context("the fence's wait")?,
+    ))
+}
+
+/// A fence that could not be sent: waits until [`FENCE_WAIT`] after `started`
+/// (after the commit), when every lease that could still hold an older answer has
+/// run out.
+async fn leases_waited_out(started: Instant, error: &anyhow::Error) -> Fenced {
+    crate::telemetry::metrics::fence("failed");
+    tracing::warn!(error = %format!("{error:#}"), wait = ?FENCE_WAIT, "a commit fence could not be sent; waiting the replicas' leases out instead");
+    tokio::time::sleep_until((started + FENCE_WAIT).into()).await;
+    Fenced::Failed
 }
 
 /// [`fence`] on a connection of the pool; without a connection within the pool's
 /// bound, the replicas' leases are waited out instead.
 pub async fn fence_pool(pool: &deadpool_postgres::Pool) -> Fenced {
+    let started = Instant::now();
     match pool.get().await {
         Ok(client) => fence(&client).await,
         Err(e) => {
-            crate::telemetry::metrics::fence("failed");
-            tracing::warn!(error = %e, "no connection for a commit fence; waiting the replicas' leases out instead");
-            tokio::time::sleep(FENCE_WAIT).await;
-            Fenced::Failed
+            let error = anyhow::Error::new(e).context("no connection for a commit fence");
+            leases_waited_out(started, &error).await
         }
     }
 }
