@@ -757,3 +757,30 @@ async fn a_scrape_that_records_a_stale_series_returns_only_once_every_replica_li
 
     b.stop().await;
 }
+
+#[tokio::test]
+async fn a_fence_that_cannot_be_sent_waits_the_leases_out_instead() {
+    let a = spawn_app(&[("API_KEY", KEY)]).await;
+    let writer = a.db.connect().await;
+    let pid: i32 = writer
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    sql_unfenced(&a, &format!("SELECT pg_terminate_backend({pid})")).await;
+    eventually(
+        Duration::from_secs(10),
+        "the writer's session to end",
+        || async { writer.is_closed().then_some(()) },
+    )
+    .await;
+    // The commit before it may be unknown to any replica: the writer returns only
+    // once every lease that could still answer around it has run out.
+    let started = std::time::Instant::now();
+    assert_eq!(changes::fence(&writer).await, Fenced::Failed);
+    assert!(
+        started.elapsed() >= changes::FENCE_WAIT,
+        "waited {:?}, less than a fence's bound: a replica's lease may still hold",
+        started.elapsed()
+    );
+}
